@@ -1,0 +1,65 @@
+"""Tiling parameters: one typed, validated object built at the edge (CLI, flows, Python)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .codecs import TileCompression
+from .reader import READERS
+from .tissue import TissueParams
+
+__all__ = ["TilingParams"]
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """How slides become tiles.
+
+    target_mpp:   µm per pixel of the stored tiles (0.5 ≈ 20x).
+    tile_size:    tile side in px at ``target_mpp``; a tile covers ``tile_size * target_mpp`` µm.
+    min_tissue:   keep tiles whose tissue fraction (from the mask) is at least this, in [0, 1].
+    mask_mpp:     µm per pixel of the thumbnail the tissue mask is computed on.
+    reader:       "auto" (tiffslide, then openslide), "tiffslide" or "openslide".
+    shard_tiles:  tiles per Zarr shard (one file per shard on disk; one tile per chunk).
+    """
+
+    target_mpp: float = 0.5
+    tile_size: int = 256
+    min_tissue: float = 0.5
+    mask_mpp: float = 8.0
+    reader: str = "auto"
+    shard_tiles: int = 256
+    compression: TileCompression = field(default_factory=TileCompression)
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def __post_init__(self) -> None:
+        if not 0.01 <= self.target_mpp <= 100:
+            raise ValueError(f"target_mpp {self.target_mpp} is outside 0.01-100 µm/px")
+        if not 16 <= self.tile_size <= 4096:
+            raise ValueError(f"tile_size {self.tile_size} is outside 16-4096 px")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"min_tissue {self.min_tissue} must be between 0 and 1")
+        if not 0.5 <= self.mask_mpp <= 64:
+            raise ValueError(f"mask_mpp {self.mask_mpp} is outside 0.5-64 µm/px")
+        if self.reader not in READERS:
+            raise ValueError(f"reader {self.reader!r} is not one of {', '.join(READERS)}")
+        if not 1 <= self.shard_tiles <= 4096:
+            raise ValueError(f"shard_tiles {self.shard_tiles} is outside 1-4096")
+
+    def output_params(self) -> dict:
+        """The parameters that decide what is written (the reader and shard layout do not)."""
+        return {
+            "target_mpp": self.target_mpp,
+            "tile_size": self.tile_size,
+            "min_tissue": self.min_tissue,
+            "mask_mpp": self.mask_mpp,
+            "compression": self.compression.to_dict(),
+            "tissue": self.tissue.to_dict(),
+        }
+
+    def params_hash(self, mpp_override: float | None = None) -> str:
+        """Hash of :meth:`output_params` (and a manifest mpp override), to tell when a slide must be redone."""
+        doc = {**self.output_params(), "mpp_override": mpp_override}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,298 @@
+"""One slide, end to end: open, resolve mpp, detect tissue, grid, read tiles, write, commit.
+
+:func:`tile_slide` never raises for a bad slide: it returns a :class:`SlideResult` with status
+"failed" and a message naming the file and the problem, and records the failure in the store
+(unless a complete earlier version of the slide is there, which is kept as it was).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import zarr
+
+from .cohort import SlideSpec
+from .config import TilingParams
+from .grid import pick_level, tile_grid
+from .reader import SlideError, SlideReader, open_slide, read_thumbnail, resolve_mpp
+from .source import same_source, source_info
+from .store import StagedSlide, StoreWriter
+from .tiles import iter_tile_blocks, plan_reads
+from .tissue import detect_tissue
+
+__all__ = ["SlideResult", "tile_slide", "needs_tiling"]
+
+_MAX_THUMB_PX = 4096
+_QUEUE_BATCHES = 2
+
+
+@dataclass
+class SlideResult:
+    patient_id: str | None
+    slide_id: str | None
+    path: str
+    status: Literal["complete", "failed", "skipped"]
+    n_tiles: int = 0
+    error: str | None = None
+    warning: str | None = None
+    seconds: float = 0.0
+
+
+class _SlideFailure(Exception):
+    """A problem with this slide's content (no tissue, too small): recorded, not a crash."""
+
+
+def needs_tiling(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> tuple[bool, dict | None]:
+    """Whether the slide must be (re)tiled: not complete, or its source or parameters changed.
+
+    Returns ``(needed, source_info)``; source_info is None when the file cannot be read.
+    """
+    try:
+        src = source_info(spec.path)
+    except OSError:
+        return True, None
+    attrs = writer.slide_attrs(spec.patient_id, spec.slide_id)
+    done = (
+        attrs is not None
+        and attrs.get("status") == "complete"
+        and same_source(attrs.get("source"), src)
+        and attrs.get("params_hash") == params.params_hash(spec.mpp)
+    )
+    return not done, src
+
+
+def tile_slide(
+    spec: SlideSpec,
+    writer: StoreWriter,
+    params: TilingParams,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> SlideResult:
+    """Tile one slide into the store. See the module docstring for the failure contract."""
+    t0 = time.perf_counter()
+    result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed")
+    staged: StagedSlide | None = None
+    keep_staged = False  # a content failure keeps the thumbnail and mask already staged, for QC
+    try:
+        src = source_info(spec.path) if spec.path.exists() else None
+        timings: dict[str, float] = {}
+        with open_slide(spec.path, params.reader) as slide:  # type: ignore[arg-type]
+            timings["open_s"] = time.perf_counter() - t0
+            staged = writer.stage()
+            attrs = _write_slide(slide, spec, params, staged.group, timings, progress)
+        attrs.update(status="complete", source=src)
+        result.n_tiles = attrs["n_tiles"]
+        result.warning = attrs.get("mpp_warning")
+        result.status = "complete"
+    except SlideError as e:
+        result.error = str(e)
+    except _SlideFailure as e:
+        result.error = f"{spec.path}: {e}"
+        keep_staged = True
+    except Exception as e:  # a decoder or I/O error deep in a backend: still this slide's problem only
+        result.error = f"{spec.path}: {type(e).__name__}: {e}"
+        result.warning = traceback.format_exc(limit=3)
+    result.seconds = time.perf_counter() - t0
+    if result.status == "complete":
+        attrs["timings"]["total_s"] = round(result.seconds, 3)
+        staged.group.attrs.update(attrs)
+        writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
+        return result
+    _record_failure(writer, spec, params, result, staged, keep_staged)
+    return result
+
+
+def _patient_attrs(spec: SlideSpec) -> dict:
+    return {"label": spec.label, "split": spec.split}
+
+
+def _record_failure(
+    writer: StoreWriter,
+    spec: SlideSpec,
+    params: TilingParams,
+    result: SlideResult,
+    staged: StagedSlide | None,
+    keep_staged: bool,
+) -> None:
+    """Write a 'failed' slide group, unless a complete version exists (nothing written is ever lost)."""
+    old = writer.slide_attrs(spec.patient_id, spec.slide_id)
+    if staged is not None and (not keep_staged or (old or {}).get("status") == "complete"):
+        writer.discard(staged)
+        staged = None
+    if old is not None and old.get("status") == "complete":
+        return
+    try:
+        src = source_info(spec.path)
+    except OSError:
+        src = {"path": str(spec.path)}
+    staged = staged or writer.stage()
+    staged.group.attrs.update(
+        status="failed",
+        error=result.error,
+        source=src,
+        params_hash=params.params_hash(spec.mpp),
+        failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
+
+
+def _write_slide(
+    slide: SlideReader,
+    spec: SlideSpec,
+    params: TilingParams,
+    group: zarr.Group,
+    timings: dict[str, float],
+    progress: Callable[[int], None] | None,
+) -> dict:
+    t = time.perf_counter()
+    mpp = resolve_mpp(slide, spec.mpp)
+    mpp0 = (mpp.x, mpp.y)
+    w0, h0 = slide.dimensions
+
+    # tissue on a thumbnail at about mask_mpp µm/px (at most _MAX_THUMB_PX on its long side)
+    max_scale = max(params.mask_mpp / min(mpp0), max(w0, h0) / _MAX_THUMB_PX, 1.0)
+    thumb, tscale = read_thumbnail(slide, max_scale)
+    mask = detect_tissue(thumb, tscale, mpp0, params.tissue)
+    timings["tissue_s"] = time.perf_counter() - t
+
+    grid = tile_grid(slide.dimensions, mpp0, params.target_mpp, params.tile_size)
+    _write_small(group, "thumbnail", thumb, {"scale": list(tscale)})
+    _write_small(group, "tissue_mask", mask.mask, {"scale": list(mask.scale)})
+    if len(grid.coords) == 0:
+        tile_um = params.tile_size * params.target_mpp
+        raise _SlideFailure(
+            f"slide is smaller than one tile: {w0}x{h0} px = {w0 * mpp0[0]:.0f}x{h0 * mpp0[1]:.0f} µm, "
+            f"a tile is {params.tile_size} px at {params.target_mpp} µm/px = {tile_um:g} µm"
+        )
+    fractions = mask.tile_fractions(grid.coords, grid.footprint)
+    keep = np.flatnonzero(fractions >= params.min_tissue)
+    if len(keep) == 0:
+        raise _SlideFailure(
+            f"no tissue tiles: none of the {len(grid.coords)} grid tiles has tissue fraction >= {params.min_tissue} "
+            f"(tissue covers {100 * mask.mask.mean():.1f}% of the thumbnail)"
+        )
+
+    level_mpps = [mpp.x * slide.level_scale(lv)[0] for lv in range(slide.level_count)]
+    level = pick_level(level_mpps, params.target_mpp)
+    plan = plan_reads(grid.coords[keep], grid.footprint, level, slide.level_scale(level), params.tile_size)
+    order = keep[plan.order]
+    n = len(order)
+    T = params.tile_size
+
+    t = time.perf_counter()
+    _write_small(group, "coords", grid.coords[order].astype(np.int64), {"units": "level-0 px, tile top-left (x, y)"})
+    _write_small(group, "tissue", fractions[order].astype(np.float32), {"units": "fraction of tile area"})
+    shard = min(params.shard_tiles, n)
+    tiles = group.create_array(
+        "tiles",
+        shape=(n, T, T, 3),
+        dtype="uint8",
+        chunks=(1, T, T, 3),
+        shards=(shard, T, T, 3),
+        fill_value=0,
+        **params.compression.codecs_for(),
+    )
+    _pump_tiles(slide, grid.coords[keep], plan, tiles, shard, progress)
+    timings["tiles_s"] = time.perf_counter() - t
+    level_scale = slide.level_scale(level)
+    return {
+        "reader": slide.backend,
+        "vendor": slide.vendor,
+        "dimensions": [w0, h0],
+        "mpp0": [mpp.x, mpp.y],
+        "mpp_source": mpp.source,
+        "mpp_warning": mpp.warning,
+        "target_mpp": params.target_mpp,
+        "tile_size": T,
+        "tile_um": T * params.target_mpp,
+        "footprint_px": list(grid.footprint),
+        "level": level,
+        "downsample": list(level_scale),
+        "level_mpp": level_mpps[level],
+        "resampled": plan.resample,
+        "min_tissue": params.min_tissue,
+        "mask_mpp": params.mask_mpp,
+        "tissue_params": params.tissue.to_dict(),
+        "compression": params.compression.to_dict(),
+        "params_hash": params.params_hash(spec.mpp),
+        "grid_shape": list(grid.shape),
+        "n_grid": int(len(grid.coords)),
+        "n_tiles": n,
+        "label": spec.label,
+        "split": spec.split,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) -> None:
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if data.size else None)
+    if data.size:
+        arr[...] = data
+    arr.attrs.update(attrs)
+
+
+def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress) -> None:
+    """Read blocks in a thread while the caller's thread encodes and writes whole shards.
+
+    Memory is bounded: at most ``_QUEUE_BATCHES`` shards wait in the queue, plus one being filled.
+    """
+    batches: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            buf = np.empty((shard, *tiles.shape[1:]), np.uint8)
+            filled = 0
+            for _, block in iter_tile_blocks(slide, coords, plan):
+                pos = 0
+                while pos < len(block):
+                    take = min(shard - filled, len(block) - pos)
+                    buf[filled : filled + take] = block[pos : pos + take]
+                    filled += take
+                    pos += take
+                    if filled == shard:
+                        _put(batches, buf, stop)
+                        buf = np.empty_like(buf)
+                        filled = 0
+                if stop.is_set():
+                    return
+            if filled:
+                _put(batches, buf[:filled], stop)
+            _put(batches, None, stop)
+        except BaseException as e:  # hand the error to the writer thread
+            _put(batches, e, stop)
+
+    reader = threading.Thread(target=produce, name="tile-reader", daemon=True)
+    reader.start()
+    written = 0
+    try:
+        while True:
+            item = batches.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            tiles[written : written + len(item)] = item
+            written += len(item)
+            if progress is not None:
+                progress(len(item))
+    finally:
+        stop.set()
+        reader.join(timeout=30)
+    if written != tiles.shape[0]:
+        raise RuntimeError(f"wrote {written} tiles, expected {tiles.shape[0]}")
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
