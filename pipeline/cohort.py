@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ids import InvalidIdError, ids_from_filename, sanitize_id, validate_id
+from .reader import MPP_RANGE
 
 __all__ = ["SLIDE_SUFFIXES", "SlideSpec", "CohortProblem", "Cohort", "ManifestError", "discover_cohort"]
 
@@ -156,8 +157,8 @@ def _parse_mpp(text: str) -> float | None:
         mpp = float(text)
     except ValueError:
         raise ValueError(f"mpp {text!r} is not a number (µm per pixel, e.g. 0.25)") from None
-    if not math.isfinite(mpp) or not 0.01 <= mpp <= 100:
-        raise ValueError(f"mpp {text!r} is outside 0.01-100 µm per pixel")
+    if not math.isfinite(mpp) or not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        raise ValueError(f"mpp {text!r} is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} µm per pixel")
     return mpp
 
 

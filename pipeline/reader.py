@@ -23,12 +23,14 @@ __all__ = [
     "SlideError",
     "SlideReader",
     "MppInfo",
+    "MPP_RANGE",
     "open_slide",
     "resolve_mpp",
     "read_thumbnail",
 ]
 
 READERS = ("auto", "tiffslide", "openslide")
+MPP_RANGE = (0.02, 20.0)  # µm/px a microscope scan can plausibly have; 72 dpi TIFF defaults are 352.8
 ReaderName = Literal["auto", "tiffslide", "openslide"]
 
 
@@ -120,7 +122,7 @@ class OpenSlideReader(SlideReader):
 
     def read_region(self, location, level, size):
         rgba = np.asarray(self._h.read_region(location, level, size))
-        rgb = np.ascontiguousarray(rgba[..., :3])
+        rgb = rgba[..., :3].copy()
         # openslide returns premultiplied RGBA, transparent (0, 0, 0, 0) outside the scanned area: show it as glass
         rgb[rgba[..., 3] == 0] = 255
         return rgb
@@ -136,11 +138,17 @@ def open_slide(path: str | Path, reader: ReaderName = "auto") -> SlideReader:
     order = ("tiffslide", "openslide") if reader == "auto" else (reader,)
     for name in order:
         try:
-            return _OPENERS[name](path)
-        except SlideError:
-            raise
+            slide = _OPENERS[name](path)
         except Exception as e:  # backends raise many types for unreadable files
             errors.append(f"{name}: {type(e).__name__}: {e}".strip())
+            continue
+        try:
+            # opening is lazy: decode one pixel so a codec the backend lacks shows up here, not mid-slide
+            slide.read_level(slide.level_count - 1, 0, 0, 1, 1)
+            return slide
+        except Exception as e:
+            slide.close()
+            errors.append(f"{name}: cannot decode pixels ({type(e).__name__}: {e})".strip())
     raise SlideError(path, "not a readable slide (" + "; ".join(errors) + ")")
 
 
@@ -192,18 +200,22 @@ def resolve_mpp(slide: SlideReader, override: float | None = None) -> MppInfo:
     if override is not None:
         return MppInfo(override, override, "manifest")
     mpp = slide.metadata_mpp
+    ignored = ""
     if mpp is not None:
-        return MppInfo(mpp[0], mpp[1], "metadata")
+        if all(MPP_RANGE[0] <= m <= MPP_RANGE[1] for m in mpp):
+            return MppInfo(mpp[0], mpp[1], "metadata")
+        ignored = f"metadata mpp {mpp[0]:g} µm/px is not a microscope resolution (a default TIFF dpi?), ignored; "
     power = slide.objective_power
-    if power is not None:
+    if power is not None and MPP_RANGE[0] <= 10.0 / power <= MPP_RANGE[1]:
         est = 10.0 / power
         return MppInfo(
             est, est, "objective-power",
-            f"no mpp in the metadata; estimated {est:g} µm/px from objective power {power:g}x (nominal, may be off by several %)",
+            f"{ignored or 'no mpp in the metadata; '}estimated {est:g} µm/px from objective power {power:g}x "
+            "(nominal, may be off by several %)",
         )
     raise SlideError(
         slide.path,
-        "no resolution: the slide has no mpp or objective power in its metadata; "
+        f"no resolution: {ignored or 'the slide has no mpp or objective power in its metadata; '}"
         "supply it in a manifest CSV with an 'mpp' column (µm per level-0 pixel, e.g. 0.25 for 40x)",
     )
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import psutil
 import zarr
 
 from .ids import validate_id
@@ -174,7 +175,7 @@ class StoreWriter:
             if owner is None:
                 stale = time.time() - child.stat().st_mtime > 3600 or child.name.startswith("replaced-")
             elif owner.get("host") == host:
-                stale = not _pid_alive(int(owner.get("pid", -1)))
+                stale = not _pid_alive(int(owner.get("pid", -1)), float(owner.get("started", 0)))
             else:
                 stale = time.time() - float(owner.get("started", 0)) > _STALE_FOREIGN_S
             if stale:
@@ -193,16 +194,19 @@ def _read_owner(group_dir: Path) -> dict | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def _pid_alive(pid: int, started: float) -> bool:
+    """Whether the writer that started at ``started`` (epoch s) as ``pid`` still runs.
+
+    Zombies count as dead (a killed writer's parent may never reap it), and so does a process that
+    reused the pid after the writer started.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= started + 1.0
+    except (psutil.NoSuchProcess, ValueError):
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def _atomic_write(path: Path, text: str) -> None:

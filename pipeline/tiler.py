@@ -196,6 +196,8 @@ def _write_slide(
         chunks=(1, T, T, 3),
         shards=(shard, T, T, 3),
         fill_value=0,
+        # every tile holds tissue: skip zarr's per-chunk "is it all fill value?" scan (a third of the write time)
+        config={"write_empty_chunks": True},
         **params.compression.codecs_for(),
     )
     _pump_tiles(slide, grid.coords[keep], plan, tiles, shard, progress)

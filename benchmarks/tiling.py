@@ -1,0 +1,176 @@
+"""Tiling benchmark: the pipeline end to end against a plain read loop, 1 and 2 workers, memory, size.
+
+    python benchmarks/tiling.py                       # makes a 20,000 x 20,000 px synthetic slide
+    python benchmarks/tiling.py --size 100000x80000   # a gigapixel slide (writing it takes minutes)
+    python benchmarks/tiling.py --slide my.svs        # or take a real one
+
+Prints, from one run: tissue tiles/s end to end (open to committed store, process start included),
+the raw rate of reading the same tiles with the same reader in a plain ``read_region`` loop, their
+ratio, the speed-up from 1 to 2 workers (on copies of the slide), peak RSS, and bytes per stored tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from pipeline.config import TilingParams
+from pipeline.codecs import TileCompression
+from pipeline.grid import pick_level, tile_grid
+from pipeline.reader import open_slide, read_thumbnail, resolve_mpp
+from pipeline.runner import tile_cohort
+from pipeline.tissue import detect_tissue
+
+OUT = Path(__file__).resolve().parent / "output"
+
+
+class PeakRSS:
+    """Samples the resident memory of this process and all its children every 50 ms."""
+
+    def __init__(self) -> None:
+        self.peak_total = 0
+        self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            procs = [me, *me.children(recursive=True)]
+            rss = []
+            for p in procs:
+                try:
+                    rss.append(p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self.peak_total = max(self.peak_total, sum(rss))
+            self.peak_single = max(self.peak_single, max(rss[1:], default=0))
+            time.sleep(0.05)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_slide(path: Path, width: int, height: int, mpp: float) -> Path:
+    from pipeline.synthetic import HETissueRenderer, write_slide
+
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    renderer = HETissueRenderer(width, height, tissue_class=0, stain_seed=3, seed=11)
+    tmp = path.with_suffix(".partial.svs")
+    write_slide(tmp, width, height, renderer, mpp=mpp)
+    tmp.rename(path)
+    print(f"wrote {path.name}: {width}x{height} px at {mpp} µm/px, {path.stat().st_size / 2**20:.0f} MiB "
+          f"in {time.perf_counter() - t:.0f} s")
+    return path
+
+
+def kept_tiles(slide_path: Path, params: TilingParams, reader: str):
+    """The tissue tiles the pipeline keeps, and where the plain loop must read them."""
+    with open_slide(slide_path, reader) as slide:
+        mpp = resolve_mpp(slide)
+        mpp0 = (mpp.x, mpp.y)
+        w0, h0 = slide.dimensions
+        thumb, scale = read_thumbnail(slide, max(params.mask_mpp / min(mpp0), max(w0, h0) / 4096, 1.0))
+        mask = detect_tissue(thumb, scale, mpp0, params.tissue)
+        grid = tile_grid(slide.dimensions, mpp0, params.target_mpp, params.tile_size)
+        keep = mask.tile_fractions(grid.coords, grid.footprint) >= params.min_tissue
+        level = pick_level([mpp.x * slide.level_scale(lv)[0] for lv in range(slide.level_count)], params.target_mpp)
+        size = round(grid.footprint[0] / slide.level_scale(level)[0])
+        return grid.coords[keep], level, size, slide.backend
+
+
+def raw_read_rate(slide_path: Path, coords: np.ndarray, level: int, size: int, reader: str, limit: int) -> float:
+    """Tiles/s of a plain loop of read_region over the same tiles (row-major, as most tools do)."""
+    sel = coords[:limit]
+    with open_slide(slide_path, reader) as slide:
+        slide.read_region(tuple(int(v) for v in sel[0]), level, (size, size))  # warm caches/handles
+        t = time.perf_counter()
+        for x, y in sel:
+            slide.read_region((int(x), int(y)), level, (size, size))
+        return len(sel) / (time.perf_counter() - t)
+
+
+def run_pipeline(slides: list[Path], store: Path, params: TilingParams, workers: int) -> tuple[float, int, PeakRSS, float]:
+    shutil.rmtree(store, ignore_errors=True)
+    with PeakRSS() as rss:
+        t = time.perf_counter()
+        report = tile_cohort(slides[0].parent if len(slides) > 1 else slides[0], store, params, workers=workers)
+        wall = time.perf_counter() - t
+    failed = report.by_status("failed")
+    if failed:
+        sys.exit(f"pipeline failed: {failed[0].error}")
+    tile_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file() and "/tiles/" in str(f))
+    return wall, report.n_tiles, rss, tile_bytes / max(report.n_tiles, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slide", type=Path, help="a slide to use instead of a synthetic one")
+    ap.add_argument("--size", default="20000x20000", help="synthetic slide size WxH in level-0 px")
+    ap.add_argument("--mpp", type=float, default=0.5, help="synthetic slide µm/px (0.5 = read at level 0 without resampling)")
+    ap.add_argument("--reader", default="tiffslide", choices=("tiffslide", "openslide"))
+    ap.add_argument("--compression", default="jpeg:90")
+    ap.add_argument("--raw-limit", type=int, default=3000, help="tiles read by the plain loop")
+    ap.add_argument("--copies", type=int, default=2, help="slides in the 1-vs-2-worker cohort")
+    args = ap.parse_args()
+
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    slide = args.slide or make_slide(OUT / f"synthetic_{w}x{h}_{args.mpp}.svs", w, h, args.mpp)
+    params = TilingParams(reader=args.reader, compression=TileCompression.from_name(args.compression))
+    coords, level, size, backend = kept_tiles(slide, params, args.reader)
+    print(f"slide {slide.name}: {len(coords)} tissue tiles of {params.tile_size} px at {params.target_mpp} µm/px, "
+          f"read at level {level} as {size} px; reader {backend}; {os.cpu_count()} CPUs")
+
+    raw = raw_read_rate(slide, coords, level, size, args.reader, args.raw_limit)
+
+    one_dir = OUT / "one"
+    shutil.rmtree(one_dir, ignore_errors=True)
+    one_dir.mkdir(parents=True)
+    single = one_dir / slide.name
+    os.link(slide, single) if slide.stat().st_dev == one_dir.stat().st_dev else shutil.copy(slide, single)
+    wall1, n1, rss1, bpt = run_pipeline([single], OUT / "one.zarr", params, workers=1)
+
+    many = OUT / "cohort"
+    shutil.rmtree(many, ignore_errors=True)
+    many.mkdir()
+    copies = []
+    for k in range(args.copies):
+        dst = many / f"copy{k}_{slide.name}"
+        os.link(slide, dst) if slide.stat().st_dev == many.stat().st_dev else shutil.copy(slide, dst)
+        copies.append(dst)
+    wall_c1, nc, _, _ = run_pipeline(copies, OUT / "c1.zarr", params, workers=1)
+    wall_c2, _, rss2, _ = run_pipeline(copies, OUT / "c2.zarr", params, workers=2)
+
+    e2e = n1 / wall1
+    print()
+    print(f"{'measure':<46}{'value':>14}")
+    print(f"{'raw read_region loop (tiles/s)':<46}{raw:>14.0f}")
+    print(f"{'pipeline end to end, 1 worker (tiles/s)':<46}{e2e:>14.0f}")
+    print(f"{'ratio end-to-end / raw (goal >= 0.5)':<46}{e2e / raw:>14.2f}")
+    print(f"{f'{args.copies} slides, 1 worker (tiles/s)':<46}{nc / wall_c1:>14.0f}")
+    print(f"{f'{args.copies} slides, 2 workers (tiles/s)':<46}{nc / wall_c2:>14.0f}")
+    print(f"{'speed-up 1 -> 2 workers (goal >= 1.7)':<46}{wall_c1 / wall_c2:>14.2f}")
+    print(f"{'peak RSS of one worker, 1 worker (MiB)':<46}{rss1.peak_single / 2**20:>14.0f}")
+    print(f"{'peak RSS of all processes, 2 workers (MiB)':<46}{rss2.peak_total / 2**20:>14.0f}")
+    print(f"{'bytes per stored tile':<46}{bpt:>14.0f}")
+    print(f"{'raw bytes per tile':<46}{params.tile_size ** 2 * 3:>14d}")
+
+
+if __name__ == "__main__":
+    main()

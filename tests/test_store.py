@@ -1,0 +1,108 @@
+import json
+import os
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.store import STAGING, SlideStore, StoreError, StoreWriter
+
+
+def write_slide(writer: StoreWriter, patient: str, slide: str, n: int, value: int = 7, label=None):
+    staged = writer.stage()
+    arr = staged.group.create_array("tiles", shape=(n, 8, 8, 3), dtype="uint8", chunks=(1, 8, 8, 3))
+    arr[:] = value
+    staged.group.create_array("coords", shape=(n, 2), dtype="int64")[:] = np.arange(2 * n).reshape(n, 2)
+    staged.group.attrs.update(status="complete", n_tiles=n)
+    writer.commit(staged, patient, slide, {"label": label, "split": None})
+
+
+def test_new_store_has_schema_attrs_and_reads_back(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr")
+    write_slide(writer, "P1", "S1", 5, label="tumour")
+    write_slide(writer, "P1", "S2", 3)
+    store = SlideStore(tmp_path / "s.zarr")
+    assert store.info["schema_version"] == 1 and "created" in store.info and store.info["package_version"]
+    assert store.patients() == ["P1"]
+    assert store.slides("P1") == ["S1", "S2"]
+    assert store.patient_attrs("P1")["label"] == "tumour"
+    assert store.tiles("P1", "S1").shape == (5, 8, 8, 3)
+    # the natural ways read it too
+    root = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    assert root["patients/P1/slides/S2/tiles"][0].max() == 7
+    lazy = da.from_zarr(root["patients/P1/slides/S1/tiles"])
+    assert int(lazy.sum().compute()) == 5 * 8 * 8 * 3 * 7
+    assert store.summary()["n_tiles"] == 8
+
+
+def test_store_path_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "store"
+    f.write_text("not a store")
+    with pytest.raises(StoreError, match="is a file"):
+        StoreWriter(f)
+    assert f.read_text() == "not a store"
+
+
+def test_non_empty_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "x.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an hlss store"):
+        StoreWriter(tmp_path)
+
+
+def test_read_only_location_is_a_clear_error(tmp_path, monkeypatch):
+    if os.geteuid() == 0:  # root ignores permissions: simulate the OS saying no
+        import pathlib
+
+        def deny(self, *a, **k):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(pathlib.Path, "mkdir", deny)
+    else:
+        tmp_path.chmod(0o500)
+    with pytest.raises(StoreError, match="cannot write the store here"):
+        StoreWriter(tmp_path / "sub" / "s.zarr")
+
+
+def test_replacing_a_slide_keeps_the_old_one_until_the_new_one_is_complete(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr")
+    write_slide(writer, "P", "S", 4, value=1)
+    staged = writer.stage()
+    staged.group.create_array("tiles", shape=(2, 8, 8, 3), dtype="uint8")[:] = 2
+    # not committed yet: readers still see the old version, and nothing under _staging
+    store = SlideStore(tmp_path / "s.zarr")
+    assert store.tiles("P", "S").shape[0] == 4
+    staged.group.attrs.update(status="complete", n_tiles=2)
+    writer.commit(staged, "P", "S", {})
+    store = SlideStore(tmp_path / "s.zarr")
+    assert store.tiles("P", "S").shape[0] == 2 and store.tiles("P", "S")[0].max() == 2
+    assert [p.name for p in (tmp_path / "s.zarr" / STAGING).iterdir()] == ["zarr.json"]
+
+
+def test_commit_refuses_ids_that_escape(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr")
+    staged = writer.stage()
+    with pytest.raises(ValueError):
+        writer.commit(staged, "../evil", "S", {})
+    assert not (tmp_path / "evil").exists()
+
+
+def test_staging_of_dead_writers_is_cleaned_but_live_ones_are_kept(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr")
+    mine = writer.stage()
+    dead = subprocess.run(
+        [sys.executable, "-c", f"from pipeline.store import StoreWriter; print(StoreWriter({str(tmp_path / 's.zarr')!r}).stage().token)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    removed = writer.clean_staging()
+    assert removed == [dead]
+    assert mine.path.exists()
+
+
+def test_owner_attrs_do_not_leak_into_committed_slides(tmp_path):
+    writer = StoreWriter(tmp_path / "s.zarr")
+    write_slide(writer, "P", "S", 1)
+    meta = json.loads((tmp_path / "s.zarr/patients/P/slides/S/zarr.json").read_text())
+    assert "owner" not in meta["attributes"]
