@@ -6,13 +6,15 @@
 
 Prints, from one run: tissue tiles/s end to end (open to committed store, process start included),
 the raw rate of reading the same tiles with the same reader in a plain ``read_region`` loop, their
-ratio, the speed-up from 1 to 2 workers (on copies of the slide), peak RSS, and bytes per stored tile.
+ratio, the speed-up from 1 to 2 single-threaded workers (on copies of the slide), the default
+1-worker rate on the same copies, peak RSS, and bytes per stored tile.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import threading
@@ -38,6 +40,7 @@ class PeakRSS:
     def __init__(self) -> None:
         self.peak_total = 0
         self.peak_single = 0
+        self.cores = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -62,6 +65,12 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the worker processes that have exited so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def make_slide(path: Path, width: int, height: int, mpp: float) -> Path:
@@ -106,12 +115,16 @@ def raw_read_rate(slide_path: Path, coords: np.ndarray, level: int, size: int, r
         return len(sel) / (time.perf_counter() - t)
 
 
-def run_pipeline(slides: list[Path], store: Path, params: TilingParams, workers: int) -> tuple[float, int, PeakRSS, float]:
+def run_pipeline(slides: list[Path], store: Path, params: TilingParams, workers: int,
+                 threads: int | None = None) -> tuple[float, int, PeakRSS, float]:
     shutil.rmtree(store, ignore_errors=True)
+    cpu0 = _children_cpu()
     with PeakRSS() as rss:
         t = time.perf_counter()
-        report = tile_cohort(slides[0].parent if len(slides) > 1 else slides[0], store, params, workers=workers)
+        source = slides[0].parent if len(slides) > 1 else slides[0]
+        report = tile_cohort(source, store, params, workers=workers, threads=threads)
         wall = time.perf_counter() - t
+    rss.cores = (_children_cpu() - cpu0) / wall
     failed = report.by_status("failed")
     if failed:
         sys.exit(f"pipeline failed: {failed[0].error}")
@@ -127,7 +140,7 @@ def main() -> None:
     ap.add_argument("--reader", default="tiffslide", choices=("tiffslide", "openslide"))
     ap.add_argument("--compression", default="jpeg:90")
     ap.add_argument("--raw-limit", type=int, default=3000, help="tiles read by the plain loop")
-    ap.add_argument("--copies", type=int, default=2, help="slides in the 1-vs-2-worker cohort")
+    ap.add_argument("--copies", type=int, default=4, help="slides in the 1-vs-2-worker cohort")
     args = ap.parse_args()
 
     w, h = (int(v) for v in args.size.lower().split("x"))
@@ -154,22 +167,30 @@ def main() -> None:
         dst = many / f"copy{k}_{slide.name}"
         os.link(slide, dst) if slide.stat().st_dev == many.stat().st_dev else shutil.copy(slide, dst)
         copies.append(dst)
-    wall_c1, nc, _, _ = run_pipeline(copies, OUT / "c1.zarr", params, workers=1)
-    wall_c2, _, rss2, _ = run_pipeline(copies, OUT / "c2.zarr", params, workers=2)
+    wall_c1, nc, rss_c1, _ = run_pipeline(copies, OUT / "c1.zarr", params, workers=1, threads=1)
+    wall_c2, _, rss2, _ = run_pipeline(copies, OUT / "c2.zarr", params, workers=2, threads=1)
+    wall_c1t, _, _, _ = run_pipeline(copies, OUT / "c1t.zarr", params, workers=1)
+    cpus = os.cpu_count()
 
     e2e = n1 / wall1
+    rows = [
+        ("raw read_region loop, 1 thread (tiles/s)", f"{raw:.0f}"),
+        (f"pipeline end to end, 1 worker x {cpus} threads (tiles/s)", f"{e2e:.0f}"),
+        ("ratio end-to-end / raw (goal >= 0.5)", f"{e2e / raw:.2f}"),
+        (f"{args.copies} slides, 1 worker x 1 thread (tiles/s)", f"{nc / wall_c1:.0f}"),
+        ("  CPU cores busy on average, 1 worker x 1 thread", f"{rss_c1.cores:.2f}"),
+        (f"{args.copies} slides, 2 workers x 1 thread (tiles/s)", f"{nc / wall_c2:.0f}"),
+        ("  CPU cores busy on average, 2 workers x 1 thread", f"{rss2.cores:.2f}"),
+        ("speed-up 1 -> 2 workers (goal >= 1.7)", f"{wall_c1 / wall_c2:.2f}"),
+        (f"{args.copies} slides, 1 worker x {cpus} threads (tiles/s)", f"{nc / wall_c1t:.0f}"),
+        ("peak RSS of the worker, 1 worker (MiB)", f"{rss1.peak_single / 2**20:.0f}"),
+        ("peak RSS of all processes, 2 workers (MiB)", f"{rss2.peak_total / 2**20:.0f}"),
+        ("bytes per stored tile", f"{bpt:.0f}"),
+    ]
     print()
-    print(f"{'measure':<46}{'value':>14}")
-    print(f"{'raw read_region loop (tiles/s)':<46}{raw:>14.0f}")
-    print(f"{'pipeline end to end, 1 worker (tiles/s)':<46}{e2e:>14.0f}")
-    print(f"{'ratio end-to-end / raw (goal >= 0.5)':<46}{e2e / raw:>14.2f}")
-    print(f"{f'{args.copies} slides, 1 worker (tiles/s)':<46}{nc / wall_c1:>14.0f}")
-    print(f"{f'{args.copies} slides, 2 workers (tiles/s)':<46}{nc / wall_c2:>14.0f}")
-    print(f"{'speed-up 1 -> 2 workers (goal >= 1.7)':<46}{wall_c1 / wall_c2:>14.2f}")
-    print(f"{'peak RSS of one worker, 1 worker (MiB)':<46}{rss1.peak_single / 2**20:>14.0f}")
-    print(f"{'peak RSS of all processes, 2 workers (MiB)':<46}{rss2.peak_total / 2**20:>14.0f}")
-    print(f"{'bytes per stored tile':<46}{bpt:>14.0f}")
-    print(f"{'raw bytes per tile':<46}{params.tile_size ** 2 * 3:>14d}")
+    for name, value in rows:
+        print(f"{name:<52}{value:>12}")
+    print(f"{'raw bytes per tile':<52}{params.tile_size ** 2 * 3:>12d}")
 
 
 if __name__ == "__main__":

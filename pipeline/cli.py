@@ -151,11 +151,14 @@ def _info(args) -> int:
           f"hlss-pipeline {summary['store']['package_version']}, created {summary['store']['created']})")
     print(f"{summary['n_patients']} patients, {summary['n_slides']} slides "
           f"({summary['n_complete']} complete, {summary['n_failed']} failed), {summary['n_tiles']} tiles")
-    print(f"{'patient':<16}{'slide':<28}{'status':<10}{'tiles':>7}{'mpp0':>8}{'level':>6}  label")
+    pw = max([7, *(len(r["patient"]) for r in summary["slides"])]) + 2
+    sw = max([5, *(len(r["slide"]) for r in summary["slides"])]) + 2
+    print(f"{'patient':<{pw}}{'slide':<{sw}}{'status':<10}{'tiles':>7}{'mpp0':>8}{'level':>6}  label")
     for row in summary["slides"]:
         mpp0 = f"{row['mpp0']:.3f}" if row["mpp0"] else "-"
-        print(f"{row['patient']:<16}{row['slide']:<28}{row['status']:<10}{row['n_tiles']:>7}{mpp0:>8}"
-              f"{row['level'] if row['level'] is not None else '-':>6}  {row['label'] or ''}")
+        level = row["level"] if row["level"] is not None else "-"
+        print(f"{row['patient']:<{pw}}{row['slide']:<{sw}}{row['status']:<10}{row['n_tiles']:>7}{mpp0:>8}"
+              f"{level:>6}  {row['label'] or ''}")
     for row in summary["slides"]:
         if row["error"]:
             print(f"  FAILED {row['slide']}: {row['error']}")

@@ -63,19 +63,24 @@ class TilingReport:
 
 
 _progress_queue: "mp.Queue | None" = None
+_threads = 1
 
 
-def _init_worker(q: "mp.Queue") -> None:
-    global _progress_queue
-    _progress_queue = q
-    # one worker = one core's worth of work; let the pool, not each library, spread over cores
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def _init_worker(q: "mp.Queue", threads: int) -> None:
+    global _progress_queue, _threads
+    _progress_queue, _threads = q, threads
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import zarr
+
+    # zarr runs codecs (JPEG/Blosc encode, and tiffslide's JPEG decode) in this many threads
+    zarr.config.set({"threading.max_workers": threads})
 
 
 def _run_one(spec: SlideSpec, store: str, params: TilingParams) -> SlideResult:
     writer = StoreWriter(store)
     q = _progress_queue
-    return tile_slide(spec, writer, params, progress=(lambda n: q.put(n)) if q is not None else None)
+    return tile_slide(spec, writer, params, progress=(lambda n: q.put(n)) if q is not None else None,
+                      overlap=_threads > 1)
 
 
 def tile_cohort(
@@ -84,6 +89,7 @@ def tile_cohort(
     params: TilingParams | None = None,
     *,
     workers: int = 1,
+    threads: int | None = None,
     force: bool = False,
     on_slide: Callable[[SlideResult], None] | None = None,
     on_tiles: Callable[[int], None] | None = None,
@@ -92,7 +98,8 @@ def tile_cohort(
     """Tile every new or changed slide of ``source`` (folder or manifest) into ``store``.
 
     Raises ManifestError / StoreError for an unusable source or store (nothing is tiled then);
-    any problem with a single slide is in the report instead. ``on_plan(n)`` is called once with
+    any problem with a single slide is in the report instead. ``threads`` per worker default to the
+    CPUs shared out between the workers (at least 1); with more than one, reading overlaps writing. ``on_plan(n)`` is called once with
     the number of slides to tile, ``on_slide`` per tiled slide, ``on_tiles``
     per written batch.
     """
@@ -100,6 +107,7 @@ def tile_cohort(
     params = params or TilingParams()
     if workers < 1:
         raise ValueError("workers must be at least 1")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     cohort: Cohort = discover_cohort(source)
     writer = StoreWriter(store)
     writer.clean_staging()
@@ -118,12 +126,12 @@ def tile_cohort(
     if on_plan:
         on_plan(len(todo))
     if todo:
-        report.results.extend(_run_pool(todo, str(writer.path), params, workers, on_slide, on_tiles))
+        report.results.extend(_run_pool(todo, str(writer.path), params, workers, threads, on_slide, on_tiles))
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _run_pool(todo, store, params, workers, on_slide, on_tiles) -> list[SlideResult]:
+def _run_pool(todo, store, params, workers, threads, on_slide, on_tiles) -> list[SlideResult]:
     """Run slides in ``workers`` spawned processes; slides caught in a crashed pool are retried alone."""
     ctx = mp.get_context("spawn")
     progress_q = ctx.Queue()
@@ -138,7 +146,7 @@ def _run_pool(todo, store, params, workers, on_slide, on_tiles) -> list[SlideRes
         """Run ``specs``; return those whose worker pool broke under them."""
         broken: list[SlideSpec] = []
         with ProcessPoolExecutor(
-            max_workers=n_workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_q,)
+            max_workers=n_workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_q, threads)
         ) as pool:
             futures: dict[Future, SlideSpec] = {pool.submit(_run_one, s, store, params): s for s in specs}
             while futures:

@@ -23,7 +23,7 @@ import csv
 import math
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -98,13 +98,23 @@ def _uniform(ix: np.ndarray, iy: np.ndarray, salt: int | np.ndarray) -> np.ndarr
     return _hash2(ix, iy, salt) * (1.0 / 2**32)
 
 
+def _outer_sum(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """sum_k outer(rows[:, k], cols[:, k]) for rows (m, K), cols (n, K) -> (m, n)."""
+    out = np.zeros((rows.shape[0], cols.shape[0]))
+    for k in range(rows.shape[1]):
+        out += rows[:, k, None] * cols[None, :, k]
+    return out
+
+
 class _Waves:
     """Smooth random fields by name, each a sum of plane waves of random direction and of
     wavelength (px) in a given range, with unit variance. Analytic, so a point gets the
     same value whatever tile or level asks for it.
 
-    On a grid, cos(a(x) + b(y)) = cos a cos b - sin a sin b makes a whole field one small
-    matrix product of per-column and per-row terms: no transcendental per grid point."""
+    On a grid, cos(a(x) + b(y)) = cos a cos b - sin a sin b makes a whole field a sum of
+    outer products of per-column and per-row terms: no transcendental per grid point. (Not
+    a matrix product: for these thin products a multithreaded BLAS mostly waits for its
+    threads, 30x slower on a busy machine.)"""
 
     def __init__(self, rng: np.random.Generator, spec: dict[str, tuple[int, tuple[float, float]]]):
         self.fields = {}
@@ -122,18 +132,16 @@ class _Waves:
         """The field at x (1, n) x y (m, 1), level-0 px -> (m, n)."""
         kx, ky, phase, amp = self.fields[name]
         a, b = kx * x.reshape(-1, 1) + phase, ky * y.reshape(-1, 1)  # (n, waves), (m, waves)
-        rows = np.concatenate([np.cos(b), -np.sin(b)], axis=1)
-        cols = np.concatenate([np.cos(a), np.sin(a)], axis=1)
-        return amp * (rows @ cols.T)
+        return _outer_sum(amp * np.cos(b), np.cos(a)) - _outer_sum(amp * np.sin(b), np.sin(a))
 
     def gradient(self, x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
         """d/dx and d/dy (per px) of the field at x (1, n) x y (m, 1), each (m, n):
         -amp sum k sin(a + b), with sin(a + b) = sin a cos b + cos a sin b."""
         kx, ky, phase, amp = self.fields[name]
         a, b = kx * x.reshape(-1, 1) + phase, ky * y.reshape(-1, 1)
-        rows = np.concatenate([np.cos(b), np.sin(b)], axis=1)
-        cols = np.concatenate([np.sin(a), np.cos(a)], axis=1)
-        return tuple(-amp * (rows @ (cols * np.concatenate([k, k])).T) for k in (kx, ky))
+        cos_b, sin_b = -amp * np.cos(b), -amp * np.sin(b)
+        sin_a, cos_a = np.sin(a), np.cos(a)
+        return tuple(_outer_sum(cos_b, k * sin_a) + _outer_sum(sin_b, k * cos_a) for k in (kx, ky))
 
 
 # ----------------------------------------------------------------------------- stain
@@ -151,7 +159,8 @@ class Stain:
 
     @classmethod
     def from_seed(cls, stain_seed: int) -> "Stain":
-        """A random but plausible batch: hue shifts of H and E, strengths 0.65x-1.4x, glass tint."""
+        """A random but plausible batch: hue shifts of H and E, strengths 0.6x-1.45x (H) and
+        0.6x-1.5x (E), glass tint."""
         rng = np.random.default_rng([stain_seed, 0x57A1])
         h = np.array([0.65, 0.70, 0.29]) + rng.normal(0, 0.06, 3)
         e = np.array([0.07, 0.99, 0.11]) + rng.normal(0, [0.05, 0.03, 0.08])
@@ -237,6 +246,12 @@ class _Stroke:
     half_width: float  # px
     ink: np.ndarray  # (3,) OD
 
+    def misses(self, x: np.ndarray, y: np.ndarray, margin: float) -> bool:
+        """True when the ink surely stays `margin` px away from the box spanned by x and y."""
+        lo = self.points.min(axis=0) - self.half_width - margin
+        hi = self.points.max(axis=0) + self.half_width + margin
+        return bool(x.max() < lo[0] or x.min() > hi[0] or y.max() < lo[1] or y.min() > hi[1])
+
     def sdf(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Signed distance to the stroke edge, px (> 0 on ink)."""
         d2 = np.inf
@@ -282,33 +297,34 @@ class _Nuclei:
 
     def where(self, cond: np.ndarray, other: "_Nuclei") -> "_Nuclei":
         """These nuclei where `cond`, `other` elsewhere."""
-        return _Nuclei(*(np.where(cond, getattr(self, f), getattr(other, f)) for f in _NUCLEUS_FIELDS))
-
-
-_NUCLEUS_FIELDS = ("amp", "ox", "oy", "a", "b", "angle")
+        return _Nuclei(*(np.where(cond, getattr(self, f.name), getattr(other, f.name)) for f in fields(self)))
 
 
 class _Glands:
-    """Glands at 90 % of the cells of a 96 px lattice, centres jittered by up to 10 px:
-    elliptic lumens of mean radius 14-23 px and aspect up to 1.5, lined by a ring of nuclei
-    8 px outside the rim. A gland with its ring stays inside its own cell, so a point only
-    ever needs the gland of the cell it lies in."""
+    """Glands at 80 % of the cells of a 112 px square lattice turned by a random angle,
+    centres jittered by up to 19 px: elliptic lumens of mean radius 12-20 px and aspect up
+    to 1.5, lined by a ring of nuclei 8 px outside the rim. A lumen ends at least 12 px
+    inside its own cell, so the gland of a block's centre is the only one whose lumen can
+    reach the block (its corners are 11.3 px away)."""
 
-    spacing = 96.0
+    spacing = 112.0
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, angle: float):
         self.salts = np.array([_salt(seed, 100 + k) for k in range(6)], np.uint32)[:, None, None]
+        self.cos, self.sin = math.cos(angle), math.sin(angle)
 
     def of(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
         """For points x (1, n) x y (m, 1) (level-0 px), the gland of their cell: offset
         (dx, dy) of the point from its centre, px, and its lumen as q = m11 dx² + 2 m12 dx dy
         + m22 dy² (q = 1 on the rim) with mean radius r; each (m, n), r = 0 where the cell
         has no gland."""
-        ci, cj = np.floor(x / self.spacing), np.floor(y / self.spacing)
+        xr, yr = x * self.cos + y * self.sin, y * self.cos - x * self.sin  # lattice frame
+        ci, cj = np.floor(xr / self.spacing), np.floor(yr / self.spacing)
         u = _uniform(ci.astype(np.int64), cj.astype(np.int64), self.salts)
-        dx = x - (ci + 0.5 + 0.2 * (u[1] - 0.5)) * self.spacing
-        dy = y - (cj + 0.5 + 0.2 * (u[2] - 0.5)) * self.spacing
-        r = np.where(u[0] < 0.9, 14 + 9 * u[3], 0.0)
+        dxr = xr - (ci + 0.5 + 0.34 * (u[1] - 0.5)) * self.spacing
+        dyr = yr - (cj + 0.5 + 0.34 * (u[2] - 0.5)) * self.spacing
+        dx, dy = dxr * self.cos - dyr * self.sin, dxr * self.sin + dyr * self.cos
+        r = np.where(u[0] < 0.8, 12 + 8 * u[3], 0.0)
         aspect = np.sqrt(1 + 0.5 * u[4])
         c, s = np.cos(np.pi * u[5]), np.sin(np.pi * u[5])
         ia2 = (aspect / np.maximum(r, 1)) ** 2  # 1 / semi-axis² along the tilt
@@ -374,7 +390,8 @@ class HETissueRenderer:
             },
         )
         self._fibre_angle = rng.uniform(0, np.pi)
-        self._glands = _Glands(seed) if tissue_class == 0 else None
+        gland_angle = rng.uniform(0, np.pi / 2)  # drawn for every class: same layout per seed
+        self._glands = _Glands(seed, gland_angle) if tissue_class == 0 else None
         self._strokes = _Stroke.random_set(self._islands, self.width, self.height, rng) if pen_marks else []
 
     # -- public
@@ -442,7 +459,7 @@ class HETissueRenderer:
         rgb = _work("rgb", (*shape, 3), np.uint8)
         lat = self._lattice(gx, gy, step) if self.has_tissue else None
         if lat is None:  # glass only: the H dither below with h = e = 0 (2 * u1 >= 1 is bit 15)
-            idx = _work("idx", shape, np.uint32)
+            idx = _work("glass_idx", shape, np.uint32)
             np.right_shift(hashed, np.uint32(15), out=idx)
             idx &= np.uint32(1)
             idx *= np.uint32(_N_E)
@@ -463,7 +480,8 @@ class HETissueRenderer:
         if lat.lumens is not None:
             np.minimum(mask, _lumen_edge(lat.lumens, local, lat.edge_width, out=tmp), out=mask)
         np.clip(mask, 0, 1, out=mask)
-        e = np.cos(interp(lat.phase, _work("e", shape)), out=_work("e", shape))
+        e = interp(lat.phase, _work("e", shape))
+        np.cos(e, out=e)
         e *= interp(lat.e_fibre, tmp)
         e += interp(lat.e_mean, tmp)
         e *= mask
@@ -471,7 +489,7 @@ class HETissueRenderer:
         np.multiply(u2, 0.6 / step, out=tmp)  # chromatin grain, averaging out at coarse steps
         tmp += 1 - 0.3 / step
         h *= tmp
-        np.multiply(mask, 0.05, out=tmp)  # faint hematoxylin counterstain of the stroma
+        np.multiply(mask, _COUNTERSTAIN[self.tissue_class], out=tmp)  # faint hematoxylin in the stroma
         h += tmp
 
         # colour lookup, dithered: H over two levels (see Stain.colour_table), E over one
@@ -502,6 +520,8 @@ class HETissueRenderer:
         edge_width = max(2.0, float(step))  # anti-aliased edge about one sample wide
         pens = []
         for stroke in self._strokes:
+            if stroke.misses(gx, gy, edge_width):
+                continue
             field = stroke.sdf(gx, gy) / edge_width + 0.5
             if field.max() > 0:
                 pens.append((field.astype(np.float32), stroke.ink))
@@ -524,8 +544,7 @@ class HETissueRenderer:
         along = np.arctan2(k * s + 12.0 * wy, k * c + 12.0 * wx) + np.pi / 2
         stroma = _stromal(u, present, along, _STROMAL_NUCLEI[self.tissue_class])
         if self.tissue_class == 0:
-            dx, dy, m11, m12, m22, r = self._glands.of(gx, gy)
-            nuclei, nest = _gland_nuclei(u, present, stroma, dx, dy, m11, m12, m22, r), 0.0
+            nuclei, nest = _gland_nuclei(u, present, stroma, self._glands.of(gx, gy)), 0.0
             lumens = tuple(v.astype(np.float32) for v in self._glands.of(gx[:, :-1] + _CELL / 2, gy[:-1] + _CELL / 2))
         else:
             nest = np.clip((self._waves(gx, gy, "nests") + _NEST_LEVEL[self.tissue_class]) / 0.25, 0, 1)
@@ -565,15 +584,16 @@ def _stromal(u: np.ndarray, present: np.ndarray, along: np.ndarray, p: float) ->
     )
 
 
-def _gland_nuclei(u, present, stroma, dx, dy, m11, m12, m22, r) -> _Nuclei:
+def _gland_nuclei(u: np.ndarray, present: np.ndarray, stroma: _Nuclei, gland: tuple[np.ndarray, ...]) -> _Nuclei:
     """Columnar nuclei (radial semi-axes 7.5 x 4.5-5 px) snapped onto the ring 8 px outside
-    the lumen of the cell's gland; stromal nuclei elsewhere, none inside lumens."""
+    the lumen of the lattice point's gland (`_Glands.of`); stromal nuclei elsewhere, none
+    inside lumens."""
+    dx, dy, m11, m12, m22, r = gland
     dist = np.hypot(dx, dy) + 1e-6
     radial = np.arctan2(dy, dx)
-    rim = 1 / np.sqrt((m11 * dx * dx + 2 * m12 * dx * dy + m22 * dy * dy) / (dist * dist) + 1e-12)
+    q = m11 * dx * dx + 2 * m12 * dx * dy + m22 * dy * dy  # 1 on the lumen rim
+    rim = dist / np.sqrt(q + 1e-12)  # distance from the centre to the rim along this ray
     snap = np.where(r > 0, rim + 8 - dist, np.inf)  # radial move onto the ring, px
-    q = m11 * dx * dx + 2 * m12 * dx * dy + m22 * dy * dy
-    outside = (r == 0) | (q > 1.4)
     epithelial = _Nuclei(
         amp=np.where(u[0] < 0.97 * present, 1.05 + 0.25 * u[5], 0.0),
         ox=np.where(np.isfinite(snap), snap, 0) * np.cos(radial) + _jitter(u[3], 1),
@@ -582,7 +602,7 @@ def _gland_nuclei(u, present, stroma, dx, dy, m11, m12, m22, r) -> _Nuclei:
         b=4.5 + 0.5 * u[1],
         angle=radial,
     )
-    stroma.amp = stroma.amp * outside
+    stroma = replace(stroma, amp=stroma.amp * ((r == 0) | (q > 1.4)))  # none in or at a lumen
     return epithelial.where(np.abs(snap) < 10, stroma)
 
 
@@ -631,11 +651,12 @@ _CLASS_NUCLEI: dict[int, Callable[[np.ndarray, np.ndarray, np.ndarray], _Nuclei]
 }
 # nest field offset per class: the share of tissue in epithelial nests (rest: stroma)
 _NEST_LEVEL = (0.0, 0.45, 2.0, 0.25)
-# Stroma per class: eosin density, and share of lattice points with a fibroblast nucleus.
-# Balanced so that, for one stain, the classes have about the same mean colour (glands
-# have pale lumens and fewer epithelial nuclei, sheets many nuclei).
-_EOSIN = (0.60, 0.55, 0.60, 0.55)
-_STROMAL_NUCLEI = (0.36, 0.2, 0.2, 0.2)
+# Stroma per class: eosin density, hematoxylin density, and share of lattice points with a
+# fibroblast nucleus. Balanced so that, for one stain, the classes have about the same mean
+# colour (glands have pale lumens and fewer nuclei, sheets many nuclei).
+_EOSIN = (0.53, 0.55, 0.60, 0.55)
+_COUNTERSTAIN = (0.09, 0.05, 0.05, 0.05)
+_STROMAL_NUCLEI = (0.5, 0.2, 0.2, 0.2)
 
 
 def _lumen_edge(lumens: tuple[np.ndarray, ...], local: np.ndarray, edge_width: float, out: np.ndarray) -> np.ndarray:
@@ -716,7 +737,8 @@ def _sample_hash(sx0: int, sy0: int, nbx: int, nby: int, n: int, salt: int) -> n
     sx = (sx0 + np.arange(nbx * n, dtype=np.int64)).reshape(1, 1, nbx, n).astype(np.uint32)
     sy = (sy0 + np.arange(nby * n, dtype=np.int64)).reshape(nby, n, 1, 1).astype(np.uint32)
     shape = (nby, n, nbx, n)
-    h = np.bitwise_xor(sx * np.uint32(0x8DA6B343), sy * np.uint32(0xD8163841) + np.uint32(salt), out=_work("hash", shape, np.uint32))
+    h = _work("hash", shape, np.uint32)
+    np.bitwise_xor(sx * np.uint32(0x8DA6B343), sy * np.uint32(0xD8163841) + np.uint32(salt), out=h)
     shifted = _work("hash2", shape, np.uint32)
     h ^= np.right_shift(h, np.uint32(15), out=shifted)
     h *= np.uint32(0x2C1B3C6D)
@@ -884,12 +906,12 @@ def _aperio_description(
 ) -> str:
     if level:
         return f"{APERIO_HEADER} \n{width}x{height} ({tile}x{tile}) -> {w}x{h} JPEG/RGB Q={quality}"
-    fields = [f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"]
+    parts = [f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"]
     if power is not None:
-        fields.append(f"AppMag = {power:g}")
+        parts.append(f"AppMag = {power:g}")
     if mpp is not None:
-        fields.append(f"MPP = {mpp:.6g}")
-    return f"{APERIO_HEADER} \n" + "|".join(fields)
+        parts.append(f"MPP = {mpp:.6g}")
+    return f"{APERIO_HEADER} \n" + "|".join(parts)
 
 
 def _write_thumbnail(tif: tifffile.TiffWriter, renderer: SlideRenderer, width: int, height: int, common: dict) -> None:

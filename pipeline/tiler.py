@@ -12,7 +12,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import zarr
@@ -73,8 +73,13 @@ def tile_slide(
     params: TilingParams,
     *,
     progress: Callable[[int], None] | None = None,
+    overlap: bool = True,
 ) -> SlideResult:
-    """Tile one slide into the store. See the module docstring for the failure contract."""
+    """Tile one slide into the store. See the module docstring for the failure contract.
+
+    ``overlap``: read the next tiles in a thread while the current shard is encoded and written
+    (uses about two cores); False does both in turn on one thread (one core per slide).
+    """
     t0 = time.perf_counter()
     result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed")
     staged: StagedSlide | None = None
@@ -85,7 +90,7 @@ def tile_slide(
         with open_slide(spec.path, params.reader) as slide:  # type: ignore[arg-type]
             timings["open_s"] = time.perf_counter() - t0
             staged = writer.stage()
-            attrs = _write_slide(slide, spec, params, staged.group, timings, progress)
+            attrs = _write_slide(slide, spec, params, staged.group, timings, progress, overlap)
         attrs.update(status="complete", source=src)
         result.n_tiles = attrs["n_tiles"]
         result.warning = attrs.get("mpp_warning")
@@ -149,6 +154,7 @@ def _write_slide(
     group: zarr.Group,
     timings: dict[str, float],
     progress: Callable[[int], None] | None,
+    overlap: bool,
 ) -> dict:
     t = time.perf_counter()
     mpp = resolve_mpp(slide, spec.mpp)
@@ -200,7 +206,7 @@ def _write_slide(
         config={"write_empty_chunks": True},
         **params.compression.codecs_for(),
     )
-    _pump_tiles(slide, grid.coords[keep], plan, tiles, shard, progress)
+    _pump_tiles(slide, grid.coords[keep], plan, tiles, shard, progress, overlap)
     timings["tiles_s"] = time.perf_counter() - t
     level_scale = slide.level_scale(level)
     return {
@@ -239,56 +245,70 @@ def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) ->
     arr.attrs.update(attrs)
 
 
-def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress) -> None:
-    """Read blocks in a thread while the caller's thread encodes and writes whole shards.
+def _shards(slide, coords, plan, shard: int) -> Iterator[np.ndarray]:
+    """Tiles in ``plan`` order, gathered into arrays of ``shard`` tiles (the last may be shorter)."""
+    buf = np.empty((shard, plan.tile_size, plan.tile_size, 3), np.uint8)
+    filled = 0
+    for _, block in iter_tile_blocks(slide, coords, plan):
+        pos = 0
+        while pos < len(block):
+            take = min(shard - filled, len(block) - pos)
+            buf[filled : filled + take] = block[pos : pos + take]
+            filled += take
+            pos += take
+            if filled == shard:
+                yield buf
+                buf = np.empty_like(buf)
+                filled = 0
+    if filled:
+        yield buf[:filled]
 
-    Memory is bounded: at most ``_QUEUE_BATCHES`` shards wait in the queue, plus one being filled.
+
+def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress, overlap: bool) -> None:
+    """Write every tile of ``plan`` into ``tiles``, one whole shard per write.
+
+    With ``overlap`` a thread reads the next shards while this one encodes and writes; memory stays
+    bounded: at most ``_QUEUE_BATCHES`` shards wait in the queue, plus one being filled.
     """
-    batches: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+    written = 0
+    for batch in _prefetch(_shards(slide, coords, plan, shard)) if overlap else _shards(slide, coords, plan, shard):
+        tiles[written : written + len(batch)] = batch
+        written += len(batch)
+        if progress is not None:
+            progress(len(batch))
+    if written != tiles.shape[0]:
+        raise RuntimeError(f"wrote {written} tiles, expected {tiles.shape[0]}")
+
+
+def _prefetch(items: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """Run ``items`` in a thread, ``_QUEUE_BATCHES`` ahead of the consumer; its errors re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
     stop = threading.Event()
+    done = object()
 
     def produce() -> None:
         try:
-            buf = np.empty((shard, *tiles.shape[1:]), np.uint8)
-            filled = 0
-            for _, block in iter_tile_blocks(slide, coords, plan):
-                pos = 0
-                while pos < len(block):
-                    take = min(shard - filled, len(block) - pos)
-                    buf[filled : filled + take] = block[pos : pos + take]
-                    filled += take
-                    pos += take
-                    if filled == shard:
-                        _put(batches, buf, stop)
-                        buf = np.empty_like(buf)
-                        filled = 0
+            for item in items:
                 if stop.is_set():
                     return
-            if filled:
-                _put(batches, buf[:filled], stop)
-            _put(batches, None, stop)
-        except BaseException as e:  # hand the error to the writer thread
-            _put(batches, e, stop)
+                _put(q, item, stop)
+            _put(q, done, stop)
+        except BaseException as e:  # hand the error to the consumer
+            _put(q, e, stop)
 
-    reader = threading.Thread(target=produce, name="tile-reader", daemon=True)
-    reader.start()
-    written = 0
+    thread = threading.Thread(target=produce, name="tile-reader", daemon=True)
+    thread.start()
     try:
         while True:
-            item = batches.get()
-            if item is None:
-                break
+            item = q.get()
+            if item is done:
+                return
             if isinstance(item, BaseException):
                 raise item
-            tiles[written : written + len(item)] = item
-            written += len(item)
-            if progress is not None:
-                progress(len(item))
+            yield item
     finally:
         stop.set()
-        reader.join(timeout=30)
-    if written != tiles.shape[0]:
-        raise RuntimeError(f"wrote {written} tiles, expected {tiles.shape[0]}")
+        thread.join(timeout=30)
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:
