@@ -26,10 +26,9 @@ import psutil
 
 from pipeline.config import TilingParams
 from pipeline.codecs import TileCompression
-from pipeline.grid import pick_level, tile_grid
-from pipeline.reader import open_slide, read_thumbnail, resolve_mpp
+from pipeline.reader import open_slide
 from pipeline.runner import tile_cohort
-from pipeline.tissue import detect_tissue
+from pipeline.tiler import plan_slide
 
 OUT = Path(__file__).resolve().parent / "output"
 
@@ -92,16 +91,9 @@ def make_slide(path: Path, width: int, height: int, mpp: float) -> Path:
 def kept_tiles(slide_path: Path, params: TilingParams, reader: str):
     """The tissue tiles the pipeline keeps, and where the plain loop must read them."""
     with open_slide(slide_path, reader) as slide:
-        mpp = resolve_mpp(slide)
-        mpp0 = (mpp.x, mpp.y)
-        w0, h0 = slide.dimensions
-        thumb, scale = read_thumbnail(slide, max(params.mask_mpp / min(mpp0), max(w0, h0) / 4096, 1.0))
-        mask = detect_tissue(thumb, scale, mpp0, params.tissue)
-        grid = tile_grid(slide.dimensions, mpp0, params.target_mpp, params.tile_size)
-        keep = mask.tile_fractions(grid.coords, grid.footprint) >= params.min_tissue
-        level = pick_level([mpp.x * slide.level_scale(lv)[0] for lv in range(slide.level_count)], params.target_mpp)
-        size = round(grid.footprint[0] / slide.level_scale(level)[0])
-        return grid.coords[keep], level, size, slide.backend
+        plan = plan_slide(slide, params)
+        size = round(plan.grid.footprint[0] / slide.level_scale(plan.level)[0])
+        return plan.grid.coords[plan.tissue_idx], plan.level, size, slide.backend
 
 
 def raw_read_rate(slide_path: Path, coords: np.ndarray, level: int, size: int, reader: str, limit: int) -> float:

@@ -88,7 +88,9 @@ class JpegCodec(ArrayBytesCodec):
         libjpeg quality, 1..100 (default 90).
     subsampling:
         Chroma subsampling for RGB: ``"420"`` (default, smallest and fastest), ``"422"`` or
-        ``"444"`` (no chroma subsampling: sharper colour edges, about 1.5x larger, about 1.7x slower).
+        ``"444"`` (full-resolution chroma: on an RGB-JPEG Aperio slide at q90, 40 dB PSNR instead
+        of 29.5 dB, with luma near 48 dB either way; 1.5x larger, encode 0.52 vs 0.38 ms per 256 px
+        tile).
     """
 
     is_fixed_size = False
@@ -202,7 +204,8 @@ _SHUFFLES: tuple[str, ...] = ("noshuffle", "shuffle", "bitshuffle")
 
 _FORMS = (
     "'jpeg', 'jpeg:Q' (Q = quality 1..100), 'jpeg:Q:444' (or 422/420 chroma subsampling), "
-    "'lossless', 'lossless:lz4', 'lossless:zstd3' (codec + optional Blosc level 1..9), "
+    "'lossless', 'lossless:lz4', 'lossless:zstd3' or 'lossless:zstd-3' (codec + optional Blosc level "
+    "1..9), "
     "'lossless:zstd3:bitshuffle' (or noshuffle/shuffle), 'none'"
 )
 
@@ -216,11 +219,17 @@ class TileCompression:
         ``"lossless"``: :class:`zarr.codecs.BloscCodec` with ``cname``/``level``/``shuffle``;
         ``"none"``: raw bytes.
     Parse CLI strings with :meth:`from_name`; :meth:`codecs_for` gives the ``create_array`` keywords.
+
+    Defaults (``benchmarks/compression.py``, 1000 real H&E tissue tiles of 256 px, 2-core VM):
+    JPEG q90 4:2:0 stores a tile in about 25 KB (7.8x smaller than raw), encodes in about 0.4 ms
+    and decodes in about 0.45 ms; Blosc on dense tissue saves only 7 to 16 % (lz4: 0.1 ms per
+    tile; zstd: 0.6 to 4 ms), so the lossless default is the cheap one, lz4 without shuffle
+    (Blosc byte shuffle is a no-op on uint8, bit shuffle costs 2x for under 1 %).
     """
 
     kind: Kind = "jpeg"
     quality: int = 90
-    level: int = 1
+    level: int = 5
     cname: Cname = "lz4"
     shuffle: Shuffle = "noshuffle"
     subsampling: Subsampling = "420"
@@ -270,7 +279,7 @@ class TileCompression:
         if self.kind == "jpeg":
             return f"jpeg:{self.quality}:{self.subsampling}"
         if self.kind == "lossless":
-            return f"lossless:{self.cname}{self.level}:{self.shuffle}"
+            return f"lossless:{self.cname}-{self.level}:{self.shuffle}"
         return "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -342,9 +351,9 @@ class TileCompression:
                     level = int(m.group(2))
                     if not 1 <= level <= 9:
                         raise ValueError(f"Blosc level must be in 1..9, got {level} in {name!r}")
-                elif cname != default.cname:
-                    level = 3 if cname == "zstd" else default.level
-                # default shuffle per codec: measured best (see benchmarks/compression.py)
+                else:  # measured (benchmarks/compression.py): zstd-3/5 cost 4-6x zstd-1 for ~1-4 %
+                    level = 1 if cname == "zstd" else default.level
+                # lz4: shuffles only cost time; zstd (chosen for size): bitshuffle is smallest
                 shuffle = "noshuffle" if cname == "lz4" else "bitshuffle"
             if len(args) == 2:
                 shuffle = args[1]

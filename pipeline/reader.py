@@ -220,20 +220,22 @@ def resolve_mpp(slide: SlideReader, override: float | None = None) -> MppInfo:
     )
 
 
-def read_thumbnail(slide: SlideReader, max_scale: float, block: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
+def read_thumbnail(slide: SlideReader, scale: float, block: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
     """A low-resolution view of the whole slide, read block by block so memory is bounded by ``block``.
 
-    ``max_scale`` is the largest wanted level-0 px per thumbnail px. Reads the lowest-resolution level
-    that is not coarser than that and averages integer blocks of level pixels (area filter).
+    ``scale`` is the wanted level-0 px per thumbnail px. Reads the coarsest level that is not
+    coarser than that and averages ``ceil(scale / level downsample)`` level pixels per thumbnail
+    pixel along each axis (an area filter), so the view is never finer than asked (its memory is
+    bounded by ``scale``) and at most one level pixel per thumbnail pixel coarser.
     Returns ``((h, w, 3) uint8, (sx, sy))`` with ``(sx, sy)`` the exact level-0 px per thumbnail px.
     """
     level = max(
-        (lv for lv in range(slide.level_count) if slide.level_downsamples[lv] <= max_scale * 1.001),
+        (lv for lv in range(slide.level_count) if slide.level_downsamples[lv] <= scale * 1.001),
         default=0,
     )
     lw, lh = slide.level_dimensions[level]
     lsx, lsy = slide.level_scale(level)
-    factor = max(1, int(math.floor(max_scale / max(lsx, lsy) + 1e-6)))
+    factor = max(1, int(math.ceil(scale / max(lsx, lsy) - 1e-3)))
     out_w, out_h = max(1, lw // factor), max(1, lh // factor)
     step = max(factor, (block // factor) * factor)
     out = np.empty((out_h, out_w, 3), np.uint8)

@@ -19,14 +19,14 @@ import zarr
 
 from .cohort import SlideSpec
 from .config import TilingParams
-from .grid import pick_level, tile_grid
-from .reader import SlideError, SlideReader, open_slide, read_thumbnail, resolve_mpp
+from .grid import TileGrid, pick_level, tile_grid
+from .reader import MppInfo, SlideError, SlideReader, open_slide, read_thumbnail, resolve_mpp
 from .source import same_source, source_info
 from .store import StagedSlide, StoreWriter
-from .tiles import iter_tile_blocks, plan_reads
-from .tissue import detect_tissue
+from .tiles import ReadPlan, iter_tile_blocks, plan_reads
+from .tissue import TissueMask, detect_tissue
 
-__all__ = ["SlideResult", "tile_slide", "needs_tiling"]
+__all__ = ["SlideResult", "SlidePlan", "plan_slide", "tile_slide", "needs_tiling"]
 
 _MAX_THUMB_PX = 4096
 _QUEUE_BATCHES = 2
@@ -147,6 +147,48 @@ def _record_failure(
     writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
 
 
+@dataclass
+class SlidePlan:
+    """Everything decided about a slide before its tiles are read.
+
+    ``tissue_idx`` indexes ``grid.coords``: the tissue tiles, ascending; ``reads`` reads them in
+    its own order, and :attr:`keep` is that order (how tiles are stored).
+    """
+
+    mpp: MppInfo
+    thumbnail: np.ndarray  # (h, w, 3) uint8
+    mask: TissueMask
+    grid: TileGrid
+    fractions: np.ndarray  # (len(grid.coords),) float32
+    tissue_idx: np.ndarray  # (N,) int64
+    level: int
+    level_mpps: list[float]
+    reads: ReadPlan | None
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.tissue_idx[self.reads.order] if self.reads is not None else self.tissue_idx
+
+
+def plan_slide(slide: SlideReader, params: TilingParams, mpp_override: float | None = None) -> SlidePlan:
+    """Resolve mpp, detect tissue on a thumbnail at about ``mask_mpp`` µm/px, lay the grid, pick the
+    tissue tiles and the pyramid level to read them from. Reads only the thumbnail."""
+    mpp = resolve_mpp(slide, mpp_override)
+    mpp0 = (mpp.x, mpp.y)
+    w0, h0 = slide.dimensions
+    thumb, tscale = read_thumbnail(slide, max(params.mask_mpp / min(mpp0), max(w0, h0) / _MAX_THUMB_PX, 1.0))
+    mask = detect_tissue(thumb, tscale, mpp0, params.tissue)
+    grid = tile_grid(slide.dimensions, mpp0, params.target_mpp, params.tile_size)
+    fractions = mask.tile_fractions(grid.coords, grid.footprint) if len(grid.coords) else np.zeros(0, np.float32)
+    tissue_idx = np.flatnonzero(fractions >= params.min_tissue)
+    level_mpps = [mpp.x * slide.level_scale(lv)[0] for lv in range(slide.level_count)]
+    level = pick_level(level_mpps, params.target_mpp)
+    reads = None
+    if len(tissue_idx):
+        reads = plan_reads(grid.coords[tissue_idx], grid.footprint, level, slide.level_scale(level), params.tile_size)
+    return SlidePlan(mpp, thumb, mask, grid, fractions, tissue_idx, level, level_mpps, reads)
+
+
 def _write_slide(
     slide: SlideReader,
     spec: SlideSpec,
@@ -157,43 +199,30 @@ def _write_slide(
     overlap: bool,
 ) -> dict:
     t = time.perf_counter()
-    mpp = resolve_mpp(slide, spec.mpp)
-    mpp0 = (mpp.x, mpp.y)
-    w0, h0 = slide.dimensions
-
-    # tissue on a thumbnail at about mask_mpp µm/px (at most _MAX_THUMB_PX on its long side)
-    max_scale = max(params.mask_mpp / min(mpp0), max(w0, h0) / _MAX_THUMB_PX, 1.0)
-    thumb, tscale = read_thumbnail(slide, max_scale)
-    mask = detect_tissue(thumb, tscale, mpp0, params.tissue)
+    p = plan_slide(slide, params, spec.mpp)
     timings["tissue_s"] = time.perf_counter() - t
-
-    grid = tile_grid(slide.dimensions, mpp0, params.target_mpp, params.tile_size)
-    _write_small(group, "thumbnail", thumb, {"scale": list(tscale)})
-    _write_small(group, "tissue_mask", mask.mask, {"scale": list(mask.scale)})
+    mpp, grid = p.mpp, p.grid
+    w0, h0 = slide.dimensions
+    _write_small(group, "thumbnail", p.thumbnail, {"scale": list(p.mask.scale)})
+    _write_small(group, "tissue_mask", p.mask.mask, {"scale": list(p.mask.scale)})
     if len(grid.coords) == 0:
         tile_um = params.tile_size * params.target_mpp
         raise _SlideFailure(
-            f"slide is smaller than one tile: {w0}x{h0} px = {w0 * mpp0[0]:.0f}x{h0 * mpp0[1]:.0f} µm, "
+            f"slide is smaller than one tile: {w0}x{h0} px = {w0 * mpp.x:.0f}x{h0 * mpp.y:.0f} µm, "
             f"a tile is {params.tile_size} px at {params.target_mpp} µm/px = {tile_um:g} µm"
         )
-    fractions = mask.tile_fractions(grid.coords, grid.footprint)
-    keep = np.flatnonzero(fractions >= params.min_tissue)
-    if len(keep) == 0:
+    if len(p.keep) == 0:
         raise _SlideFailure(
             f"no tissue tiles: none of the {len(grid.coords)} grid tiles has tissue fraction >= {params.min_tissue} "
-            f"(tissue covers {100 * mask.mask.mean():.1f}% of the thumbnail)"
+            f"(tissue covers {100 * p.mask.mask.mean():.1f}% of the thumbnail)"
         )
-
-    level_mpps = [mpp.x * slide.level_scale(lv)[0] for lv in range(slide.level_count)]
-    level = pick_level(level_mpps, params.target_mpp)
-    plan = plan_reads(grid.coords[keep], grid.footprint, level, slide.level_scale(level), params.tile_size)
-    order = keep[plan.order]
+    level, plan, order = p.level, p.reads, p.keep
     n = len(order)
     T = params.tile_size
 
     t = time.perf_counter()
     _write_small(group, "coords", grid.coords[order].astype(np.int64), {"units": "level-0 px, tile top-left (x, y)"})
-    _write_small(group, "tissue", fractions[order].astype(np.float32), {"units": "fraction of tile area"})
+    _write_small(group, "tissue", p.fractions[order].astype(np.float32), {"units": "fraction of tile area"})
     shard = min(params.shard_tiles, n)
     tiles = group.create_array(
         "tiles",
@@ -206,7 +235,7 @@ def _write_slide(
         config={"write_empty_chunks": True},
         **params.compression.codecs_for(),
     )
-    _pump_tiles(slide, grid.coords[keep], plan, tiles, shard, progress, overlap)
+    _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap)
     timings["tiles_s"] = time.perf_counter() - t
     level_scale = slide.level_scale(level)
     return {
@@ -222,7 +251,7 @@ def _write_slide(
         "footprint_px": list(grid.footprint),
         "level": level,
         "downsample": list(level_scale),
-        "level_mpp": level_mpps[level],
+        "level_mpp": p.level_mpps[level],
         "resampled": plan.resample,
         "min_tissue": params.min_tissue,
         "mask_mpp": params.mask_mpp,
