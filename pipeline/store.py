@@ -104,15 +104,11 @@ class StoreWriter:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / "zarr.json").exists():
-                root = zarr.open_group(self.path, mode="a")
-                root.attrs["hlss"] = {
-                    "schema_version": SCHEMA_VERSION,
-                    "created": _now(),
-                    "package_version": _package_version(),
-                }
+                hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
+                _ensure_group(self.path, {"hlss": hlss})
+            _ensure_group(self.path / "patients")
+            _ensure_group(self.path / STAGING)
             self.root = zarr.open_group(self.path, mode="a")
-            self.root.require_group("patients")
-            self.root.require_group(STAGING)
         except PermissionError as e:
             raise StoreError(f"{self.path}: cannot write the store here ({e.strerror})") from e
         except OSError as e:
@@ -146,11 +142,9 @@ class StoreWriter:
         doc = json.loads(meta.read_text())
         doc.get("attributes", {}).pop("owner", None)
         _atomic_write(meta, json.dumps(doc, indent=2))
-        patient = self.root["patients"].require_group(patient_id)
         known = {k: v for k, v in patient_attrs.items() if v is not None}
-        if known and any(patient.attrs.get(k) != v for k, v in known.items()):
-            patient.attrs.update(known)
-        patient.require_group("slides")
+        _ensure_group(self.path / "patients" / patient_id, known)
+        _ensure_group(self.path / "patients" / patient_id / "slides")
         target = self._slide_dir(patient_id, slide_id)
         old = None
         if target.exists():
@@ -207,6 +201,26 @@ def _pid_alive(pid: int, started: float) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def _ensure_group(path: Path, attrs: dict[str, Any] | None = None) -> None:
+    """Make ``path`` a Zarr v3 group holding at least ``attrs``, safely against other processes.
+
+    zarr's ``require_group`` checks, then creates, and fails when another process creates the group
+    in between; and it rewrites ``zarr.json`` in place, so a concurrent reader can see half a file.
+    Here ``zarr.json`` is only ever replaced whole (write a temporary file, rename over).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    meta = path / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except FileNotFoundError:
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+    current = doc.setdefault("attributes", {})
+    if meta.exists() and all(current.get(k) == v for k, v in (attrs or {}).items()):
+        return
+    current.update(attrs or {})
+    _atomic_write(meta, json.dumps(doc, indent=2))
 
 
 def _atomic_write(path: Path, text: str) -> None:

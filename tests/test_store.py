@@ -106,3 +106,30 @@ def test_owner_attrs_do_not_leak_into_committed_slides(tmp_path):
     write_slide(writer, "P", "S", 1)
     meta = json.loads((tmp_path / "s.zarr/patients/P/slides/S/zarr.json").read_text())
     assert "owner" not in meta["attributes"]
+
+
+def _commit_many(args):
+    store, k, n = args
+    writer = StoreWriter(store)
+    errors = []
+    for i in range(n):
+        staged = writer.stage()
+        staged.group.attrs.update(status="complete", n_tiles=0)
+        try:
+            writer.commit(staged, f"P{i}", f"S{k}_{i}", {"label": "x"})
+        except Exception as e:  # collected: the test shows them all
+            errors.append(f"{type(e).__name__}: {e}")
+    return errors
+
+
+def test_processes_committing_slides_of_the_same_patients_at_once(tmp_path):
+    import multiprocessing as mp
+
+    store = str(tmp_path / "s.zarr")
+    with mp.get_context("spawn").Pool(3) as pool:
+        errors = pool.map(_commit_many, [(store, k, 25) for k in range(3)])
+    assert errors == [[], [], []]
+    s = SlideStore(store)
+    assert len(s.patients()) == 25
+    assert all(s.slides(f"P{i}") == [f"S{k}_{i}" for k in range(3)] for i in range(25))
+    assert all(s.patient_attrs(f"P{i}")["label"] == "x" for i in range(25))
