@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mask-mpp", type=float, default=8.0, help="µm per px of the tissue mask (default 8)")
     t.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default="auto")
     t.add_argument("--compression", default=None, help="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
-    t.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
+    t.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes, one core each)")
+    t.add_argument("--threads", type=int, default=1,
+                   help="threads per worker; >1 reads ahead while writing (helps on network storage)")
     t.add_argument("--force", action="store_true", help="retile slides even when unchanged")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -96,7 +98,7 @@ def _tile(args) -> int:
     bars = _Bars(enabled=not args.no_progress)
     try:
         report = tile_cohort(
-            args.source, args.store, params, workers=args.workers, force=args.force,
+            args.source, args.store, params, workers=args.workers, threads=args.threads, force=args.force,
             on_plan=bars.start, on_slide=bars.slide, on_tiles=bars.tiles,
         )
     except (ManifestError, StoreError, ValueError) as e:

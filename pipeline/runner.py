@@ -98,8 +98,10 @@ def tile_cohort(
     """Tile every new or changed slide of ``source`` (folder or manifest) into ``store``.
 
     Raises ManifestError / StoreError for an unusable source or store (nothing is tiled then);
-    any problem with a single slide is in the report instead. ``threads`` per worker default to the
-    CPUs shared out between the workers (at least 1); with more than one, reading overlaps writing. ``on_plan(n)`` is called once with
+    any problem with a single slide is in the report instead. ``threads`` per worker (default 1):
+    with more than one, a thread reads the next tiles while the current shard is encoded and
+    written, which pays off where I/O waits dominate (network storage); on local disk it measured
+    slower (reads and writes share zarr's one event-loop thread and the GIL, benchmarks/README.md). ``on_plan(n)`` is called once with
     the number of slides to tile, ``on_slide`` per tiled slide, ``on_tiles``
     per written batch.
     """
@@ -107,7 +109,9 @@ def tile_cohort(
     params = params or TilingParams()
     if workers < 1:
         raise ValueError("workers must be at least 1")
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or 1
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
     cohort: Cohort = discover_cohort(source)
     writer = StoreWriter(store)
     writer.clean_staging()

@@ -112,7 +112,7 @@ def test_lower_pyramid_level_is_used_when_it_matches_the_target(make_slide, tmp_
 
 def test_bad_slides_fail_alone_with_specific_errors(make_slide, tmp_path):
     folder = tmp_path / "slides"
-    good = make_slide("good.svs", folder=folder)
+    make_slide("good.svs", folder=folder)
     (folder / "notaslide.svs").write_text("this is a text file, not a slide\n")
     (folder / "empty.tiff").write_bytes(b"")
     data = make_slide("truncated.svs", folder=tmp_path / "src", width=2048, height=2048).read_bytes()
