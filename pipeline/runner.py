@@ -20,7 +20,7 @@ from typing import Callable
 from .cohort import Cohort, SlideSpec, discover_cohort
 from .config import TilingParams
 from .store import StoreWriter
-from .tiler import SlideResult, needs_tiling, tile_slide
+from .tiler import SlideResult, needs_tiling, record_failure, tile_slide
 
 __all__ = ["TilingReport", "tile_cohort"]
 
@@ -170,10 +170,8 @@ def _run_pool(todo, store, params, workers, threads, on_slide, on_tiles) -> list
 
     for spec in run(todo, min(workers, len(todo))):
         if run([spec], 1):
-            finish(SlideResult(
-                spec.patient_id, spec.slide_id, str(spec.path), "failed",
-                error=f"{spec.path}: the worker process crashed while reading this slide; the file is probably corrupt",
-            ))
+            error = f"{spec.path}: the worker process crashed while reading this slide; the file is probably corrupt"
+            finish(record_failure(StoreWriter(store), spec, params, error))
     return results
 
 

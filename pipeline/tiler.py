@@ -26,7 +26,7 @@ from .store import StagedSlide, StoreWriter
 from .tiles import ReadPlan, iter_tile_blocks, plan_reads
 from .tissue import TissueMask, detect_tissue
 
-__all__ = ["SlideResult", "SlidePlan", "plan_slide", "tile_slide", "needs_tiling"]
+__all__ = ["SlideResult", "SlidePlan", "plan_slide", "tile_slide", "needs_tiling", "record_failure"]
 
 _MAX_THUMB_PX = 4096
 _QUEUE_BATCHES = 2
@@ -110,6 +110,13 @@ def tile_slide(
         writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
         return result
     _record_failure(writer, spec, params, result, staged, keep_staged)
+    return result
+
+
+def record_failure(writer: StoreWriter, spec: SlideSpec, params: TilingParams, error: str) -> SlideResult:
+    """Report a slide that failed outside :func:`tile_slide` (its worker died), and record it in the store."""
+    result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed", error=error)
+    _record_failure(writer, spec, params, result, None, False)
     return result
 
 
