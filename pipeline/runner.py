@@ -55,7 +55,7 @@ class TilingReport:
             f"{self.seconds:.1f} s, {rate:.0f} tiles/s; store: {self.store}",
         ]
         for r in done:
-            if r.warning and not r.warning.startswith("Traceback"):
+            if r.warning:
                 lines.append(f"  warning {r.slide_id}: {r.warning}")
         for r in failed:
             lines.append(f"  FAILED {r.slide_id or '?'} (patient {r.patient_id or '?'}): {r.error}")

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
@@ -27,6 +27,8 @@ from .tiles import ReadPlan, iter_tile_blocks, plan_reads
 from .tissue import TissueMask, detect_tissue
 
 __all__ = ["SlideResult", "SlidePlan", "plan_slide", "tile_slide", "needs_tiling", "record_failure"]
+
+log = logging.getLogger(__name__)
 
 _MAX_THUMB_PX = 4096
 _QUEUE_BATCHES = 2
@@ -102,7 +104,7 @@ def tile_slide(
         keep_staged = True
     except Exception as e:  # a decoder or I/O error deep in a backend: still this slide's problem only
         result.error = f"{spec.path}: {type(e).__name__}: {e}"
-        result.warning = traceback.format_exc(limit=3)
+        log.debug("tiling %s failed", spec.path, exc_info=True)
     result.seconds = time.perf_counter() - t0
     if result.status == "complete":
         attrs["timings"]["total_s"] = round(result.seconds, 3)

@@ -7,7 +7,9 @@ slide is decoded about once instead of up to four times by unaligned per-tile re
 When the chosen level's resolution equals the target (the tile's far edge off by at most half a
 pixel) the tiles are plain crops. Otherwise each tile is resampled from its exact, sub-pixel footprint with a
 Lanczos filter (antialiased when downsampling), so the tile covers exactly ``tile_size * target_mpp``
-µm whatever the scan resolution.
+µm whatever the scan resolution. Downsampling by f >= 2 first averages whole f x f pixel blocks of
+the block region (an area filter, PIL's ``reduce``), then applies Lanczos for the remaining
+fraction: about half the cost of a full Lanczos at 2x (a 0.25 µm/px scan read for 0.5 µm/px tiles).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .reader import SlideReader
 
 __all__ = ["ReadPlan", "plan_reads", "iter_tile_blocks"]
 
-_RESAMPLE_MARGIN = 3  # level px around a resampled tile for the Lanczos support
+_RESAMPLE_MARGIN = 3  # px around a resampled tile for the Lanczos support
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,19 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
             for k, (x, y) in enumerate(zip(ix - x0, iy - y0)):
                 out[k] = region[y : y + T, x : x + T]
         else:
-            x0 = max(0, int(math.floor(lx.min())) - _RESAMPLE_MARGIN)
-            y0 = max(0, int(math.floor(ly.min())) - _RESAMPLE_MARGIN)
-            x1 = min(lw, int(math.ceil(lx.max() + fw)) + _RESAMPLE_MARGIN)
-            y1 = min(lh, int(math.ceil(ly.max() + fh)) + _RESAMPLE_MARGIN)
+            # whole f x f blocks are averaged once per block (an exact area filter), then Lanczos
+            # takes each tile's exact sub-pixel box from the reduced image, with a margin for its support
+            f = max(1, int(min(fw, fh) // T))
+            margin = _RESAMPLE_MARGIN * f
+            x0 = max(0, int(math.floor(lx.min())) - margin)
+            y0 = max(0, int(math.floor(ly.min())) - margin)
+            x1 = min(lw, int(math.ceil(lx.max() + fw)) + margin)
+            y1 = min(lh, int(math.ceil(ly.max() + fh)) + margin)
             region = Image.fromarray(slide.read_level(plan.level, x0, y0, x1 - x0, y1 - y0))
+            if f > 1:
+                region = region.reduce(f)
+            rw, rh = region.size
             for k, (x, y) in enumerate(zip(lx - x0, ly - y0)):
-                box = (float(x), float(y), float(min(x + fw, x1 - x0)), float(min(y + fh, y1 - y0)))
-                out[k] = np.asarray(region.resize((T, T), Image.Resampling.LANCZOS, box=box))
+                box = (x / f, y / f, min((x + fw) / f, rw), min((y + fh) / f, rh))
+                out[k] = np.asarray(region.resize((T, T), Image.Resampling.LANCZOS, box=tuple(map(float, box))))
         yield idx, out

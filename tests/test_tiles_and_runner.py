@@ -46,10 +46,13 @@ def test_block_reads_equal_per_tile_reads(make_slide):
         assert seen == len(coords)
 
 
-def test_resampled_block_reads_equal_per_tile_resampling(make_slide):
-    path = make_slide("s.svs", width=3000, height=2500, mpp=0.3)
+@pytest.mark.parametrize("mpp, max_diff, mean_diff", [(0.3, 2, 0.5), (0.2465, 40, 3.0)])
+def test_resampled_block_reads_equal_per_tile_resampling(make_slide, mpp, max_diff, mean_diff):
+    # 0.3 µm/px: a plain Lanczos; 0.2465: 2x block averaging first, then Lanczos: another antialiasing
+    # filter than a full Lanczos, so close to it (about 0.5 grey levels on real H&E, 2 on the sharper synthetic)
+    path = make_slide("s.svs", width=3000, height=2500, mpp=mpp)
     with open_slide(path) as slide:
-        g = tile_grid(slide.dimensions, (0.3, 0.3), 0.5, 128)
+        g = tile_grid(slide.dimensions, (mpp, mpp), 0.5, 128)
         fx = g.footprint[0]
         coords = g.coords[1::4]
         plan = plan_reads(coords, g.footprint, 0, (1.0, 1.0), 128)
@@ -62,7 +65,7 @@ def test_resampled_block_reads_equal_per_tile_resampling(make_slide):
             ref = np.asarray(region.resize((128, 128), Image.Resampling.LANCZOS, box=(m, m, m + fx, m + fx)))
             got = tiles[list(idx).index(i)]
             diff = np.abs(ref.astype(int) - got.astype(int))
-            assert diff.max() <= 2 and diff.mean() < 0.5  # PIL's fixed-point weights shift with the box offset
+            assert diff.max() <= max_diff and diff.mean() < mean_diff  # PIL's fixed-point weights shift with the box offset
 
 
 def test_fingerprint_follows_content_not_mtime(tmp_path):

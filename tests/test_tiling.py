@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import zarr
 from PIL import Image
@@ -207,6 +209,13 @@ def test_openslide_fixture_files(openslide_fixtures, tmp_path):
     assert "no resolution" in errors["boxes"] or "smaller than one tile" in errors["boxes"]
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _hlss(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], start_new_session=True, **kw)
 
@@ -226,6 +235,11 @@ def test_kill_9_mid_slide_leaves_nothing_that_looks_complete(make_slide, tmp_pat
         pytest.fail("tiling never started writing tiles")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the worker is a grandchild: wait until the kernel has really ended it too
+    workers = [json.loads(p.read_text())["attributes"]["owner"]["pid"] for p in (store / "_staging").glob("*/zarr.json")]
+    deadline = time.time() + 30
+    while any(_running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
     # the store opens, and the slide is not there (neither complete nor half-written in place)
     store_obj = SlideStore(store)
     assert store_obj.patients() == [] or store_obj.slides("big", status=None) == []
