@@ -75,12 +75,12 @@ def tile_slide(
     params: TilingParams,
     *,
     progress: Callable[[int], None] | None = None,
-    overlap: bool = True,
+    overlap: bool = False,
 ) -> SlideResult:
     """Tile one slide into the store. See the module docstring for the failure contract.
 
-    ``overlap``: read the next tiles in a thread while the current shard is encoded and written
-    (uses about two cores); False does both in turn on one thread (one core per slide).
+    ``overlap``: read the next tiles in a thread while the current shard is encoded and written,
+    for storage whose latency dominates; on local disk it measured no faster (benchmarks/README.md).
     """
     t0 = time.perf_counter()
     result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed")
@@ -183,6 +183,8 @@ def plan_slide(slide: SlideReader, params: TilingParams, mpp_override: float | N
     """Resolve mpp, detect tissue on a thumbnail at about ``mask_mpp`` µm/px, lay the grid, pick the
     tissue tiles and the pyramid level to read them from. Reads only the thumbnail."""
     mpp = resolve_mpp(slide, mpp_override)
+    if mpp.warning:
+        log.warning("%s: %s", slide.path, mpp.warning)
     mpp0 = (mpp.x, mpp.y)
     w0, h0 = slide.dimensions
     thumb, tscale = read_thumbnail(slide, max(params.mask_mpp / min(mpp0), max(w0, h0) / _MAX_THUMB_PX, 1.0))
