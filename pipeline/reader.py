@@ -139,6 +139,8 @@ def open_slide(path: str | Path, reader: ReaderName = "auto") -> SlideReader:
     for name in order:
         try:
             slide = _OPENERS[name](path)
+        except SlideError:  # a definite diagnosis (e.g. truncated): no other backend will do better
+            raise
         except Exception as e:  # backends raise many types for unreadable files
             errors.append(f"{name}: {type(e).__name__}: {e}".strip())
             continue
@@ -169,7 +171,27 @@ def _open_tiffslide(path: Path) -> SlideReader:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         handle = tiffslide.TiffSlide(path)
+    try:
+        _check_not_truncated(path, handle.ts_tifffile)
+    except SlideError:
+        handle.close()
+        raise
     return TiffSlideReader(path, handle)
+
+
+def _check_not_truncated(path: Path, tif) -> None:
+    """A TIFF whose image data points past the end of the file was cut short (an interrupted copy)."""
+    size = path.stat().st_size
+    for series in tif.series[:1]:
+        for level, page in enumerate(lv.pages[0] if hasattr(lv, "pages") else lv for lv in series.levels):
+            offsets, counts = getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ())
+            end = max((o + c for o, c in zip(offsets, counts, strict=False)), default=0)
+            if end > size:
+                raise SlideError(
+                    path,
+                    f"truncated: level {level} needs {end:,} bytes but the file has {size:,}; "
+                    "copy or download it again",
+                )
 
 
 def _open_openslide(path: Path) -> SlideReader:

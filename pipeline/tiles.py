@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .reader import SlideReader
+from .reader import SlideError, SlideReader
 
 __all__ = ["ReadPlan", "plan_reads", "iter_tile_blocks"]
 
@@ -88,7 +88,7 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
             ix = np.minimum(np.round(lx).astype(np.int64), lw - T)
             iy = np.minimum(np.round(ly).astype(np.int64), lh - T)
             x0, y0 = int(ix.min()), int(iy.min())
-            region = slide.read_level(plan.level, x0, y0, int(ix.max()) + T - x0, int(iy.max()) + T - y0)
+            region = _read(slide, plan.level, x0, y0, int(ix.max()) + T - x0, int(iy.max()) + T - y0)
             for k, (x, y) in enumerate(zip(ix - x0, iy - y0)):
                 out[k] = region[y : y + T, x : x + T]
         else:
@@ -100,7 +100,7 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
             y0 = max(0, int(math.floor(ly.min())) - margin)
             x1 = min(lw, int(math.ceil(lx.max() + fw)) + margin)
             y1 = min(lh, int(math.ceil(ly.max() + fh)) + margin)
-            region = Image.fromarray(slide.read_level(plan.level, x0, y0, x1 - x0, y1 - y0))
+            region = Image.fromarray(_read(slide, plan.level, x0, y0, x1 - x0, y1 - y0))
             if f > 1:
                 region = region.reduce(f)
             rw, rh = region.size
@@ -108,3 +108,15 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
                 box = (x / f, y / f, min((x + fw) / f, rw), min((y + fh) / f, rh))
                 out[k] = np.asarray(region.resize((T, T), Image.Resampling.LANCZOS, box=tuple(map(float, box))))
         yield idx, out
+
+
+def _read(slide: SlideReader, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """``read_level`` with an error that says where the slide could not be decoded."""
+    try:
+        return slide.read_level(level, x, y, w, h)
+    except Exception as e:  # decoders raise many types; the slide, not the run, has failed
+        raise SlideError(
+            slide.path,
+            f"cannot decode level {level} at ({x}, {y}) size {w}x{h} ({type(e).__name__}: {e}); "
+            "the file may be truncated or corrupt",
+        ) from e

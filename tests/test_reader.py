@@ -114,3 +114,11 @@ def test_thumbnail_is_an_area_average_stitched_from_blocks(make_slide):
         f = int(round(cscale[0]))
         ref = level0[: coarse.shape[0] * f, : coarse.shape[1] * f].reshape(coarse.shape[0], f, coarse.shape[1], f, 3).mean(axis=(1, 3))
         assert np.abs(ref - coarse).mean() < 6  # level 1 is a JPEG of its own, not bit-equal to level 0
+
+
+def test_truncated_tiff_is_diagnosed_as_truncated(make_slide, tmp_path):
+    data = make_slide("s.svs", width=2048, height=2048).read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideError, match=r"truncated: level 0 needs [\d,]+ bytes but the file has [\d,]+"):
+        open_slide(cut)
