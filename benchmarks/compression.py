@@ -97,32 +97,20 @@ def tiles_from_slide(path: Path, n: int, size: int, seed: int = 0) -> np.ndarray
 
 
 def synthetic_he_tiles(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
-    """H&E-looking tiles: smooth pink stroma with soft purple nuclei and mild noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    white = np.array([240, 235, 240], np.float32)
-    eosin = np.array([225, 140, 190], np.float32)
-    hema = np.array([95, 60, 150], np.float32)
+    """Tissue tiles cut from the project's synthetic H&E renderer (all four structure classes)."""
+    from pipeline.synthetic import HETissueRenderer
+
     out = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        field = np.zeros((size, size), np.float32)
-        for _ in range(4):
-            fx, fy = rng.uniform(-0.06, 0.06, 2)
-            field += rng.uniform(0.5, 1.0) * np.sin(fx * xx + fy * yy + rng.uniform(0, 6.3))
-        density = 0.35 + 0.25 * (field - field.min()) / max(float(np.ptp(field)), 1e-6)
-        img = white * (1 - density[..., None]) + eosin * density[..., None]
-        for _ in range(int(rng.integers(15, 45))):
-            cy, cx = rng.uniform(0, size, 2)
-            r = rng.uniform(3.5, 8.0)
-            y0, y1 = max(int(cy - r - 3), 0), min(int(cy + r + 3), size)
-            x0, x1 = max(int(cx - r - 3), 0), min(int(cx + r + 3), size)
-            if y0 >= y1 or x0 >= x1:
-                continue
-            dist = np.hypot(yy[y0:y1, x0:x1] - cy, (xx[y0:y1, x0:x1] - cx) * rng.uniform(0.7, 1.3))
-            alpha = np.clip((r - dist) / 1.5, 0, 1)[..., None] * rng.uniform(0.6, 0.95)
-            img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + hema * alpha
-        img += rng.normal(0, 2.0, img.shape).astype(np.float32)
-        out[i] = np.clip(img, 0, 255).astype(np.uint8)
+    side = 16 * size
+    renderers = [HETissueRenderer(side, side, tissue_class=c, stain_seed=seed + c, seed=seed) for c in range(4)]
+    rng = np.random.default_rng(seed)
+    filled = 0
+    while filled < n:
+        r = renderers[filled % 4]
+        x, y = (int(v) for v in rng.integers(0, side - size, 2))
+        if r.tissue_mask(x, y, size, size).mean() >= 0.5:
+            out[filled] = r.region(x, y, size, size)
+            filled += 1
     return out
 
 
