@@ -146,13 +146,23 @@ class StoreWriter:
         _ensure_group(self.path / "patients" / patient_id, known)
         _ensure_group(self.path / "patients" / patient_id / "slides")
         target = self._slide_dir(patient_id, slide_id)
-        old = None
-        if target.exists():
-            old = self.path / STAGING / f"replaced-{staged.token}"
-            os.replace(target, old)
-        os.replace(staged.path, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for attempt in range(5):
+            # move any current version aside, then move the new one in; another writer of the same
+            # slide may do the same in between, so either step can find the place changed
+            old: Path | None = self.path / STAGING / f"replaced-{staged.token}-{attempt}"
+            try:
+                os.replace(target, old)
+            except FileNotFoundError:
+                old = None
+            try:
+                os.replace(staged.path, target)
+                return
+            except OSError:
+                if attempt == 4:
+                    raise
+            finally:
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def discard(self, staged: StagedSlide) -> None:
         shutil.rmtree(staged.path, ignore_errors=True)

@@ -133,3 +133,25 @@ def test_processes_committing_slides_of_the_same_patients_at_once(tmp_path):
     assert len(s.patients()) == 25
     assert all(s.slides(f"P{i}") == [f"S{k}_{i}" for k in range(3)] for i in range(25))
     assert all(s.patient_attrs(f"P{i}")["label"] == "x" for i in range(25))
+
+
+def _commit_same(args):
+    store, k = args
+    writer = StoreWriter(store)
+    for i in range(15):
+        staged = writer.stage()
+        staged.group.create_array("tiles", shape=(1, 8, 8, 3), dtype="uint8")[:] = k
+        staged.group.attrs.update(status="complete", n_tiles=1, writer=k)
+        writer.commit(staged, "P", "S", {})
+
+
+def test_processes_committing_the_same_slide_leave_one_whole_version(tmp_path):
+    import multiprocessing as mp
+
+    store = str(tmp_path / "s.zarr")
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_commit_same, [(store, 1), (store, 2)])
+    s = SlideStore(store)
+    k = s.slide_attrs("P", "S")["writer"]
+    assert s.tiles("P", "S")[0].max() == k  # attrs and arrays of the same writer
+    assert [p.name for p in (tmp_path / "s.zarr" / STAGING).iterdir()] == ["zarr.json"]
