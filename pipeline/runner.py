@@ -72,8 +72,10 @@ def _init_worker(q: "mp.Queue", threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import zarr
 
-    # zarr runs codecs (JPEG/Blosc encode, and tiffslide's JPEG decode) in this many threads
-    zarr.config.set({"threading.max_workers": threads})
+    # A worker uses `threads` cores. zarr runs codecs (JPEG/Blosc, and tiffslide's JPEG decoding) in
+    # a thread pool beside its event-loop thread; with several chunks in flight the two overlap, so
+    # one "single-threaded" worker kept 1.15-1.2 cores busy. One chunk at a time keeps it to one.
+    zarr.config.set({"threading.max_workers": threads, "async.concurrency": 1 if threads == 1 else 10})
 
 
 def _run_one(spec: SlideSpec, store: str, params: TilingParams) -> SlideResult:
@@ -98,10 +100,10 @@ def tile_cohort(
     """Tile every new or changed slide of ``source`` (folder or manifest) into ``store``.
 
     Raises ManifestError / StoreError for an unusable source or store (nothing is tiled then);
-    any problem with a single slide is in the report instead. ``threads`` per worker (default 1):
-    with more than one, a thread reads the next tiles while the current shard is encoded and
-    written, which pays off where I/O waits dominate (network storage); on local disk it measured
-    slower (reads and writes share zarr's one event-loop thread and the GIL, benchmarks/README.md). ``on_plan(n)`` is called once with
+    any problem with a single slide is in the report instead. Each worker uses ``threads`` cores
+    (default 1), so ``workers * threads`` should not exceed the cores at hand. With more than one
+    thread, zarr encodes several chunks at once and a thread reads the next tiles while the current
+    shard is written: about 1.2x faster for a single slide on local disk (benchmarks/README.md). ``on_plan(n)`` is called once with
     the number of slides to tile, ``on_slide`` per tiled slide, ``on_tiles``
     per written batch.
     """

@@ -79,8 +79,8 @@ def tile_slide(
 ) -> SlideResult:
     """Tile one slide into the store. See the module docstring for the failure contract.
 
-    ``overlap``: read the next tiles in a thread while the current shard is encoded and written,
-    for storage whose latency dominates; on local disk it measured no faster (benchmarks/README.md).
+    ``overlap``: read the next tiles in a thread while the current shard is encoded and written
+    (the runner turns it on for workers with more than one thread).
     """
     t0 = time.perf_counter()
     result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed")

@@ -9,7 +9,8 @@ pixel) the tiles are plain crops. Otherwise each tile is resampled from its exac
 Lanczos filter (antialiased when downsampling), so the tile covers exactly ``tile_size * target_mpp``
 µm whatever the scan resolution. Downsampling by f >= 2 first averages whole f x f pixel blocks of
 the block region (an area filter, PIL's ``reduce``), then applies Lanczos for the remaining
-fraction: about half the cost of a full Lanczos at 2x (a 0.25 µm/px scan read for 0.5 µm/px tiles).
+fraction: about half the cost of a full Lanczos at 2x. Where nothing remains (a 0.25 µm/px scan
+read for 0.5 µm/px tiles: f = 2 exactly, tiles on the block grid) the averaged pixels are the tile.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
             # whole f x f blocks are averaged once per block (an exact area filter), then Lanczos
             # takes each tile's exact sub-pixel box from the reduced image, with a margin for its support
             f = max(1, int(min(fw, fh) // T))
-            margin = _RESAMPLE_MARGIN * f
+            exact = abs(fw / f - T) < 1e-6 and abs(fh / f - T) < 1e-6  # e.g. 0.25 -> 0.5 µm/px: f = 2, no remainder
+            # no filter support needed when averaging is all there is: a margin would decode a
+            # whole extra row and column of the slide's JPEG tiles for a few pixels
+            margin = 0 if exact else _RESAMPLE_MARGIN * f
             x0 = max(0, int(math.floor(lx.min())) - margin)
             y0 = max(0, int(math.floor(ly.min())) - margin)
             x1 = min(lw, int(math.ceil(lx.max() + fw)) + margin)
@@ -104,8 +108,13 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
             if f > 1:
                 region = region.reduce(f)
             rw, rh = region.size
+            pixels = np.asarray(region)
             for k, (x, y) in enumerate(zip(lx - x0, ly - y0)):
-                box = (x / f, y / f, min((x + fw) / f, rw), min((y + fh) / f, rh))
+                bx, by = x / f, y / f
+                if exact and abs(bx - round(bx)) < 1e-6 and abs(by - round(by)) < 1e-6:
+                    out[k] = pixels[round(by) : round(by) + T, round(bx) : round(bx) + T]  # the average is the tile
+                    continue
+                box = (bx, by, min(bx + fw / f, rw), min(by + fh / f, rh))
                 out[k] = np.asarray(region.resize((T, T), Image.Resampling.LANCZOS, box=tuple(map(float, box))))
         yield idx, out
 

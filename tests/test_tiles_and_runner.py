@@ -126,3 +126,18 @@ def test_a_worker_that_crashes_costs_only_its_slide(make_slide, tmp_path, monkey
     assert "worker process crashed" in crash.error and "crash.svs" in crash.error
     attrs = SlideStore(tmp_path / "s.zarr").slide_attrs("crash", "crash")
     assert attrs["status"] == "failed" and "worker process crashed" in attrs["error"]
+
+
+def test_exact_2x_downsampling_is_an_area_average(make_slide):
+    path = make_slide("s.svs", width=3000, height=2500, mpp=0.25)
+    with open_slide(path) as slide:
+        g = tile_grid(slide.dimensions, (0.25, 0.25), 0.5, 128)
+        coords = g.coords[::5]
+        plan = plan_reads(coords, g.footprint, 0, (1.0, 1.0), 128)
+        assert plan.resample and plan.footprint == (256.0, 256.0)
+        for idx, tiles in iter_tile_blocks(slide, coords, plan):
+            for i, tile in zip(idx[:3], tiles[:3], strict=True):
+                x, y = (int(v) for v in coords[i])
+                region = slide.read_region((x, y), 0, (256, 256)).astype(np.float64)
+                ref = region.reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
+                assert np.abs(ref - tile).max() <= 1.0  # PIL rounds the mean
