@@ -124,8 +124,7 @@ def tile_cohort(
         )
     todo: list[SlideSpec] = []
     for spec in cohort.slides:
-        needed, _ = needs_tiling(writer, spec, params)
-        if needed or force:
+        if force or needs_tiling(writer, spec, params):
             todo.append(spec)
         else:
             report.results.append(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "skipped"))

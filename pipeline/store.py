@@ -108,7 +108,6 @@ class StoreWriter:
                 _ensure_group(self.path, {"hlss": hlss})
             _ensure_group(self.path / "patients")
             _ensure_group(self.path / STAGING)
-            self.root = zarr.open_group(self.path, mode="a")
         except PermissionError as e:
             raise StoreError(f"{self.path}: cannot write the store here ({e.strerror})") from e
         except OSError as e:

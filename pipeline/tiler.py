@@ -50,15 +50,12 @@ class _SlideFailure(Exception):
     """A problem with this slide's content (no tissue, too small): recorded, not a crash."""
 
 
-def needs_tiling(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> tuple[bool, dict | None]:
-    """Whether the slide must be (re)tiled: not complete, or its source or parameters changed.
-
-    Returns ``(needed, source_info)``; source_info is None when the file cannot be read.
-    """
+def needs_tiling(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> bool:
+    """Whether the slide must be (re)tiled: not complete, unreadable, or its source or parameters changed."""
     try:
         src = source_info(spec.path)
     except OSError:
-        return True, None
+        return True
     attrs = writer.slide_attrs(spec.patient_id, spec.slide_id)
     done = (
         attrs is not None
@@ -66,7 +63,7 @@ def needs_tiling(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> 
         and same_source(attrs.get("source"), src)
         and attrs.get("params_hash") == params.params_hash(spec.mpp)
     )
-    return not done, src
+    return not done
 
 
 def tile_slide(

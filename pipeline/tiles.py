@@ -80,6 +80,13 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
     fw, fh = plan.footprint
     T = plan.tile_size
     lw, lh = slide.level_dimensions[plan.level]
+    # resampling: whole f x f blocks are averaged once per block region (an exact area filter), then
+    # Lanczos takes each tile's sub-pixel box from the reduced image, with a margin for its support
+    f = max(1, int(min(fw, fh) // T))
+    exact = abs(fw / f - T) < 1e-6 and abs(fh / f - T) < 1e-6  # e.g. 0.25 -> 0.5 µm/px: f = 2, no remainder
+    # no filter support needed when averaging is all there is: a margin would decode a whole extra
+    # row and column of the slide's JPEG tiles for a few pixels
+    margin = 0 if exact else _RESAMPLE_MARGIN * f
     for start, stop in plan.blocks:
         idx = plan.order[start:stop]
         lx = coords[idx, 0] / lsx
@@ -93,13 +100,6 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
             for k, (x, y) in enumerate(zip(ix - x0, iy - y0)):
                 out[k] = region[y : y + T, x : x + T]
         else:
-            # whole f x f blocks are averaged once per block (an exact area filter), then Lanczos
-            # takes each tile's exact sub-pixel box from the reduced image, with a margin for its support
-            f = max(1, int(min(fw, fh) // T))
-            exact = abs(fw / f - T) < 1e-6 and abs(fh / f - T) < 1e-6  # e.g. 0.25 -> 0.5 µm/px: f = 2, no remainder
-            # no filter support needed when averaging is all there is: a margin would decode a
-            # whole extra row and column of the slide's JPEG tiles for a few pixels
-            margin = 0 if exact else _RESAMPLE_MARGIN * f
             x0 = max(0, int(math.floor(lx.min())) - margin)
             y0 = max(0, int(math.floor(ly.min())) - margin)
             x1 = min(lw, int(math.ceil(lx.max() + fw)) + margin)
