@@ -49,6 +49,45 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="patients, slides, tiles, failures and parameters of a store")
     i.add_argument("store", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    r = sub.add_parser("train", help="HLSS (or HiDisc) pretraining on the store's training patients")
+    r.add_argument("--store", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, final weights)")
+    r.add_argument("--config", type=Path, help="YAML training config (see hlss_model/config.py)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    r.add_argument("--steps", type=int, help="override the config's steps")
+    r.add_argument("--method", choices=("hlss", "hidisc"), help="override the config's method")
+    r.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:N)")
+    r.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("extract", help="write per-tile features features/<NAME> (N, D) for every slide")
+    e.add_argument("--store", type=Path, required=True)
+    e.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="RUN",
+                   help="a training run folder (repeatable)")
+    e.add_argument("--encoder", action="append", default=[], metavar="timm:NAME[:WEIGHTS]",
+                   help="a timm model, optionally with a local weights file (repeatable)")
+    e.add_argument("--name", action="append", default=[],
+                   help="feature name per encoder, in order (--checkpoint ones first); default from the model")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    e.add_argument("--force", action="store_true", help="recompute finished features")
+    e.add_argument("--no-progress", action="store_true")
+
+    k = sub.add_parser("knn", help="kNN accuracy and MCA at tile, slide and patient level")
+    k.add_argument("--store", type=Path, required=True)
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", help="a stored feature name")
+    src.add_argument("--checkpoint", type=Path, metavar="RUN", help="a training run (uses the run's split)")
+    src.add_argument("--encoder", metavar="timm:NAME[:WEIGHTS]", help="a timm model (e.g. a baseline)")
+    k.add_argument("--initial", action="store_true",
+                   help="with --checkpoint: the run's encoder before training (its baseline)")
+    k.add_argument("--k", type=int, default=200)
+    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--max-tiles-per-slide", type=int, help="seeded subsample of larger slides")
+    k.add_argument("--device", default="auto")
+    k.add_argument("--seed", type=int, default=0, help="seed of the patient split when the manifest has none")
+    k.add_argument("--json", type=Path, help="also write the report as JSON here")
     return p
 
 
@@ -171,7 +210,117 @@ def _info(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info}
+def _train(args) -> int:
+    from hlss_model.config import ConfigError, TrainConfig
+    from hlss_model.train import train
+
+    try:
+        cfg = TrainConfig.from_yaml(args.config) if args.config else (None if args.resume else TrainConfig())
+        overrides = {k: v for k, v in (("steps", args.steps), ("method", args.method), ("device", args.device))
+                     if v is not None}
+        if overrides:
+            if cfg is None:
+                raise ConfigError("--resume uses the run's saved config; drop --steps/--method/--device")
+            cfg = cfg.replace(**overrides)
+        result = train(args.store, args.out, cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        raise _UsageError(str(e)) from e
+    print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
+          f"{result.images_per_s:.1f} images/s; run: {result.out}")
+    return EXIT_OK
+
+
+def _encoders(args) -> list:
+    from hlss_model.runs import run_encoder
+
+    from .encoders import timm_encoder
+
+    specs = [("run", str(c)) for c in args.checkpoint] + [("timm", e) for e in args.encoder]
+    if not specs:
+        raise _UsageError("give --checkpoint RUN or --encoder timm:NAME (each may repeat)")
+    names = list(getattr(args, "name", None) or [])
+    if len(names) > len(specs):
+        raise _UsageError(f"{len(names)} --name for {len(specs)} encoders")
+    out = []
+    for i, (kind, spec) in enumerate(specs):
+        name = names[i] if i < len(names) else None
+        try:
+            if kind == "run":
+                out.append(run_encoder(spec, name))
+                continue
+            prefix, _, rest = spec.partition(":")
+            if prefix != "timm" or not rest:
+                raise _UsageError(f"--encoder {spec!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
+            model, _, weights = rest.partition(":")
+            if weights and not Path(weights).is_file():
+                raise _UsageError(f"--encoder {spec!r}: weights file {weights} not found")
+            out.append(timm_encoder(model, weights or None, name))
+        except (FileNotFoundError, ValueError) as e:
+            raise _UsageError(str(e)) from e
+    return out
+
+
+def _extract(args) -> int:
+    from .features import extract_features
+    from .store import StoreError
+
+    encoders = _encoders(args)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="tiles", unit="tile", file=sys.stderr)
+    try:
+        report = extract_features(args.store, encoders, batch_size=args.batch_size, device=args.device,
+                                  dtype=args.dtype, force=args.force, on_tiles=bar.update if bar else None)
+    except (StoreError, ValueError) as e:
+        raise _UsageError(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.close()
+    names = ", ".join(f"{e.name} ({e.dim}-d)" for e in encoders)
+    print(f"features {names}: {len(report.extracted)} slides extracted, {len(report.skipped)} already done, "
+          f"{len(report.failed)} failed; {report.tiles} tiles in {report.seconds:.1f} s "
+          f"({report.tiles_per_s:.1f} tiles/s)")
+    for p, s, err in report.failed:
+        print(f"  FAILED {p}/{s}: {err}")
+    return report.exit_code
+
+
+def _knn(args) -> int:
+    from hlss_model.evaluate import knn_from_store
+
+    from .store import StoreError
+
+    encoder, split = None, None
+    if args.checkpoint is not None:
+        from hlss_model.runs import read_run, run_encoder
+
+        try:
+            encoder = run_encoder(args.checkpoint, initial=args.initial)
+            split = read_run(args.checkpoint)["split"]
+        except (FileNotFoundError, KeyError) as e:
+            raise _UsageError(str(e)) from e
+    elif args.initial:
+        raise _UsageError("--initial needs --checkpoint")
+    elif args.encoder is not None:
+        args.checkpoint, args.name = [], []
+        args.encoder = [args.encoder]
+        encoder = _encoders(args)[0]
+    try:
+        report = knn_from_store(args.store, features=args.features, encoder=encoder, split=split, k=args.k,
+                                temperature=args.temperature, max_tiles_per_slide=args.max_tiles_per_slide,
+                                device=args.device, seed=args.seed)
+    except (StoreError, KeyError, ValueError) as e:
+        raise _UsageError(str(e)) from e
+    print(report.table())
+    if args.json is not None:
+        args.json.write_text(report.to_json(indent=2))
+    return EXIT_OK
+
+
+_COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train": _train, "extract": _extract,
+             "knn": _knn}
 
 if __name__ == "__main__":
     sys.exit(main())

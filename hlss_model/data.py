@@ -1,0 +1,241 @@
+"""Hierarchical patient -> slide -> tile sampling straight from the cohort store.
+
+One item is one patient: S of its slides (a one-slide patient repeats its slide), T tiles of each
+slide (without replacement where the slide has enough), V augmented views of each tile. A batch of
+B patients is ``images [B, S, T, V, 3, H, W] float32`` plus the ids that say which rows share a
+patient, a slide or a tile. Only the store's ``tiles`` arrays are read; no slide file is opened.
+
+Every draw is a pure function of ``(seed, step, slot)``, so a run resumed at step k sees exactly
+the batches an uninterrupted run would, whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.store import SlideStore
+
+from .augment import AugmentParams, HEAugment
+
+__all__ = ["CohortIndex", "PatientDataset", "HierarchicalBatchSampler", "make_loader", "collate_patients"]
+
+
+@dataclass(frozen=True)
+class CohortIndex:
+    """Complete slides of a store, grouped by patient (attributes only; no tile is read).
+
+    ``slide_keys[g]`` is ``(patient_id, slide_id)`` of global slide number ``g``; ``patient_slides[i]``
+    lists the global slide numbers of patient ``i``; ``labels[i]`` is the patient's class index or -1.
+    """
+
+    store_path: str
+    patient_ids: tuple[str, ...]
+    patient_slides: tuple[tuple[int, ...], ...]
+    slide_keys: tuple[tuple[str, str], ...]
+    slide_tiles: tuple[int, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+    splits: tuple[str | None, ...]
+
+    @classmethod
+    def from_store(cls, store: str | Path | SlideStore, patients: list[str] | None = None) -> "CohortIndex":
+        """Index the complete slides with at least one tile; ``patients`` restricts to those ids."""
+        store = store if isinstance(store, SlideStore) else SlideStore(store)
+        wanted = None if patients is None else set(patients)
+        pids, pslides, keys, ntiles, raw_labels, splits = [], [], [], [], [], []
+        for p in store.patients():
+            if wanted is not None and p not in wanted:
+                continue
+            own = []
+            for s in store.slides(p):
+                n = int(store.slide_attrs(p, s).get("n_tiles", 0))
+                if n > 0:
+                    own.append(len(keys))
+                    keys.append((p, s))
+                    ntiles.append(n)
+            if own:
+                attrs = store.patient_attrs(p)
+                pids.append(p)
+                pslides.append(tuple(own))
+                raw_labels.append(attrs.get("label"))
+                splits.append(attrs.get("split"))
+        if not pids:
+            raise ValueError(f"{store.path}: no complete slide with tiles to sample from")
+        class_names = tuple(sorted({str(x) for x in raw_labels if x not in (None, "")}))
+        labels = tuple(class_names.index(str(x)) if x not in (None, "") else -1 for x in raw_labels)
+        return cls(str(store.path), tuple(pids), tuple(pslides), tuple(keys), tuple(ntiles), labels,
+                   class_names, tuple(splits))
+
+    @property
+    def n_patients(self) -> int:
+        return len(self.patient_ids)
+
+    def subset(self, patients: list[str]) -> "CohortIndex":
+        """The same store restricted to ``patients`` (e.g. the training split)."""
+        keep = [i for i, p in enumerate(self.patient_ids) if p in set(patients)]
+        if not keep:
+            raise ValueError("subset: none of the given patients is in the index")
+        old_to_new: dict[int, int] = {}
+        keys, ntiles, pslides = [], [], []
+        for i in keep:
+            own = []
+            for g in self.patient_slides[i]:
+                old_to_new[g] = len(keys)
+                own.append(len(keys))
+                keys.append(self.slide_keys[g])
+                ntiles.append(self.slide_tiles[g])
+            pslides.append(tuple(own))
+        return CohortIndex(self.store_path, tuple(self.patient_ids[i] for i in keep), tuple(pslides), tuple(keys),
+                           tuple(ntiles), tuple(self.labels[i] for i in keep), self.class_names,
+                           tuple(self.splits[i] for i in keep))
+
+
+def draw_patient(index: CohortIndex, patient: int, slides: int, tiles: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Global slide numbers ``(S,)`` and tile rows ``(S, T)`` for one patient.
+
+    Slides are drawn without replacement while the patient has enough, then cycled; tiles likewise
+    within each slide (a repeated slide gets fresh tiles where it has them).
+    """
+    own = np.asarray(index.patient_slides[patient])
+    order = rng.permutation(len(own))
+    chosen = own[np.resize(order, slides)]
+    rows = np.empty((slides, tiles), dtype=np.int64)
+    used: dict[int, list[int]] = {}
+    for i, g in enumerate(chosen):
+        n = index.slide_tiles[g]
+        pool = used.setdefault(int(g), list(rng.permutation(n)))
+        if len(pool) < tiles:
+            pool.extend(rng.permutation(n))
+        rows[i] = pool[:tiles]
+        del pool[:tiles]
+    return chosen, rows
+
+
+class PatientDataset(Dataset):
+    """Maps ``(patient, item_seed)`` to one patient item.
+
+    Returns a dict: ``images (S, T, V, 3, H, W) float32``, ``patient ()`` int64, ``slides (S,)``
+    global slide numbers, ``tiles (S, T)`` tile keys unique across the cohort, ``label ()``.
+    """
+
+    def __init__(self, index: CohortIndex, slides: int, tiles: int, views: int, augment: AugmentParams) -> None:
+        self.index, self.slides, self.tiles, self.views = index, slides, tiles, views
+        self.augment = HEAugment(augment)
+        self._store: SlideStore | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.index.n_patients
+
+    def _open(self) -> SlideStore:
+        # Each DataLoader worker opens the store itself; zarr handles do not cross fork/spawn.
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = SlideStore(self.index.store_path), os.getpid()
+        return self._store
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        patient, item_seed = key
+        rng = np.random.default_rng(item_seed)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        slides, rows = draw_patient(self.index, patient, self.slides, self.tiles, rng)
+        store = self._open()
+        views = []
+        for g, slide_rows in zip(slides, rows):
+            arr = store.tiles(*self.index.slide_keys[g])
+            order = np.argsort(slide_rows)
+            block = arr.get_orthogonal_selection((slide_rows[order],))[np.argsort(order)]
+            for tile in block:
+                views.append(torch.stack([self.augment(tile, gen) for _ in range(self.views)]))
+        images = torch.stack(views).reshape(self.slides, self.tiles, self.views, *views[0].shape[1:])
+        return {
+            "images": images,
+            "patient": torch.tensor(patient, dtype=torch.int64),
+            "slides": torch.as_tensor(slides, dtype=torch.int64),
+            "tiles": torch.as_tensor(slides[:, None] * (1 << 32) + rows, dtype=torch.int64),
+            "label": torch.tensor(self.index.labels[patient], dtype=torch.int64),
+        }
+
+
+class HierarchicalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless batches of ``(patient, item_seed)``, a pure function of ``(seed, step)``.
+
+    Plain: every patient once per epoch in a seeded order (the last partial batch of an epoch is
+    dropped). Balanced: each slot draws a class uniformly, then a patient of that class, distinct
+    within the batch where the class has enough. With DDP each rank takes slots ``rank::world``.
+    """
+
+    def __init__(self, labels: tuple[int, ...], batch_size: int, seed: int = 0, balanced: bool = False,
+                 start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        n = len(labels)
+        if batch_size > n:
+            raise ValueError(f"batch of {batch_size} patients but the cohort has {n}: "
+                             "lower sampler.batch_size (patient-level contrast needs distinct patients)")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} processes")
+        self.labels = np.asarray(labels)
+        if balanced and (self.labels < 0).any():
+            raise ValueError("balanced sampling needs a label for every patient")
+        self.batch_size, self.seed, self.balanced = batch_size, seed, balanced
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.steps_per_epoch = n // batch_size
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        """The whole (all ranks) batch of ``step``."""
+        if self.balanced:
+            patients = self._balanced(step)
+        else:
+            epoch, j = divmod(step, self.steps_per_epoch)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
+            patients = perm[j * self.batch_size:(j + 1) * self.batch_size]
+        return [(int(p), int(np.random.default_rng([self.seed, step, slot]).integers(2**62)))
+                for slot, p in enumerate(patients)]
+
+    def _balanced(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, 1 << 20])
+        classes = np.unique(self.labels)
+        picks: list[int] = []
+        for c in rng.choice(classes, size=self.batch_size):
+            members = np.flatnonzero(self.labels == c)
+            fresh = np.setdiff1d(members, picks)
+            picks.append(int(rng.choice(fresh if len(fresh) else members)))
+        return np.asarray(picks)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            yield self.batch(step)[self.rank::self.world_size]
+            step += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for progress estimates
+        return 2**31 - 1
+
+
+def collate_patients(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack patient items: ``images [B, S, T, V, 3, H, W]``, ``patient [B]``, ``slides [B, S]``,
+    ``tiles [B, S, T]``, ``label [B]``."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def make_loader(index: CohortIndex, slides: int, tiles: int, views: int, augment: AugmentParams, batch_size: int,
+                seed: int = 0, balanced: bool = False, start_step: int = 0, num_workers: int = 2,
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """An endless DataLoader of hierarchical batches starting at ``start_step``."""
+    sampler = HierarchicalBatchSampler(index.labels, batch_size, seed, balanced, start_step, rank, world_size)
+    return DataLoader(
+        PatientDataset(index, slides, tiles, views, augment),
+        batch_sampler=sampler,
+        collate_fn=collate_patients,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=pin_memory,
+        multiprocessing_context="spawn" if num_workers > 0 else None,
+    )

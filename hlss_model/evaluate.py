@@ -1,0 +1,84 @@
+"""kNN evaluation of a store's tiles: from stored features or from an encoder run on the fly.
+
+The train/held-out split is by patient: the run's own split when a run is evaluated (so held-out
+patients were never trained on), else the manifest's ``split`` column, else a seeded split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.encoders import Encoder
+from pipeline.features import embed_tiles
+from pipeline.store import SlideStore
+
+from .knn import FeatureTable, KnnReport, knn_evaluate, split_patients
+
+__all__ = ["knn_from_store", "store_split"]
+
+
+def store_split(store: SlideStore, seed: int = 0) -> dict[str, str]:
+    """Patient -> "train" | "test" from the store's patient attributes (manifest split, else seeded)."""
+    labels, splits = {}, {}
+    for p in store.patients():
+        a = store.patient_attrs(p)
+        if store.slides(p):
+            labels[p] = a.get("label") or ""
+            splits[p] = a.get("split")
+    return split_patients(labels, splits, seed=seed)
+
+
+def knn_from_store(store: str | Path, features: str | None = None, encoder: Encoder | None = None,
+                   split: dict[str, str] | None = None, k: int = 200, temperature: float = 0.07,
+                   max_tiles_per_slide: int | None = None, batch_size: int = 128, device: str = "auto",
+                   seed: int = 0) -> KnnReport:
+    """Tile, slide and patient kNN accuracy and MCA over the labelled patients of ``store``.
+
+    Exactly one of ``features`` (a stored feature name) or ``encoder`` is given. ``split`` maps
+    patient -> "train" | "test"; None derives it with :func:`store_split`.
+    """
+    if (features is None) == (encoder is None):
+        raise ValueError("give exactly one of features (a stored feature name) or encoder")
+    st = SlideStore(store)
+    split = split if split is not None else store_split(st, seed)
+    slides, labels = [], {}
+    for p in st.patients():
+        label = st.patient_attrs(p).get("label")
+        if p not in split or label in (None, ""):
+            continue
+        labels[p] = str(label)
+        slides += [(p, s) for s in st.slides(p)]
+    class_names = sorted(set(labels.values()))
+    if len(class_names) < 2:
+        raise ValueError(f"{st.path}: kNN needs labelled patients of at least two classes, found {class_names}")
+    if encoder is not None:
+        feats = embed_tiles(st.path, encoder, slides, batch_size=batch_size, device=device,
+                            max_tiles_per_slide=max_tiles_per_slide, seed=seed)
+    else:
+        feats = {}
+        for p, s in slides:
+            if features not in st.feature_names(p, s):
+                raise KeyError(f"{p}/{s}: no complete features {features!r}; run `hlss extract` first")
+            feats[(p, s)] = _subsample(st.features(p, s, features), max_tiles_per_slide, seed)
+    tables = {}
+    for part in ("train", "test"):
+        keys = [(p, s) for p, s in slides if split[p] == part]
+        if not keys:
+            raise ValueError(f"{st.path}: no labelled patients in the {part} split")
+        tables[part] = FeatureTable(
+            features=np.concatenate([feats[key] for key in keys]),
+            labels=np.concatenate([np.full(len(feats[key]), class_names.index(labels[key[0]])) for key in keys]),
+            slide_ids=[f"{p}/{s}" for p, s in keys for _ in range(len(feats[(p, s)]))],
+            patient_ids=[p for p, s in keys for _ in range(len(feats[(p, s)]))],
+        )
+    return knn_evaluate(tables["train"], tables["test"], class_names, k=k, temperature=temperature)
+
+
+def _subsample(arr, limit: int | None, seed: int) -> np.ndarray:
+    n = arr.shape[0]
+    if limit is None or n <= limit:
+        return np.asarray(arr[:], dtype=np.float32)
+    rows = np.sort(np.random.default_rng([seed, n]).choice(n, limit, replace=False))
+    return np.asarray(arr.get_orthogonal_selection((rows,)), dtype=np.float32)

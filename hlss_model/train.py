@@ -1,0 +1,320 @@
+"""HLSS / HiDisc pretraining from a cohort store.
+
+``train(store, out, config)`` writes a run folder::
+
+    <out>/config.yaml        the resolved configuration
+    <out>/run.json           what is needed to rebuild the encoder: backbone, dims, method, text encoder,
+                             attribute names, the store and its train/held-out split
+    <out>/attributes.safetensors   level -> (A_level, D) attribute text embeddings (HLSS)
+    <out>/metrics.jsonl      one JSON line per logged step: loss components, lr, images/s
+    <out>/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.pt, state.json}
+    <out>/latest.json        the newest complete checkpoint (written last, atomically)
+    <out>/model.safetensors  the final weights
+
+Checkpoints are written to a temporary folder and renamed, so a kill leaves the previous one usable;
+``resume=True`` continues from ``latest.json`` with the same batches an uninterrupted run would see.
+Multi-GPU: launch with ``torchrun --nproc-per-node N -m hlss_model.train ...``; embeddings are gathered
+across ranks before the loss, as HiDisc does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pipeline.store import SlideStore
+
+from .config import ConfigError, TrainConfig
+from .data import CohortIndex, make_loader
+from .knn import split_patients
+from .losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
+from .model import HLSSModel
+
+__all__ = ["train", "TrainResult", "lr_factor", "resolve_device"]
+
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    steps: int
+    final_loss: float
+    images_per_s: float
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warm-up to 1, then cosine to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available")
+    return device
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every rank along dim 0, keeping the gradient path to the local part."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()), dim=0)
+
+
+def _text_side(cfg: TrainConfig, out: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    if not cfg.uses_text:
+        return None, {}
+    from .text import TextEncoder, attribute_embeddings, load_attributes
+
+    attrs = load_attributes(cfg.model.attributes)
+    emb = attribute_embeddings(attrs, cfg.model.text_encoder)
+    save_file({k: v.contiguous() for k, v in emb.items()}, str(out / "attributes.safetensors"))
+    names = {level: list(attrs.names(level)) for level in emb}
+    return emb, {"attributes": names, "attributes_hash": attrs.content_hash(),
+                 "text_encoder": cfg.model.text_encoder}
+
+
+def _build_loss(cfg: TrainConfig) -> torch.nn.Module:
+    lc = cfg.loss
+    lambdas = dict(lambda_patient=lc.lambda_patient, lambda_slide=lc.lambda_slide, lambda_patch=lc.lambda_patch)
+    if cfg.method == "hidisc":
+        return HiDiscLoss(temperature=lc.temperature, **lambdas)
+    return HLSSLoss(HVCLoss(temperature=lc.temperature, **lambdas), AlignmentLoss(lc.alignment_temperature),
+                    alignment_weight=lc.alignment_weight)
+
+
+def _split(index: CohortIndex, seed: int) -> dict[str, str]:
+    labels = {p: (index.class_names[lab] if lab >= 0 else "") for p, lab in zip(index.patient_ids, index.labels)}
+    return split_patients(labels, dict(zip(index.patient_ids, index.splits)), seed=seed)
+
+
+def train(store: str | Path, out: str | Path, config: TrainConfig | None = None, resume: bool = False,
+          progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Pretrain on the training patients of ``store``; writes the run folder ``out`` (see module doc).
+
+    ``resume`` continues the run in ``out`` (its saved config is used; a different ``config`` is an error).
+    """
+    out = Path(out).expanduser()
+    rank, local_rank, world = _dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    cfg, start = _prepare_run(out, config, resume, rank)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    index = CohortIndex.from_store(SlideStore(store))
+    split = _split(index, cfg.seed)
+    train_index = index.subset([p for p, s in split.items() if s == "train"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    attributes, text_meta = _text_side(cfg, out) if rank == 0 or not resume else (None, {})
+    if world > 1 and cfg.uses_text:
+        dist.barrier()
+        attributes = load_file(str(out / "attributes.safetensors"))
+    embed_dim = next(iter(attributes.values())).shape[1] if attributes else cfg.model.proj_dim
+
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone (see runs.load_run_model)
+    model = HLSSModel(cfg.model.backbone, embed_dim, attributes, cfg.model.weights).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    targets = {k: v.to(device) for k, v in (attributes or {}).items()}
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    if start:
+        _load_checkpoint(out, start, model, optimizer, scheduler)
+    elif rank == 0:
+        _write_run_meta(out, cfg, store, model, split, index, text_meta)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    loss_fn = _build_loss(cfg).to(device)
+    sc = cfg.sampler
+    loader = make_loader(train_index, sc.slides_per_patient, sc.tiles_per_slide, sc.views_per_tile, cfg.augment,
+                         sc.batch_size, seed=cfg.seed, balanced=sc.balanced, start_step=start,
+                         num_workers=sc.num_workers, rank=rank, world_size=world,
+                         pin_memory=device.type == "cuda")
+    amp = _autocast_dtype(cfg.precision, device)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    metrics_path = out / "metrics.jsonl"
+    step, last_loss, seen, t0 = start, float("nan"), 0, time.perf_counter()
+    net.train()
+    for batch in loader:
+        if step >= cfg.steps:
+            break
+        images = batch["images"].to(device, non_blocking=True)
+        B, S, T, V = images.shape[:4]
+        flat = images.flatten(0, 3)
+        if cfg.channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        ids = {k: _gather(batch[k].to(device)) for k in ("patient", "slides", "tiles")}
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            outputs = net(flat)
+        z = _gather(outputs["z"].float().reshape(B, S, T, V, -1))
+        if cfg.method == "hidisc":
+            parts = loss_fn(z, ids["patient"], ids["slides"], ids["tiles"])
+        else:
+            heads = {k: _gather(h.float().reshape(B, S, T, V, -1)) for k, h in outputs["heads"].items()}
+            parts = loss_fn(heads, z, targets, ids["patient"], ids["slides"], ids["tiles"])
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: { {k: float(v) for k, v in parts.items()} }")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if cfg.optim.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        seen += flat.shape[0] * world
+        last_loss = float(loss.detach())
+        record = {"step": step, "lr": lr, **{k: float(v.detach()) for k, v in parts.items()}}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if rank == 0:
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record["images_per_s"] = seen / (time.perf_counter() - t0)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(out, step, cfg, model, optimizer, scheduler)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+        if on_step is not None:
+            on_step(step, record)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        shutil.copyfile(out / _checkpoint_name(step) / "model.safetensors", out / ".model.tmp")
+        os.replace(out / ".model.tmp", out / "model.safetensors")
+    elapsed = time.perf_counter() - t0
+    if world > 1:
+        dist.barrier()
+    return TrainResult(out, step, last_loss, seen / elapsed if elapsed else 0.0)
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"checkpoints/step_{step:08d}"
+
+
+def _prepare_run(out: Path, config: TrainConfig | None, resume: bool, rank: int) -> tuple[TrainConfig, int]:
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise FileNotFoundError(f"{out}: nothing to resume (no config.yaml)")
+        cfg = TrainConfig.from_yaml(saved)
+        if config is not None and config.to_dict() != cfg.to_dict():
+            raise ConfigError(f"{out}: --resume with a config that differs from the run's own config.yaml")
+        latest = out / "latest.json"
+        start = json.loads(latest.read_text())["step"] if latest.is_file() else 0
+        return cfg, start
+    if (out / "run.json").exists():
+        raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+    cfg = config or TrainConfig()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return cfg, 0
+
+
+def _write_run_meta(out: Path, cfg: TrainConfig, store: str | Path, model: HLSSModel, split: dict[str, str],
+                    index: CohortIndex, text_meta: dict) -> None:
+    _atomic_json(out / "run.json", {
+        "format": RUN_FORMAT,
+        "method": cfg.method,
+        "backbone": cfg.model.backbone,
+        "feature_dim": model.feature_dim,
+        "embed_dim": model.embed_dim,
+        "image_size": cfg.augment.out_size,
+        "mean": list(cfg.augment.mean),
+        "std": list(cfg.augment.std),
+        "seed": cfg.seed,
+        "weights": cfg.model.weights,
+        "store": str(Path(store).expanduser().resolve()),
+        "class_names": list(index.class_names),
+        "split": split,
+        **text_meta,
+    })
+
+
+def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler) -> None:
+    final = out / _checkpoint_name(step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_state": "optimizer.pt",
+                                                "model": "model.safetensors", "config": cfg.to_dict(),
+                                                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_json(out / "latest.json", {"step": step, "path": _checkpoint_name(step)})
+    # Keep the newest few checkpoints; older ones only cost disk.
+    olds = sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, step: int, model: HLSSModel, optimizer, scheduler) -> None:
+    ckpt = out / _checkpoint_name(step)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device)))
+    state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])

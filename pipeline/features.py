@@ -1,0 +1,195 @@
+"""Feature extraction from the store: every tile batch is read and decoded once, fed to every encoder.
+
+Reads run ahead of the model in a small thread pool (zarr decoding releases the GIL), so the model
+waits on storage only when storage is slower than it; memory is bounded by
+``batch_size x (prefetch + 1)`` tiles whatever the slide size. Each slide's arrays are staged and
+committed with one rename (see :mod:`pipeline.store`), so an interrupted run loses at most the slides
+in flight and a rerun skips every slide whose features match the encoder's weights and the tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .encoders import Encoder
+from .store import SlideStore, StoreWriter, tiles_version
+
+__all__ = ["extract_features", "embed_tiles", "ExtractReport", "iter_tile_batches"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractReport:
+    extracted: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # patient, slide, error
+    tiles: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds if self.seconds else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def iter_tile_batches(tiles, batch_size: int, prefetch: int = 2, pool: ThreadPoolExecutor | None = None,
+                      rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, (n, T, T, 3) uint8)`` batches of a zarr tiles array, read ``prefetch`` batches ahead.
+
+    ``rows`` (sorted) restricts to those tile rows; ``start`` is then the position in ``rows``.
+    """
+    n = len(rows) if rows is not None else tiles.shape[0]
+    starts = list(range(0, n, batch_size))
+
+    def read(s: int) -> np.ndarray:
+        if rows is None:
+            return tiles[s:s + batch_size]
+        return tiles.get_orthogonal_selection((rows[s:s + batch_size],))
+
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read")
+    try:
+        pending: list[tuple[int, Future]] = [(s, pool.submit(read, s)) for s in starts[:prefetch + 1]]
+        nxt = prefetch + 1
+        while pending:
+            s, fut = pending.pop(0)
+            if nxt < len(starts):
+                pending.append((starts[nxt], pool.submit(read, starts[nxt])))
+                nxt += 1
+            yield s, fut.result()
+    finally:
+        if own:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Runner:
+    """Moves encoders to a device once and runs them on uint8 batches."""
+
+    def __init__(self, encoders: list[Encoder], device: str, amp: bool | None) -> None:
+        self.device = _resolve_device(device)
+        self.amp = (self.device.type == "cuda") if amp is None else amp
+        for enc in encoders:
+            enc.model.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, enc: Encoder, batch: torch.Tensor) -> np.ndarray:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = enc.model(enc.preprocess(batch))
+        return out.float().cpu().numpy()
+
+    def upload(self, block: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(block)
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+
+def _is_done(store: SlideStore, p: str, s: str, enc: Encoder, version: str) -> bool:
+    if enc.name not in store.feature_names(p, s):
+        return False
+    a = store.features(p, s, enc.name).attrs
+    return a.get("weights_fingerprint") == enc.fingerprint and a.get("tiles_version") == version
+
+
+def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int = 256, device: str = "auto",
+                     dtype: str = "float32", force: bool = False, prefetch: int = 2, amp: bool | None = None,
+                     on_slide: Callable[[str, str, str], None] | None = None,
+                     on_tiles: Callable[[int], None] | None = None) -> ExtractReport:
+    """Write ``features/<encoder.name>`` ``(N, D)`` for every complete slide of ``store``.
+
+    Args:
+        encoders: one or more; a slide's tiles are read once for all that still need it.
+        batch_size: tiles per forward pass.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda:N``.
+        dtype: stored feature dtype (``float32`` or ``float16``).
+        force: recompute even when finished features match.
+        amp: bf16 autocast; default on CUDA only.
+        on_slide: called ``(patient, slide, status)`` with status extracted | skipped | failed.
+        on_tiles: called with the number of tiles of each finished batch.
+    """
+    if not encoders:
+        raise ValueError("extract_features: give at least one encoder")
+    names = [e.name for e in encoders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"extract_features: encoder names must differ, got {names}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    reader, writer = SlideStore(store), StoreWriter(store)
+    writer.clean_staging()
+    run = _Runner(encoders, device, amp)
+    report, t0 = ExtractReport(), time.perf_counter()
+    with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool:
+        for rec in reader.records(status="complete"):
+            p, s = rec.patient_id, rec.slide_id
+            version = tiles_version(rec.attrs)
+            todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version)]
+            if not todo or rec.n_tiles == 0:
+                report.skipped.append((p, s))
+                if on_slide:
+                    on_slide(p, s, "skipped")
+                continue
+            staged = {e.name: writer.stage_features(rec.n_tiles, e.dim, dtype) for e in todo}
+            try:
+                for start, block in iter_tile_batches(reader.tiles(p, s), batch_size, prefetch, pool):
+                    batch = run.upload(block)
+                    for enc in todo:
+                        staged[enc.name][start:start + len(block)] = run(enc, batch).astype(dtype)
+                    report.tiles += len(block)
+                    if on_tiles:
+                        on_tiles(len(block))
+                for enc in todo:
+                    writer.commit_features(staged[enc.name], p, s, enc.name,
+                                           {**enc.attrs(), "dtype": dtype, "n": rec.n_tiles}, version)
+            except Exception as e:  # one bad slide must not stop the cohort
+                log.error("%s/%s: feature extraction failed: %s", p, s, e)
+                report.failed.append((p, s, f"{type(e).__name__}: {e}"))
+                for arr in staged.values():
+                    writer.discard_array(arr)
+                if on_slide:
+                    on_slide(p, s, "failed")
+                continue
+            report.extracted.append((p, s))
+            if on_slide:
+                on_slide(p, s, "extracted")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str]], batch_size: int = 256,
+                device: str = "auto", max_tiles_per_slide: int | None = None, seed: int = 0,
+                prefetch: int = 2) -> dict[tuple[str, str], np.ndarray]:
+    """In-memory ``(n, D) float32`` features of each slide (for evaluation; nothing is written).
+
+    ``max_tiles_per_slide`` takes a seeded, sorted random subset of rows of larger slides.
+    """
+    reader = SlideStore(store)
+    run = _Runner([encoder], device, None)
+    out: dict[tuple[str, str], np.ndarray] = {}
+    with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool:
+        for p, s in slides:
+            arr = reader.tiles(p, s)
+            rows = None
+            if max_tiles_per_slide is not None and arr.shape[0] > max_tiles_per_slide:
+                rng = np.random.default_rng([seed, arr.shape[0]])
+                rows = np.sort(rng.choice(arr.shape[0], max_tiles_per_slide, replace=False))
+            parts = [run(encoder, run.upload(block)) for _, block in iter_tile_batches(arr, batch_size, prefetch, pool, rows)]
+            out[(p, s)] = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+    return out

@@ -1,0 +1,223 @@
+"""Sampler, model, training loop (checkpoints, exact resume), run encoders and kNN from the store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hlss_model.augment import AugmentParams
+from hlss_model.config import ConfigError, TrainConfig
+from hlss_model.data import CohortIndex, HierarchicalBatchSampler, PatientDataset, collate_patients, draw_patient
+from hlss_model.model import HLSSModel
+from hlss_model.runs import load_run_model, run_encoder
+from hlss_model.train import lr_factor, train
+from pipeline.store import SlideStore
+
+IDENTITY = dict(p_crop=0.0, p_flip=0.0, p_rot90=0.0, p_color_jitter=0.0, p_hed_jitter=0.0, p_blur=0.0,
+                p_noise=0.0, p_erase=0.0)
+
+
+def tiny_config(tiny_text_model, **changes) -> TrainConfig:
+    base = {
+        "method": "hlss", "steps": 4, "seed": 7, "checkpoint_every": 2, "log_every": 1,
+        "device": "cpu", "channels_last": False,
+        "sampler": {"batch_size": 4, "slides_per_patient": 2, "tiles_per_slide": 2, "views_per_tile": 2,
+                    "num_workers": 0},
+        "model": {"backbone": "resnet10t", "text_encoder": str(tiny_text_model)},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "augment": {"out_size": 32},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return TrainConfig.from_dict(base)
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+def test_index_groups_slides_by_patient(train_store):
+    index = CohortIndex.from_store(train_store)
+    store = SlideStore(train_store)
+    assert list(index.patient_ids) == store.patients()
+    for i, p in enumerate(index.patient_ids):
+        assert [index.slide_keys[g] for g in index.patient_slides[i]] == [(p, s) for s in store.slides(p)]
+        assert index.class_names[index.labels[i]] == store.patient_attrs(p)["label"]
+
+
+def test_items_have_the_hierarchy_and_the_stored_pixels(train_store):
+    index = CohortIndex.from_store(train_store)
+    ds = PatientDataset(index, slides=2, tiles=3, views=2, augment=AugmentParams(out_size=64, **IDENTITY))
+    store = SlideStore(train_store)
+    mean = torch.tensor(ds.augment.params.mean).view(3, 1, 1)
+    std = torch.tensor(ds.augment.params.std).view(3, 1, 1)
+    for patient in range(index.n_patients):
+        item = ds[(patient, 1000 + patient)]
+        assert item["images"].shape == (2, 3, 2, 3, 64, 64)
+        assert int(item["patient"]) == patient
+        for s, g in enumerate(item["slides"].tolist()):
+            assert g in index.patient_slides[patient]  # every slide belongs to the item's patient
+            for t in range(3):
+                key = int(item["tiles"][s, t])
+                assert key >> 32 == g  # every tile belongs to its slide
+                row = key & 0xFFFFFFFF
+                assert row < index.slide_tiles[g]
+                stored = torch.from_numpy(store.tiles(*index.slide_keys[g])[row]).permute(2, 0, 1).float() / 255
+                np.testing.assert_allclose(item["images"][s, t, 0] * std + mean, stored, atol=1e-5)
+        if len(index.patient_slides[patient]) == 1:  # a one-slide patient repeats its slide
+            assert item["slides"][0] == item["slides"][1]
+
+
+def test_tiles_are_drawn_without_replacement_where_possible():
+    index = CohortIndex("x", ("p",), ((0,),), (("p", "s"),), (5,), (0,), ("a",), (None,))
+    slides, rows = draw_patient(index, 0, slides=2, tiles=2, rng=np.random.default_rng(0))
+    assert slides.tolist() == [0, 0]
+    assert len(set(rows.ravel().tolist())) == 4  # the repeated slide gets fresh tiles
+
+
+def test_batch_collation_shapes(train_store):
+    index = CohortIndex.from_store(train_store)
+    ds = PatientDataset(index, slides=2, tiles=2, views=3, augment=AugmentParams(out_size=32))
+    batch = collate_patients([ds[key] for key in HierarchicalBatchSampler(index.labels, 4, seed=0).batch(0)])
+    assert batch["images"].shape == (4, 2, 2, 3, 3, 32, 32)
+    assert batch["slides"].shape == (4, 2) and batch["tiles"].shape == (4, 2, 2)
+    assert batch["patient"].shape == batch["label"].shape == (4,)
+
+
+def test_batch_sampler_is_a_function_of_seed_and_step():
+    labels = (0, 1) * 10
+    a = HierarchicalBatchSampler(labels, 4, seed=3)
+    resumed = iter(HierarchicalBatchSampler(labels, 4, seed=3, start_step=7))
+    assert next(resumed) == a.batch(7)
+    epoch = [p for step in range(5) for p, _ in a.batch(step)]
+    assert sorted(epoch) == list(range(20))  # one epoch visits every patient once
+    assert a.batch(0) != HierarchicalBatchSampler(labels, 4, seed=4).batch(0)
+    ranks = [HierarchicalBatchSampler(labels, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert [x for r in ranks for x in next(iter(r))] == a.batch(0)[0::2] + a.batch(0)[1::2]
+
+
+def test_balanced_sampler_evens_out_classes():
+    labels = (0,) * 18 + (1,) * 2
+    sampler = HierarchicalBatchSampler(labels, 4, seed=0, balanced=True)
+    drawn = np.array([labels[p] for step in range(200) for p, _ in sampler.batch(step)])
+    assert 0.4 < drawn.mean() < 0.6
+    plain = HierarchicalBatchSampler(labels, 4, seed=0)
+    assert np.mean([labels[p] for step in range(200) for p, _ in plain.batch(step)]) < 0.2
+
+
+def test_batch_larger_than_cohort_is_refused():
+    with pytest.raises(ValueError, match="batch of 5 patients but the cohort has 4"):
+        HierarchicalBatchSampler((0, 1, 0, 1), 5)
+
+
+# -- model and schedule -------------------------------------------------------------------------
+
+
+def test_heads_start_from_the_attribute_embeddings():
+    emb = {"patch": torch.nn.functional.normalize(torch.randn(5, 16), dim=1),
+           "slide": torch.nn.functional.normalize(torch.randn(3, 16), dim=1)}
+    model = HLSSModel("resnet10t", 16, emb)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out["features"].shape == (2, model.feature_dim) and out["z"].shape == (2, 16)
+    assert torch.allclose(out["z"].norm(dim=1), torch.ones(2), atol=1e-5)
+    for level, e in emb.items():
+        assert torch.equal(model.heads[level].weight, e) and not model.heads[level].bias.any()
+        cos = torch.nn.functional.normalize(out["z"] @ e.T, dim=1)
+        assert torch.allclose(out["heads"][level], cos, atol=1e-5)
+
+
+def test_lr_warms_up_then_decays_by_cosine():
+    f = [lr_factor(s, 100, 10, 0.01) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_config_rejects_typos_and_bad_values(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("sampler: {batch_sise: 4}\n")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        TrainConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="method"):
+        TrainConfig.from_dict({"method": "simclr"})
+    with pytest.raises(ConfigError, match="augment"):
+        TrainConfig.from_dict({"augment": {"p_flip": 1.5}})
+    cfg = TrainConfig.from_dict({"optim": {"betas": [0.8, 0.9]}})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_train_writes_a_run_and_resume_is_exact(train_store, tiny_text_model, tmp_path):
+    cfg = tiny_config(tiny_text_model)
+    full = tmp_path / "full"
+    result = train(train_store, full, cfg, progress=False)
+    assert result.steps == 4 and np.isfinite(result.final_loss)
+    meta = json.loads((full / "run.json").read_text())
+    assert meta["method"] == "hlss" and meta["embed_dim"] == 32 and set(meta["attributes"]) == {"patch", "slide", "patient"}
+    assert set(meta["split"].values()) == {"train", "test"}
+    lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert {"hvc_patch", "hvc_slide", "hvc_patient", "ha_patch", "ha", "loss", "lr"} <= set(lines[0])
+    ckpt = full / "checkpoints" / "step_00000002"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2 and (ckpt / "optimizer.pt").is_file()
+    assert json.loads((full / "latest.json").read_text())["step"] == 4
+
+    # stop after 2 steps (a 2-step run of the same config, then extend its step count by resuming)
+    part = tmp_path / "part"
+    interrupted = []
+
+    def stop_at_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(train_store, part, cfg, progress=False, on_step=lambda s, r: (interrupted.append(s), stop_at_2(s, r)))
+    assert json.loads((part / "latest.json").read_text())["step"] == 2
+    train(train_store, part, None, resume=True, progress=False)
+    a, b = _weights(full), _weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(train_store, full, cfg, progress=False)
+    with pytest.raises(ConfigError, match="differs"):
+        train(train_store, full, cfg.replace(seed=8), resume=True, progress=False)
+
+
+def test_hidisc_mode_trains_without_text(train_store, tmp_path):
+    cfg = TrainConfig.from_dict({
+        "method": "hidisc", "steps": 2, "device": "cpu", "log_every": 1, "checkpoint_every": 2,
+        "sampler": {"batch_size": 4, "num_workers": 1, "tiles_per_slide": 2},
+        "model": {"backbone": "resnet10t", "proj_dim": 24}, "augment": {"out_size": 32},
+    })
+    train(train_store, tmp_path / "r", cfg, progress=False)
+    assert not (tmp_path / "r" / "attributes.safetensors").exists()
+    model, meta = load_run_model(tmp_path / "r")
+    assert meta["embed_dim"] == 24 and len(model.heads) == 0
+    line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"patient", "slide", "patch", "loss"} <= set(line)
+
+
+def test_run_encoder_rebuilds_initial_and_trained_backbones(train_store, tiny_text_model, tmp_path):
+    train(train_store, tmp_path / "r", tiny_config(tiny_text_model, steps=2), progress=False)
+    trained, initial = run_encoder(tmp_path / "r"), run_encoder(tmp_path / "r", initial=True)
+    assert trained.fingerprint != initial.fingerprint and trained.image_size == 32
+    torch.manual_seed(7)
+    fresh = HLSSModel("resnet10t", 32, {k: torch.zeros(n, 32) for k, n in (("patch", 1), ("slide", 1), ("patient", 1))})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(initial.model(x), fresh.eval().backbone(x))
