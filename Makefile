@@ -22,11 +22,18 @@ test-data: setup
 	$(PY) tests/fetch_data.py
 
 demo: setup
-	$(VENV)/bin/hlss demo-cohort $(DEMO_DIR)/slides
+	$(VENV)/bin/hlss demo-cohort $(DEMO_DIR)/slides --patients 12 --slides-per-patient 1-2
 	$(VENV)/bin/hlss tile $(DEMO_DIR)/slides/manifest.csv --store $(DEMO_DIR)/cohort.zarr --workers 2
 	$(VENV)/bin/hlss info $(DEMO_DIR)/cohort.zarr
+	rm -rf $(DEMO_DIR)/run
+	$(VENV)/bin/hlss train --store $(DEMO_DIR)/cohort.zarr --out $(DEMO_DIR)/run --config configs/demo.yaml
+	$(VENV)/bin/hlss extract --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run --name hlss-demo
+	@echo; echo "kNN of the demo encoder at initialisation (held-out patients of the manifest):"
+	$(VENV)/bin/hlss knn --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run --initial --k 20
+	@echo; echo "kNN of the trained encoder (features from the store):"
+	$(VENV)/bin/hlss knn --store $(DEMO_DIR)/cohort.zarr --features hlss-demo --k 20 --json $(DEMO_DIR)/knn.json
 	@echo
-	@echo "Results: store $(DEMO_DIR)/cohort.zarr (tiles, coords, tissue, thumbnails), slides in $(DEMO_DIR)/slides"
+	@echo "Results: store $(DEMO_DIR)/cohort.zarr (tiles, features/hlss-demo), run $(DEMO_DIR)/run, kNN $(DEMO_DIR)/knn.json"
 
 test: setup test-data
 	$(PY) -m pytest $(PYTEST_ARGS)

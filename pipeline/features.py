@@ -158,11 +158,13 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
                 for enc in todo:
                     writer.commit_features(staged[enc.name], p, s, enc.name,
                                            {**enc.attrs(), "dtype": dtype, "n": rec.n_tiles}, version)
-            except Exception as e:  # one bad slide must not stop the cohort
-                log.error("%s/%s: feature extraction failed: %s", p, s, e)
-                report.failed.append((p, s, f"{type(e).__name__}: {e}"))
+            except BaseException as e:
                 for arr in staged.values():
                     writer.discard_array(arr)
+                if not isinstance(e, Exception):  # an interrupt stops the run, but leaves no staging behind
+                    raise
+                log.error("%s/%s: feature extraction failed: %s", p, s, e)  # one bad slide must not stop the cohort
+                report.failed.append((p, s, f"{type(e).__name__}: {e}"))
                 if on_slide:
                     on_slide(p, s, "failed")
                 continue
