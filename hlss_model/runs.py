@@ -37,7 +37,7 @@ def load_run_model(run: str | Path, map_location: str | torch.device = "cpu",
         attributes = load_file(str(run / "attributes.safetensors"))
     with torch.random.fork_rng():
         torch.manual_seed(meta["seed"])
-        model = HLSSModel(meta["backbone"], meta["embed_dim"], attributes, meta.get("weights"))
+        model = HLSSModel(meta["backbone"], meta["embed_dim"], attributes, meta.get("weights"), meta["head_init"])
     if initial:
         return model.eval(), meta
     weights = run / "model.safetensors"

@@ -158,7 +158,7 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     embed_dim = next(iter(attributes.values())).shape[1] if attributes else cfg.model.proj_dim
 
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone (see runs.load_run_model)
-    model = HLSSModel(cfg.model.backbone, embed_dim, attributes, cfg.model.weights).to(device)
+    model = HLSSModel(cfg.model.backbone, embed_dim, attributes, cfg.model.weights, cfg.model.head_init).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     targets = {k: v.to(device) for k, v in (attributes or {}).items()}
@@ -283,6 +283,7 @@ def _write_run_meta(out: Path, cfg: TrainConfig, store: str | Path, model: HLSSM
         "std": list(cfg.augment.std),
         "seed": cfg.seed,
         "weights": cfg.model.weights,
+        "head_init": cfg.model.head_init,
         "store": str(Path(store).expanduser().resolve()),
         "class_names": list(index.class_names),
         "split": split,

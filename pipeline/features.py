@@ -109,11 +109,40 @@ def _is_done(store: SlideStore, p: str, s: str, enc: Encoder, version: str) -> b
     return a.get("weights_fingerprint") == enc.fingerprint and a.get("tiles_version") == version
 
 
+@dataclass
+class _SlideJob:
+    patient: str
+    slide: str
+    n: int
+    version: str
+    encoders: list[Encoder]
+    staged: dict = field(default_factory=dict)  # encoder name -> staged zarr array
+    writes: list[Future] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def _plan(reader: SlideStore, encoders: list[Encoder], force: bool, report: ExtractReport,
+          on_slide: Callable | None) -> Iterator[_SlideJob]:
+    for rec in reader.records(status="complete"):
+        p, s = rec.patient_id, rec.slide_id
+        version = tiles_version(rec.attrs)
+        todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version)]
+        if not todo or rec.n_tiles == 0:
+            report.skipped.append((p, s))
+            if on_slide:
+                on_slide(p, s, "skipped")
+            continue
+        yield _SlideJob(p, s, rec.n_tiles, version, todo)
+
+
 def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int = 256, device: str = "auto",
                      dtype: str = "float32", force: bool = False, prefetch: int = 2, amp: bool | None = None,
                      on_slide: Callable[[str, str, str], None] | None = None,
                      on_tiles: Callable[[int], None] | None = None) -> ExtractReport:
     """Write ``features/<encoder.name>`` ``(N, D)`` for every complete slide of ``store``.
+
+    Reads run ``prefetch`` batches ahead across slide boundaries, and feature rows are written to
+    the staged arrays by a separate thread, so the model only waits when storage is the bottleneck.
 
     Args:
         encoders: one or more; a slide's tiles are read once for all that still need it.
@@ -136,43 +165,84 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
     writer.clean_staging()
     run = _Runner(encoders, device, amp)
     report, t0 = ExtractReport(), time.perf_counter()
-    with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool:
-        for rec in reader.records(status="complete"):
-            p, s = rec.patient_id, rec.slide_id
-            version = tiles_version(rec.attrs)
-            todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version)]
-            if not todo or rec.n_tiles == 0:
-                report.skipped.append((p, s))
-                if on_slide:
-                    on_slide(p, s, "skipped")
-                continue
-            staged = {e.name: writer.stage_features(rec.n_tiles, e.dim, dtype) for e in todo}
-            try:
-                for start, block in iter_tile_batches(reader.tiles(p, s), batch_size, prefetch, pool):
-                    batch = run.upload(block)
-                    for enc in todo:
-                        staged[enc.name][start:start + len(block)] = run(enc, batch).astype(dtype)
-                    report.tiles += len(block)
-                    if on_tiles:
-                        on_tiles(len(block))
-                for enc in todo:
-                    writer.commit_features(staged[enc.name], p, s, enc.name,
-                                           {**enc.attrs(), "dtype": dtype, "n": rec.n_tiles}, version)
-            except BaseException as e:
-                for arr in staged.values():
+
+    def batches() -> Iterator[tuple[_SlideJob, int, int]]:
+        for job in _plan(reader, encoders, force, report, on_slide):
+            for start in range(0, job.n, batch_size):
+                yield job, start, min(job.n, start + batch_size)
+
+    def read(job: _SlideJob, start: int, stop: int) -> np.ndarray:
+        return reader.tiles(job.patient, job.slide)[start:stop]
+
+    def finish(job: _SlideJob) -> None:
+        try:
+            if job.error is None:
+                for fut in job.writes:
+                    fut.result()
+                for enc in job.encoders:
+                    writer.commit_features(job.staged[enc.name], job.patient, job.slide, enc.name,
+                                           {**enc.attrs(), "dtype": dtype, "n": job.n}, job.version)
+                report.extracted.append((job.patient, job.slide))
+                status = "extracted"
+            else:
+                raise job.error
+        except Exception as e:  # one bad slide must not stop the cohort
+            log.error("%s/%s: feature extraction failed: %s", job.patient, job.slide, e)
+            report.failed.append((job.patient, job.slide, f"{type(e).__name__}: {e}"))
+            for arr in job.staged.values():
+                writer.discard_array(arr)
+            status = "failed"
+        if on_slide:
+            on_slide(job.patient, job.slide, status)
+
+    current: _SlideJob | None = None
+    with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="feature-write") as out_pool:
+        try:
+            for job, start, stop, block in _read_ahead(batches(), read, pool, prefetch):
+                if job is not current:
+                    if current is not None:
+                        finish(current)
+                    current = job
+                if job.error is not None:
+                    continue
+                try:
+                    if not job.staged:
+                        job.staged = {e.name: writer.stage_features(job.n, e.dim, dtype) for e in job.encoders}
+                    tiles = block.result()
+                    batch = run.upload(tiles)
+                    for enc in job.encoders:
+                        feats = run(enc, batch).astype(dtype)
+                        job.writes.append(out_pool.submit(job.staged[enc.name].__setitem__, slice(start, stop), feats))
+                except Exception as e:
+                    job.error = e
+                    continue
+                report.tiles += len(tiles)
+                if on_tiles:
+                    on_tiles(len(tiles))
+            if current is not None:
+                finish(current)
+                current = None
+        finally:
+            if current is not None:  # interrupted: leave no staging behind
+                for fut in current.writes:
+                    fut.cancel()
+                out_pool.shutdown(wait=True)
+                for arr in current.staged.values():
                     writer.discard_array(arr)
-                if not isinstance(e, Exception):  # an interrupt stops the run, but leaves no staging behind
-                    raise
-                log.error("%s/%s: feature extraction failed: %s", p, s, e)  # one bad slide must not stop the cohort
-                report.failed.append((p, s, f"{type(e).__name__}: {e}"))
-                if on_slide:
-                    on_slide(p, s, "failed")
-                continue
-            report.extracted.append((p, s))
-            if on_slide:
-                on_slide(p, s, "extracted")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _read_ahead(items: Iterator[tuple], read: Callable, pool: ThreadPoolExecutor,
+                depth: int) -> Iterator[tuple]:
+    """``(*item, future)`` with ``read(*item)`` submitted ``depth`` items ahead of the consumer."""
+    window: list[tuple] = []
+    for item in items:
+        window.append((*item, pool.submit(read, *item)))
+        if len(window) > depth:
+            yield window.pop(0)
+    yield from window
 
 
 def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str]], batch_size: int = 256,

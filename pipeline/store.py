@@ -186,7 +186,7 @@ class StoreWriter:
         if current is None or tiles_version(current) != expect_tiles_version:
             shutil.rmtree(staged_dir.parent, ignore_errors=True)
             raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
-        array.attrs.update({**attrs, "tiles_version": expect_tiles_version, "complete": True})
+        array.update_attributes({**attrs, "tiles_version": expect_tiles_version, "complete": True})
         slide_dir = self._slide_dir(patient_id, slide_id)
         _ensure_group(slide_dir / "features")
         target = slide_dir / "features" / name

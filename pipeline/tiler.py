@@ -105,7 +105,7 @@ def tile_slide(
     result.seconds = time.perf_counter() - t0
     if result.status == "complete":
         attrs["timings"]["total_s"] = round(result.seconds, 3)
-        staged.group.attrs.update(attrs)
+        staged.group.update_attributes(attrs)
         writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
         return result
     _record_failure(writer, spec, params, result, staged, keep_staged)
@@ -279,7 +279,7 @@ def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) ->
     arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if data.size else None)
     if data.size:
         arr[...] = data
-    arr.attrs.update(attrs)
+    arr.update_attributes(attrs)
 
 
 def _shards(slide, coords, plan, shard: int) -> Iterator[np.ndarray]:

@@ -119,16 +119,22 @@ def test_batch_larger_than_cohort_is_refused():
 
 
 def test_heads_start_from_the_attribute_embeddings():
-    emb = {"patch": torch.nn.functional.normalize(torch.randn(5, 16), dim=1),
-           "slide": torch.nn.functional.normalize(torch.randn(3, 16), dim=1)}
-    model = HLSSModel("resnet10t", 16, emb)
-    out = model(torch.randn(2, 3, 32, 32))
-    assert out["features"].shape == (2, model.feature_dim) and out["z"].shape == (2, 16)
+    emb = {"patch": torch.nn.functional.normalize(torch.randn(5, 16) + 2, dim=1),
+           "slide": torch.nn.functional.normalize(torch.randn(3, 16) + 2, dim=1)}
+    raw = HLSSModel("resnet10t", 16, emb, head_init="raw")
+    out = raw(torch.randn(2, 3, 32, 32))
+    assert out["features"].shape == (2, raw.feature_dim) and out["z"].shape == (2, 16)
     assert torch.allclose(out["z"].norm(dim=1), torch.ones(2), atol=1e-5)
     for level, e in emb.items():
-        assert torch.equal(model.heads[level].weight, e) and not model.heads[level].bias.any()
+        assert torch.equal(raw.heads[level].weight, e) and not raw.heads[level].bias.any()
         cos = torch.nn.functional.normalize(out["z"] @ e.T, dim=1)
         assert torch.allclose(out["heads"][level], cos, atol=1e-5)
+    centered = HLSSModel("resnet10t", 16, emb)
+    for level, e in emb.items():
+        rows = torch.nn.functional.normalize(e - e.mean(0), dim=1)
+        torch.testing.assert_close(centered.heads[level].weight.data, rows)
+        # the shared direction is gone: the rows no longer all point the same way
+        assert (rows @ rows.T).mean() < 0.5 < (e @ e.T).mean()
 
 
 def test_lr_warms_up_then_decays_by_cosine():
@@ -217,7 +223,8 @@ def test_run_encoder_rebuilds_initial_and_trained_backbones(train_store, tiny_te
     trained, initial = run_encoder(tmp_path / "r"), run_encoder(tmp_path / "r", initial=True)
     assert trained.fingerprint != initial.fingerprint and trained.image_size == 32
     torch.manual_seed(7)
-    fresh = HLSSModel("resnet10t", 32, {k: torch.zeros(n, 32) for k, n in (("patch", 1), ("slide", 1), ("patient", 1))})
+    fresh = HLSSModel("resnet10t", 32, {k: torch.zeros(n, 32) for k, n in (("patch", 1), ("slide", 1), ("patient", 1))},
+                      head_init="raw")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(initial.model(x), fresh.eval().backbone(x))
