@@ -41,6 +41,8 @@ test: setup test-data
 bench: setup test-data
 	$(PY) benchmarks/tiling.py
 	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/hlss_vs_hidisc.py
 
 clean:
 	rm -rf $(DEMO_DIR) benchmarks/output .pytest_cache

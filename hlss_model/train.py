@@ -88,13 +88,27 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
+class _GatherLayer(torch.autograd.Function):
+    """all_gather with a gradient: each rank gets the summed gradient of its own slice (as in HiDisc/SimCLR)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
 def _gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor from every rank along dim 0, keeping the gradient path to the local part."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+    return torch.cat(_GatherLayer.apply(t.contiguous()), dim=0)
 
 
 def _text_side(cfg: TrainConfig, out: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
@@ -319,3 +333,11 @@ def _load_checkpoint(out: Path, step: int, model: HLSSModel, optimizer, schedule
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m hlss_model.train --store S --out R [--config C]
+    import sys
+
+    from pipeline.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -225,8 +226,9 @@ def _train(args) -> int:
         result = train(args.store, args.out, cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise _UsageError(str(e)) from e
-    print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
-          f"{result.images_per_s:.1f} images/s; run: {result.out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+        print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
+              f"{result.images_per_s:.1f} images/s; run: {result.out}")
     return EXIT_OK
 
 

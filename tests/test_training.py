@@ -228,3 +228,31 @@ def test_run_encoder_rebuilds_initial_and_trained_backbones(train_store, tiny_te
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(initial.model(x), fresh.eval().backbone(x))
+
+
+def test_torchrun_two_processes_train_with_gathered_embeddings(train_store, tiny_text_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_config(tiny_text_model, steps=2).to_dict()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*torchrun, "-m", "hlss_model.train", "--store", str(train_store), "--out",
+                          str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("trained 2 steps") == 1  # only rank 0 reports
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and all(np.isfinite(x["loss"]) for x in lines)
+    model, _ = load_run_model(tmp_path / "r")
+    assert model.feature_dim > 0
