@@ -82,12 +82,14 @@ class LossConfig:
     lambda_slide: float = 1.0
     lambda_patch: float = 1.0
     alignment_weight: float = 1.0  # HLSS: total = HVC + alignment_weight * HA
+    # HLSS only: weight of HiDisc's contrast on z added to HVC + HA (0 = the paper's objective)
+    visual_weight: float = 0.0
     alignment_temperature: float = 0.1  # at 1.0 softmax over D dims of unit vectors is near uniform and HA vanishes
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.alignment_temperature <= 0:
             raise ConfigError("loss temperatures must be > 0")
-        for name in ("lambda_patient", "lambda_slide", "lambda_patch", "alignment_weight"):
+        for name in ("lambda_patient", "lambda_slide", "lambda_patch", "alignment_weight", "visual_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_patient == self.lambda_slide == self.lambda_patch == 0:

@@ -130,7 +130,8 @@ def _build_loss(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.method == "hidisc":
         return HiDiscLoss(temperature=lc.temperature, **lambdas)
     return HLSSLoss(HVCLoss(temperature=lc.temperature, **lambdas), AlignmentLoss(lc.alignment_temperature),
-                    alignment_weight=lc.alignment_weight)
+                    alignment_weight=lc.alignment_weight, visual=HiDiscLoss(temperature=lc.temperature, **lambdas),
+                    visual_weight=lc.visual_weight)
 
 
 def _split(index: CohortIndex, seed: int) -> dict[str, str]:

@@ -395,3 +395,18 @@ def test_hlss_gradcheck():
     assert torch.autograd.gradcheck(
         lambda x: loss(*hlss_inputs(x, seed=5), attributes)["loss"], (raw.requires_grad_(),)
     )
+
+
+def test_hlss_visual_term_adds_hidisc_on_z():
+    torch.manual_seed(0)
+    B, S, T, V, D = 3, 2, 2, 2, 8
+    z = F.normalize(torch.randn(B, S, T, V, D, dtype=torch.float64), dim=-1)
+    heads = {lvl: F.normalize(torch.randn(B, S, T, V, n, dtype=torch.float64), dim=-1)
+             for lvl, n in (("patch", 5), ("slide", 4), ("patient", 3))}
+    attrs = {lvl: F.normalize(torch.randn(n, D, dtype=torch.float64), dim=-1) for lvl, n in (("patch", 5), ("slide", 4))}
+    plain = HLSSLoss(HVCLoss(), AlignmentLoss(), alignment_weight=0.5)(heads, z, attrs)
+    mixed = HLSSLoss(HVCLoss(), AlignmentLoss(), alignment_weight=0.5, visual=HiDiscLoss(), visual_weight=2.0)(heads, z, attrs)
+    hidisc = HiDiscLoss()(z)
+    assert "vis" not in plain
+    torch.testing.assert_close(mixed["vis"], hidisc["loss"])
+    torch.testing.assert_close(mixed["loss"], plain["loss"] + 2.0 * hidisc["loss"])
