@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# before anything imports huggingface_hub: the text-encoder tests must never reach for the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 DATA = Path(__file__).resolve().parent / "data"
 # keep the pools and libraries from oversubscribing the 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -85,7 +88,6 @@ def tiny_text_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_caches(tmp_path_factory):
-    """Text-embedding cache in a temporary folder; no network for Hugging Face."""
+    """Text-embedding cache in a temporary folder."""
     os.environ["HLSS_CACHE_DIR"] = str(tmp_path_factory.mktemp("hlss-cache"))
-    os.environ["HF_HUB_OFFLINE"] = "1"
     yield
