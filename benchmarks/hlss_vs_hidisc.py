@@ -68,7 +68,7 @@ def main() -> None:
     store = build_store(args.patients, args.classes, args.size, args.seed, args.slides_per_patient,
                         args.tile_size, args.tile_mpp)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"store {store}; {args.steps} steps of {args.batch_patients} patients x 2 slides x 2 tiles x 2 views, "
+    print(f"store {store}; {args.steps} steps of {args.batch_patients} patients x {args.slides_per_patient} slides x 2 tiles x 2 views, "
           f"{args.backbone} at {args.image_size} px; device {device}; torch {torch.__version__}; {platform.node()}")
     base = {
         "steps": args.steps, "seed": args.seed, "checkpoint_every": args.steps, "log_every": 10,

@@ -304,8 +304,8 @@ class HLSSLoss(nn.Module):
 
     The last term is off by default (the paper's objective). With it, the hierarchical contrast is
     also applied to z itself, as in HiDisc: on our synthetic cohorts HVC alone, acting through the
-    small attribute spaces of the heads (7-14 outputs), taught the backbone less than HiDisc did
-    (see benchmarks/README.md), and adding the visual term recovered HiDisc's kNN accuracy.
+    small attribute spaces of the heads (7-14 outputs), taught the backbone much less than HiDisc
+    did, and adding the visual term recovered part of the gap (see benchmarks/README.md).
     """
 
     def __init__(self, hvc: HVCLoss, alignment: AlignmentLoss, alignment_weight: float = 1.0,

@@ -10,7 +10,7 @@ output is the similarity of z to every attribute; the heads then train with the 
 re-normalised): sentences of one domain share a large common direction (mean pairwise cosine
 0.5-0.6 with the shipped attributes), which makes every head output nearly the same vector, and the
 hierarchical contrast then collapses (on the demo cohort the HVC loss stayed at log(N-1) for 80 steps
-with raw rows; with centred rows it fell like HiDisc's). ``head_init="raw"`` keeps the rows as they are.
+with raw rows; with centred rows it falls). ``head_init="raw"`` keeps the rows as they are.
 """
 
 from __future__ import annotations
