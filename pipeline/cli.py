@@ -274,7 +274,8 @@ def _extract(args) -> int:
         bar = tqdm(desc="tiles", unit="tile", file=sys.stderr)
     try:
         report = extract_features(args.store, encoders, batch_size=args.batch_size, device=args.device,
-                                  dtype=args.dtype, force=args.force, on_tiles=bar.update if bar else None)
+                                  dtype=args.dtype, force=args.force,
+                                  on_tiles=bar.update if bar is not None else None)
     except (StoreError, ValueError) as e:
         raise _UsageError(str(e)) from e
     finally:

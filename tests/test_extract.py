@@ -467,13 +467,13 @@ def test_cli_train_then_extract_and_knn_from_the_run(train_store, tiny_text_mode
         "augment: {out_size: 32}\n"
     )
     run = tmp_path / "run"
-    code = main(["train", "--store", str(store), "--out", str(run), "--config", str(cfg), "--no-progress"])
+    code = main(["train", "--store", str(store), "--out", str(run), "--config", str(cfg)])  # with progress bars
     out = capsys.readouterr().out
     assert code == 0 and "trained 2 steps" in out
     assert (run / "model.safetensors").is_file()
 
-    code = main(["extract", "--store", str(store), "--checkpoint", str(run), "--no-progress", "--device", "cpu",
-                 "--batch-size", "16"])
+    code = main(["extract", "--store", str(store), "--checkpoint", str(run), "--device", "cpu",
+                 "--batch-size", "16"])  # with a progress bar
     out = capsys.readouterr().out
     assert code == 0, out
     name = f"hlss-{run.resolve().name}"
