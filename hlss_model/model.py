@@ -45,7 +45,10 @@ def create_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches raise even when not strict
+            raise ValueError(f"{path}: weights do not fit timm model {name!r}: {str(e).splitlines()[-1].strip()}") from None
         head = {k for k in unexpected if k.split(".")[0] in ("fc", "head", "classifier", "last_linear")}
         if missing or set(unexpected) - head:
             raise ValueError(f"{path}: weights do not fit timm model {name!r} "

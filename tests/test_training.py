@@ -256,3 +256,40 @@ def test_torchrun_two_processes_train_with_gathered_embeddings(train_store, tiny
     assert [x["step"] for x in lines] == [1, 2] and all(np.isfinite(x["loss"]) for x in lines)
     model, _ = load_run_model(tmp_path / "r")
     assert model.feature_dim > 0
+
+
+def test_backbone_and_encoder_load_local_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from hlss_model.model import create_backbone
+    from pipeline.encoders import timm_encoder
+
+    torch.manual_seed(1)
+    source = create_backbone("resnet10t")
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    loaded = create_backbone("resnet10t", weights)
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    enc = timm_encoder("resnet10t", weights, name="w")
+    assert enc.fingerprint == timm_encoder("resnet10t", weights).fingerprint != timm_encoder("resnet10t").fingerprint
+    with pytest.raises(ValueError, match="do not fit"):
+        create_backbone("test_resnet", weights)
+
+
+def test_training_needs_only_the_store_and_clips_gradients(train_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "alone.zarr"
+    shutil.copytree(train_store, store)  # the slide files stay behind: training must not need them
+    cfg = TrainConfig.from_dict({
+        "method": "hidisc", "steps": 2, "device": "cpu", "log_every": 1, "checkpoint_every": 2,
+        "sampler": {"batch_size": 4, "num_workers": 0}, "model": {"backbone": "resnet10t"},
+        "optim": {"grad_clip": 0.5}, "augment": {"out_size": 32},
+    })
+    from unittest import mock
+
+    with mock.patch("pipeline.reader.open_slide", side_effect=AssertionError("a slide file was opened")):
+        train(store, tmp_path / "r", cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all("grad_norm" in x and np.isfinite(x["grad_norm"]) for x in lines)
