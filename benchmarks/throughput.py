@@ -47,7 +47,7 @@ from hlss_model.losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from hlss_model.model import HLSSModel, create_backbone
 from pipeline.config import TilingParams
 from pipeline.encoders import Encoder, timm_encoder
-from pipeline.features import extract_features, iter_tile_batches
+from pipeline.features import extract_features
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
 from pipeline.synthetic import make_demo_cohort
@@ -274,8 +274,9 @@ def tile_blocks(store: Path, batch_size: int, device: torch.device) -> list[torc
     blocks = []
     for rec in reader.records(status="complete"):
         if rec.n_tiles:
-            for _, block in iter_tile_batches(reader.tiles(rec.patient_id, rec.slide_id), batch_size):
-                blocks.append(torch.from_numpy(block).to(device))
+            tiles = reader.tiles(rec.patient_id, rec.slide_id)
+            for start in range(0, rec.n_tiles, batch_size):
+                blocks.append(torch.from_numpy(tiles[start:start + batch_size]).to(device))
     return blocks
 
 

@@ -79,19 +79,15 @@ class CohortIndex:
 
     def subset(self, patients: list[str]) -> "CohortIndex":
         """The same store restricted to ``patients`` (e.g. the training split)."""
-        keep = [i for i, p in enumerate(self.patient_ids) if p in set(patients)]
+        wanted = set(patients)
+        keep = [i for i, p in enumerate(self.patient_ids) if p in wanted]
         if not keep:
             raise ValueError("subset: none of the given patients is in the index")
-        old_to_new: dict[int, int] = {}
         keys, ntiles, pslides = [], [], []
         for i in keep:
-            own = []
-            for g in self.patient_slides[i]:
-                old_to_new[g] = len(keys)
-                own.append(len(keys))
-                keys.append(self.slide_keys[g])
-                ntiles.append(self.slide_tiles[g])
-            pslides.append(tuple(own))
+            pslides.append(tuple(range(len(keys), len(keys) + len(self.patient_slides[i]))))
+            keys += [self.slide_keys[g] for g in self.patient_slides[i]]
+            ntiles += [self.slide_tiles[g] for g in self.patient_slides[i]]
         return CohortIndex(self.store_path, tuple(self.patient_ids[i] for i in keep), tuple(pslides), tuple(keys),
                            tuple(ntiles), tuple(self.labels[i] for i in keep), self.class_names,
                            tuple(self.splits[i] for i in keep))

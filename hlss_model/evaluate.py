@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.encoders import Encoder
-from pipeline.features import embed_tiles
+from pipeline.features import embed_tiles, sample_rows
 from pipeline.store import SlideStore
 
 from .knn import FeatureTable, KnnReport, knn_evaluate, split_patients
@@ -77,8 +77,6 @@ def knn_from_store(store: str | Path, features: str | None = None, encoder: Enco
 
 
 def _subsample(arr, limit: int | None, seed: int) -> np.ndarray:
-    n = arr.shape[0]
-    if limit is None or n <= limit:
-        return np.asarray(arr[:], dtype=np.float32)
-    rows = np.sort(np.random.default_rng([seed, n]).choice(n, limit, replace=False))
-    return np.asarray(arr.get_orthogonal_selection((rows,)), dtype=np.float32)
+    """Stored features of the rows :func:`~pipeline.features.sample_rows` picks (all rows when few)."""
+    rows = sample_rows(arr.shape[0], limit, seed)
+    return np.asarray(arr[:] if rows is None else arr.get_orthogonal_selection((rows,)), dtype=np.float32)

@@ -33,15 +33,16 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
+from pipeline.features import resolve_device
 from pipeline.store import SlideStore
 
 from .config import ConfigError, TrainConfig
 from .data import CohortIndex, make_loader
-from .knn import split_patients
+from .evaluate import store_split
 from .losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from .model import HLSSModel
 
-__all__ = ["train", "TrainResult", "lr_factor", "resolve_device"]
+__all__ = ["train", "TrainResult", "lr_factor"]
 
 RUN_FORMAT = 1
 
@@ -60,15 +61,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available")
-    return device
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -134,11 +126,6 @@ def _build_loss(cfg: TrainConfig) -> torch.nn.Module:
                     visual_weight=lc.visual_weight)
 
 
-def _split(index: CohortIndex, seed: int) -> dict[str, str]:
-    labels = {p: (index.class_names[lab] if lab >= 0 else "") for p, lab in zip(index.patient_ids, index.labels)}
-    return split_patients(labels, dict(zip(index.patient_ids, index.splits)), seed=seed)
-
-
 def train(store: str | Path, out: str | Path, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Pretrain on the training patients of ``store``; writes the run folder ``out`` (see module doc).
@@ -154,19 +141,17 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    index = CohortIndex.from_store(SlideStore(store))
-    split = _split(index, cfg.seed)
+    reader = SlideStore(store)
+    index = CohortIndex.from_store(reader)
+    split = store_split(reader, cfg.seed)
     train_index = index.subset([p for p, s in split.items() if s == "train"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    if world > 1:
-        dist.barrier()
-    attributes, text_meta = _text_side(cfg, out) if rank == 0 or not resume else (None, {})
+    # rank 0 embeds the attribute text and writes it to the run; then every rank reads that file,
+    # so all build their heads in the same order
+    attributes, text_meta = _text_side(cfg, out) if rank == 0 else (None, {})
     if world > 1 and cfg.uses_text:
         dist.barrier()
         attributes = load_file(str(out / "attributes.safetensors"))
@@ -177,8 +162,8 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     targets = {k: v.to(device) for k, v in (attributes or {}).items()}
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -276,7 +261,7 @@ def _prepare_run(out: Path, config: TrainConfig | None, resume: bool, rank: int)
         latest = out / "latest.json"
         start = json.loads(latest.read_text())["step"] if latest.is_file() else 0
         return cfg, start
-    if (out / "run.json").exists():
+    if rank == 0 and (out / "run.json").exists():
         raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     cfg = config or TrainConfig()
     if rank == 0:

@@ -232,34 +232,38 @@ def _train(args) -> int:
     return EXIT_OK
 
 
+def _timm_encoder(spec: str, name: str | None = None):
+    """An encoder from ``timm:NAME`` or ``timm:NAME:WEIGHTS_FILE``."""
+    from .encoders import timm_encoder
+
+    prefix, _, rest = spec.partition(":")
+    if prefix != "timm" or not rest:
+        raise _UsageError(f"--encoder {spec!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
+    model, _, weights = rest.partition(":")
+    if weights and not Path(weights).is_file():
+        raise _UsageError(f"--encoder {spec!r}: weights file {weights} not found")
+    try:
+        return timm_encoder(model, weights or None, name)
+    except ValueError as e:
+        raise _UsageError(str(e)) from e
+
+
 def _encoders(args) -> list:
     from hlss_model.runs import run_encoder
 
-    from .encoders import timm_encoder
-
-    specs = [("run", str(c)) for c in args.checkpoint] + [("timm", e) for e in args.encoder]
-    if not specs:
+    n = len(args.checkpoint) + len(args.encoder)
+    if not n:
         raise _UsageError("give --checkpoint RUN or --encoder timm:NAME (each may repeat)")
-    names = list(getattr(args, "name", None) or [])
-    if len(names) > len(specs):
-        raise _UsageError(f"{len(names)} --name for {len(specs)} encoders")
+    if len(args.name) > n:
+        raise _UsageError(f"{len(args.name)} --name for {n} encoders")
+    names = args.name + [None] * (n - len(args.name))
     out = []
-    for i, (kind, spec) in enumerate(specs):
-        name = names[i] if i < len(names) else None
+    for run, name in zip(args.checkpoint, names):
         try:
-            if kind == "run":
-                out.append(run_encoder(spec, name))
-                continue
-            prefix, _, rest = spec.partition(":")
-            if prefix != "timm" or not rest:
-                raise _UsageError(f"--encoder {spec!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
-            model, _, weights = rest.partition(":")
-            if weights and not Path(weights).is_file():
-                raise _UsageError(f"--encoder {spec!r}: weights file {weights} not found")
-            out.append(timm_encoder(model, weights or None, name))
+            out.append(run_encoder(run, name))
         except (FileNotFoundError, ValueError) as e:
             raise _UsageError(str(e)) from e
-    return out
+    return out + [_timm_encoder(spec, name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])]
 
 
 def _extract(args) -> int:
@@ -307,9 +311,7 @@ def _knn(args) -> int:
     elif args.initial:
         raise _UsageError("--initial needs --checkpoint")
     elif args.encoder is not None:
-        args.checkpoint, args.name = [], []
-        args.encoder = [args.encoder]
-        encoder = _encoders(args)[0]
+        encoder = _timm_encoder(args.encoder)
     try:
         report = knn_from_store(args.store, features=args.features, encoder=encoder, split=split, k=args.k,
                                 temperature=args.temperature, max_tiles_per_slide=args.max_tiles_per_slide,

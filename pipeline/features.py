@@ -22,7 +22,7 @@ import torch
 from .encoders import Encoder
 from .store import SlideStore, StoreWriter, tiles_version
 
-__all__ = ["extract_features", "embed_tiles", "ExtractReport", "iter_tile_batches"]
+__all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -44,47 +44,28 @@ class ExtractReport:
         return 1 if self.failed else 0
 
 
-def iter_tile_batches(tiles, batch_size: int, prefetch: int = 2, pool: ThreadPoolExecutor | None = None,
-                      rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, (n, T, T, 3) uint8)`` batches of a zarr tiles array, read ``prefetch`` batches ahead.
-
-    ``rows`` (sorted) restricts to those tile rows; ``start`` is then the position in ``rows``.
-    """
-    n = len(rows) if rows is not None else tiles.shape[0]
-    starts = list(range(0, n, batch_size))
-
-    def read(s: int) -> np.ndarray:
-        if rows is None:
-            return tiles[s:s + batch_size]
-        return tiles.get_orthogonal_selection((rows[s:s + batch_size],))
-
-    own = pool is None
-    pool = pool or ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read")
-    try:
-        pending: list[tuple[int, Future]] = [(s, pool.submit(read, s)) for s in starts[:prefetch + 1]]
-        nxt = prefetch + 1
-        while pending:
-            s, fut = pending.pop(0)
-            if nxt < len(starts):
-                pending.append((starts[nxt], pool.submit(read, starts[nxt])))
-                nxt += 1
-            yield s, fut.result()
-    finally:
-        if own:
-            pool.shutdown(wait=False, cancel_futures=True)
+def sample_rows(n: int, limit: int | None, seed: int = 0) -> np.ndarray | None:
+    """A seeded, sorted subset of ``limit`` of ``n`` tile rows; None (all rows) when ``n <= limit``."""
+    if limit is None or n <= limit:
+        return None
+    return np.sort(np.random.default_rng([seed, n]).choice(n, limit, replace=False))
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for but absent is an error."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    return device
 
 
 class _Runner:
     """Moves encoders to a device once and runs them on uint8 batches."""
 
     def __init__(self, encoders: list[Encoder], device: str, amp: bool | None) -> None:
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.amp = (self.device.type == "cuda") if amp is None else amp
         for enc in encoders:
             enc.model.to(self.device).eval().to(memory_format=torch.channels_last)
@@ -174,18 +155,20 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
     def read(job: _SlideJob, start: int, stop: int) -> np.ndarray:
         return reader.tiles(job.patient, job.slide)[start:stop]
 
+    def commit(job: _SlideJob) -> None:
+        if job.error is not None:
+            raise job.error
+        for fut in job.writes:
+            fut.result()
+        for enc in job.encoders:
+            writer.commit_features(job.staged[enc.name], job.patient, job.slide, enc.name,
+                                   {**enc.attrs(), "dtype": dtype, "n": job.n}, job.version)
+
     def finish(job: _SlideJob) -> None:
         try:
-            if job.error is None:
-                for fut in job.writes:
-                    fut.result()
-                for enc in job.encoders:
-                    writer.commit_features(job.staged[enc.name], job.patient, job.slide, enc.name,
-                                           {**enc.attrs(), "dtype": dtype, "n": job.n}, job.version)
-                report.extracted.append((job.patient, job.slide))
-                status = "extracted"
-            else:
-                raise job.error
+            commit(job)
+            report.extracted.append((job.patient, job.slide))
+            status = "extracted"
         except Exception as e:  # one bad slide must not stop the cohort
             log.error("%s/%s: feature extraction failed: %s", job.patient, job.slide, e)
             report.failed.append((job.patient, job.slide, f"{type(e).__name__}: {e}"))
@@ -250,18 +233,25 @@ def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str
                 prefetch: int = 2) -> dict[tuple[str, str], np.ndarray]:
     """In-memory ``(n, D) float32`` features of each slide (for evaluation; nothing is written).
 
-    ``max_tiles_per_slide`` takes a seeded, sorted random subset of rows of larger slides.
+    ``max_tiles_per_slide`` takes the rows :func:`sample_rows` picks from larger slides.
     """
     reader = SlideStore(store)
     run = _Runner([encoder], device, None)
-    out: dict[tuple[str, str], np.ndarray] = {}
+
+    def batches() -> Iterator[tuple]:
+        for key in slides:
+            tiles = reader.tiles(*key)
+            rows = sample_rows(tiles.shape[0], max_tiles_per_slide, seed)
+            for start in range(0, tiles.shape[0] if rows is None else len(rows), batch_size):
+                yield key, tiles, rows, start
+
+    def read(key, tiles, rows, start: int) -> np.ndarray:
+        if rows is None:
+            return tiles[start:start + batch_size]
+        return tiles.get_orthogonal_selection((rows[start:start + batch_size],))
+
+    parts: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in slides}
     with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool:
-        for p, s in slides:
-            arr = reader.tiles(p, s)
-            rows = None
-            if max_tiles_per_slide is not None and arr.shape[0] > max_tiles_per_slide:
-                rng = np.random.default_rng([seed, arr.shape[0]])
-                rows = np.sort(rng.choice(arr.shape[0], max_tiles_per_slide, replace=False))
-            parts = [run(encoder, run.upload(block)) for _, block in iter_tile_batches(arr, batch_size, prefetch, pool, rows)]
-            out[(p, s)] = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
-    return out
+        for key, _, _, _, block in _read_ahead(batches(), read, pool, prefetch):
+            parts[key].append(run(encoder, run.upload(block.result())))
+    return {key: np.concatenate(p) if p else np.zeros((0, encoder.dim), np.float32) for key, p in parts.items()}
