@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tile", help="tile a folder of slides or a manifest CSV into a store")
     t.add_argument("source", type=Path, help="folder of slides (searched recursively) or manifest .csv")
-    t.add_argument("--store", type=Path, required=True, help="store folder (created if missing)")
+    t.add_argument("--store", required=True, help="store folder (created if missing) or URL (s3://bucket/path)")
     t.add_argument("--target-mpp", type=float, default=0.5, help="µm per px of the tiles (default 0.5)")
     t.add_argument("--tile-size", type=int, default=256, help="tile side in px (default 256)")
     t.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a kept tile (default 0.5)")
@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="patients, slides, tiles, failures and parameters of a store")
-    i.add_argument("store", type=Path)
+    i.add_argument("store", help="store folder or URL")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
     r = sub.add_parser("train", help="HLSS (or HiDisc) pretraining on the store's training patients")
-    r.add_argument("--store", type=Path, required=True)
+    r.add_argument("--store", required=True, help="store folder or URL")
     r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, final weights)")
     r.add_argument("--config", type=Path, help="YAML training config (see hlss_model/config.py)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("extract", help="write per-tile features features/<NAME> (N, D) for every slide")
-    e.add_argument("--store", type=Path, required=True)
+    e.add_argument("--store", required=True, help="store folder or URL")
     e.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="RUN",
                    help="a training run folder (repeatable)")
     e.add_argument("--encoder", action="append", default=[], metavar="timm:NAME[:WEIGHTS]",
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
 
     k = sub.add_parser("knn", help="kNN accuracy and MCA at tile, slide and patient level")
-    k.add_argument("--store", type=Path, required=True)
+    k.add_argument("--store", required=True, help="store folder or URL")
     src = k.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", help="a stored feature name")
     src.add_argument("--checkpoint", type=Path, metavar="RUN", help="a training run (uses the run's split)")
@@ -89,6 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="auto")
     k.add_argument("--seed", type=int, default=0, help="seed of the patient split when the manifest has none")
     k.add_argument("--json", type=Path, help="also write the report as JSON here")
+    v = sub.add_parser("serve", help="serve the Prefect deployments (tile-and-train/default, extract-features/default, "
+                                     "reprocess/nightly) against a Prefect server")
+    from flows.serve import add_arguments
+
+    add_arguments(v)
+
+    w = sub.add_parser("run", help="run the tile-and-train flow here, with Prefect's temporary local server "
+                                   "(or PREFECT_API_URL's)")
+    w.add_argument("--config", help="YAML flow settings (default $HLSS_FLOW_CONFIG); flags override it")
+    w.add_argument("--source", help="folder of slides or manifest .csv")
+    w.add_argument("--store", help="store folder or URL (s3://bucket/path)")
+    w.add_argument("--run-dir", help="training run folder")
+    w.add_argument("--train-config", help="YAML training config (see hlss_model/config.py)")
+    w.add_argument("--steps", type=int)
+    w.add_argument("--method", choices=("hlss", "hidisc"))
+    w.add_argument("--device", help="training and extraction device (auto, cpu, cuda, cuda:N)")
+    w.add_argument("--resume", action="store_true", help="continue an unfinished run in --run-dir")
+    w.add_argument("--encoder", action="append", default=[], metavar="timm:NAME[:WEIGHTS]",
+                   help="also extract features with this timm model (repeatable)")
+    w.add_argument("--workers", type=int, help="slides tiled at once")
+    w.add_argument("--threads", type=int, help="cores per tiling worker")
+    w.add_argument("--scheduler-address", help="run slides on this Dask cluster (tcp://host:8786)")
+    w.add_argument("--force-tiling", action="store_true", help="retile slides even when unchanged")
     return p
 
 
@@ -324,8 +347,21 @@ def _knn(args) -> int:
     return EXIT_OK
 
 
+def _serve(args) -> int:
+    from flows.serve import run_from_args
+
+    return run_from_args(args)
+
+
+def _run(args) -> int:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from flows.run import run_tile_and_train
+
+    return run_tile_and_train(args)
+
+
 _COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train": _train, "extract": _extract,
-             "knn": _knn}
+             "knn": _knn, "serve": _serve, "run": _run}
 
 if __name__ == "__main__":
     sys.exit(main())

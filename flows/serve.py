@@ -1,0 +1,107 @@
+"""Serve the deployments ``tile-and-train/default``, ``extract-features/default`` and ``reprocess/nightly``.
+
+Run against a Prefect server (``prefect server start``; ``PREFECT_API_URL`` pointing at it)::
+
+    hlss serve --config hlss-flows.yaml          # or: python -m flows.serve --config ...
+    prefect deployment run tile-and-train/default --watch
+    prefect deployment run tile-and-train/default --param workers=4 --params '{"training": {"resume": true}}'
+
+Defaults come from the config file and ``HLSS_*`` variables (see :mod:`flows.settings`), so a
+configured machine needs no parameters; ``--param``/``--params`` override them per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .settings import FlowConfigError, FlowDefaults, load_defaults
+
+__all__ = ["build_deployments", "check_api", "serve", "main"]
+
+
+class PrefectAPIError(RuntimeError):
+    """No usable Prefect API; the message says what to start or set."""
+
+
+def check_api(require_server: bool) -> str | None:
+    """The API URL in use, after checking it answers; None for Prefect's temporary local server.
+
+    ``require_server``: fail when no ``PREFECT_API_URL`` is configured (serving needs a server that
+    outlives this process, or nobody could trigger the deployments).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        if require_server:
+            raise PrefectAPIError("no Prefect server configured: start one with `prefect server start` and set "
+                                  "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
+        return None
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise PrefectAPIError(f"Prefect API at {url} is unreachable ({type(problem).__name__}: {problem}); "
+                              "start it with `prefect server start`, or fix PREFECT_API_URL")
+    return url
+
+
+def build_deployments(defaults: FlowDefaults, schedule: bool = True) -> list:
+    """The three deployments with ``defaults`` as their parameters (``reprocess/nightly`` on its cron)."""
+    from prefect.schedules import Cron
+
+    from .extract import extract_features_flow
+    from .reprocess import reprocess
+    from .tile_and_train import tile_and_train
+
+    try:
+        nightly = [Cron(defaults.reprocess_cron, timezone=defaults.timezone)] if schedule else []
+    except ValueError as e:
+        raise FlowConfigError(f"reprocess_cron {defaults.reprocess_cron!r}: {e}") from e
+    tags = ["hlss"]
+    return [
+        tile_and_train.to_deployment(name="default", parameters=defaults.flow_parameters("tile-and-train"),
+                                     tags=tags, description="Tile new or changed slides, train HLSS, extract, kNN."),
+        extract_features_flow.to_deployment(name="default", parameters=defaults.flow_parameters("extract-features"),
+                                            tags=tags, description="Feature bags for MIL with a chosen encoder."),
+        reprocess.to_deployment(name="nightly", parameters=defaults.flow_parameters("reprocess"), schedules=nightly,
+                                tags=tags, description="Tile and extract only new or changed slides."),
+    ]
+
+
+def serve(defaults: FlowDefaults, limit: int | None = None, schedule: bool = True) -> None:
+    """Register the deployments with the configured Prefect server and run their flow runs until stopped."""
+    from prefect import serve as prefect_serve
+
+    check_api(require_server=True)
+    prefect_serve(*build_deployments(defaults, schedule), limit=limit)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML flow settings (default $HLSS_FLOW_CONFIG); see flows/settings.py")
+    p.add_argument("--cron", help="cron schedule of reprocess/nightly (default from the config, else 0 2 * * *)")
+    p.add_argument("--no-schedule", action="store_true", help="serve reprocess/nightly without its schedule")
+    p.add_argument("--limit", type=int, help="flow runs executed at once by this process (default: no limit)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        defaults = load_defaults(args.config)
+        if args.cron:
+            defaults = defaults.model_copy(update={"reprocess_cron": args.cron})
+        serve(defaults, limit=args.limit, schedule=not args.no_schedule)
+    except (FlowConfigError, PrefectAPIError) as e:
+        print(f"hlss serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The steps the flows are made of, as Prefect tasks over :mod:`pipeline` and :mod:`hlss_model`.
+
+Each step is a plain function underneath (``.fn``), so it can be called without Prefect. Caching
+is off everywhere (``NO_CACHE``): the store and the run folder are the cache, keyed on slide
+content and parameters (tiling), weights fingerprints (features) and the run's own checkpoints
+(training), so a deleted or edited store is rebuilt instead of being answered from a stale record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+
+from pipeline.cohort import SlideSpec, discover_cohort
+from pipeline.config import TilingParams
+from pipeline.features import ExtractReport, resolve_device
+from pipeline.source import same_source, source_info
+from pipeline.store import SlideStore, StoreWriter
+from pipeline.tiler import SlideResult, record_failure
+
+from .executor import SlideExecutor
+from .limits import device_slot
+from .settings import EvaluationSettings, ExtractionSettings, TrainingSettings
+from .work import EncoderSpec, extract_slides, tile_one
+
+__all__ = [
+    "SlidePlan", "plan_slides", "change_reason", "tile_slides", "tile_phase", "run_state", "training_curve", "train_step", "extract_step", "knn_step",
+    "register_executor", "release_executor",
+]
+
+_EXECUTORS: dict[str, SlideExecutor] = {}
+
+
+def register_executor(executor: SlideExecutor) -> str:
+    """A key tasks use to find ``executor`` (executors are live objects, not task parameters)."""
+    key = uuid.uuid4().hex
+    _EXECUTORS[key] = executor
+    return key
+
+
+def release_executor(key: str) -> None:
+    _EXECUTORS.pop(key, None)
+
+
+# -- tiling ------------------------------------------------------------------------------------
+
+def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> str | None:
+    """Why ``spec`` must be (re)tiled, or None when its stored version is current.
+
+    A changed mtime alone is not a reason (a copy or ``touch`` keeps the content); it makes the
+    content fingerprint decide, which is computed for every slide anyway (about 1 MiB read).
+    """
+    attrs = writer.slide_attrs(spec.patient_id, spec.slide_id)
+    if attrs is None:
+        return "new"
+    if attrs.get("status") != "complete":
+        return f"previous attempt {attrs.get('status', 'unfinished')}"
+    try:
+        src = source_info(spec.path)
+    except OSError as e:
+        return f"source unreadable ({e.strerror or e})"
+    old = attrs.get("source") or {}
+    if old.get("bytes") != src["bytes"]:
+        return f"source size changed ({old.get('bytes')} -> {src['bytes']} bytes)"
+    if not same_source(old, src):
+        return "source content changed (fingerprint)"
+    if attrs.get("params_hash") != params.params_hash(spec.mpp):
+        return "tiling parameters changed"
+    return None
+
+
+@dataclass
+class SlidePlan:
+    """What a run will do with each slide of the cohort."""
+
+    todo: list[tuple[SlideSpec, str]] = field(default_factory=list)  # (slide, reason)
+    results: list[SlideResult] = field(default_factory=list)  # skipped slides and rejected manifest rows
+
+
+@task(name="plan-slides", cache_policy=NO_CACHE)
+def plan_slides(source: str, store: str, params: TilingParams, force: bool = False) -> SlidePlan:
+    """Discover the cohort and decide, slide by slide, what needs tiling and why."""
+    logger = get_run_logger()
+    cohort = discover_cohort(source)
+    writer = StoreWriter(store)
+    writer.clean_staging()
+    plan = SlidePlan()
+    for p in cohort.problems:
+        plan.results.append(SlideResult(p.patient_id, p.slide_id, p.source, "failed", error=f"{p.source}: {p.error}"))
+    for spec in cohort.slides:
+        reason = "forced" if force else change_reason(writer, spec, params)
+        if reason is None:
+            plan.results.append(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "skipped"))
+        else:
+            plan.todo.append((spec, reason))
+    logger.info("%d slides: %d to tile, %d unchanged, %d rejected", len(cohort.slides) + len(cohort.problems),
+                len(plan.todo), sum(r.status == "skipped" for r in plan.results), len(cohort.problems))
+    return plan
+
+
+@task(name="tile-slide", task_run_name="tile {spec.patient_id}/{spec.slide_id}", retries=2,
+      retry_delay_seconds=2, cache_policy=NO_CACHE)
+def tile_slide_task(spec: SlideSpec, store: str, params: TilingParams, threads: int, executor_key: str) -> SlideResult:
+    """One slide, in a worker process; a dead worker raises, so Prefect retries the slide."""
+    result = _EXECUTORS[executor_key].run(tile_one, spec, store, params, threads)
+    logger = get_run_logger()
+    if result.status == "failed":
+        logger.warning("%s/%s failed: %s", spec.patient_id, spec.slide_id, result.error)
+    else:
+        logger.info("%s/%s: %d tiles in %.1f s", spec.patient_id, spec.slide_id, result.n_tiles, result.seconds)
+    return result
+
+
+def tile_slides(todo: list[SlideSpec], store: str, params: TilingParams, threads: int, executor_key: str,
+                slots: int) -> list[SlideResult]:
+    """Tile ``todo`` as one ``tile-slide`` task per slide, ``slots`` at a time.
+
+    A slide whose task fails after its retries is recorded as failed in the store (unless a
+    complete version is there) and reported; the other slides go on.
+    """
+    def submit(spec: SlideSpec) -> PrefectFuture:
+        return tile_slide_task.submit(spec, store, params, threads, executor_key)
+
+    def finish(spec: SlideSpec, future: PrefectFuture) -> SlideResult:
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, SlideResult):
+            return outcome
+        error = f"{spec.path}: {type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) \
+            else f"{spec.path}: task ended {future.state.name}"
+        return record_failure(StoreWriter(store), spec, params, error)
+
+    return _windowed(todo, submit, finish, slots)
+
+
+def tile_phase(source: str, store: str, params: TilingParams, threads: int, executor: SlideExecutor,
+               executor_key: str, force: bool = False) -> tuple[list[SlideResult], dict[tuple[str, str], str]]:
+    """Plan, then tile what changed: every slide's result, and why each tiled slide was tiled."""
+    plan = plan_slides(source, store, params, force)
+    reasons = {(spec.patient_id, spec.slide_id): why for spec, why in plan.todo}
+    tiled = tile_slides([spec for spec, _ in plan.todo], store, params, threads, executor_key, executor.slots)
+    return plan.results + tiled, reasons
+
+
+def _windowed(items: Iterable, submit: Callable, finish: Callable, slots: int) -> list:
+    """Submit ``items`` keeping at most ``slots`` in flight (so the UI shows queued work as pending)."""
+    pending = iter(items)
+    inflight = {submit(item): item for item in itertools.islice(pending, slots)}
+    results = []
+    while inflight:
+        future = next(as_completed(list(inflight)))
+        results.append(finish(inflight.pop(future), future))
+        nxt = next(pending, None)
+        if nxt is not None:
+            inflight[submit(nxt)] = nxt
+    return results
+
+
+# -- training ----------------------------------------------------------------------------------
+
+def run_state(run_dir: str) -> dict[str, Any]:
+    """``{exists, step, steps, finished}`` of a training run folder."""
+    from hlss_model.config import TrainConfig
+
+    out = Path(run_dir).expanduser()
+    if not (out / "config.yaml").is_file():
+        return {"exists": False, "step": 0, "steps": None, "finished": False}
+    steps = TrainConfig.from_yaml(out / "config.yaml").steps
+    latest = out / "latest.json"
+    step = json.loads(latest.read_text())["step"] if latest.is_file() else 0
+    finished = step >= steps and (out / "model.safetensors").is_file()
+    return {"exists": True, "step": step, "steps": steps, "finished": finished}
+
+
+@task(name="train", task_run_name="train {run_dir}", cache_policy=NO_CACHE)
+def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str, Any]:
+    """Train HLSS into ``run_dir``; a finished run is reused, an unfinished one resumed only when asked.
+
+    Holds this host's slot for the training device (see :mod:`flows.limits`) while it trains.
+    Returns ``{status: trained | resumed | reused, steps, final_loss, images_per_s, run_dir}``.
+    """
+    from hlss_model.config import TrainConfig
+    from hlss_model.train import train
+
+    logger = get_run_logger()
+    state = run_state(run_dir)
+    if state["finished"] and not training.resume:
+        logger.info("run %s is finished (%d steps): reusing it; set training.resume to continue it", run_dir,
+                    state["step"])
+        return {"status": "reused", "steps": state["step"], **_final_metrics(run_dir), "run_dir": run_dir}
+    if state["exists"] and not training.resume:
+        raise RuntimeError(f"run_dir {run_dir} holds an unfinished run (step {state['step']} of {state['steps']}); "
+                           "set training.resume=true to continue it, or choose another run_dir")
+    if training.resume and state["exists"]:
+        cfg, status = None, "resumed"
+        if training.steps and training.steps != state["steps"]:
+            raise RuntimeError(f"run_dir {run_dir}: a resumed run keeps its saved config ({state['steps']} steps); "
+                               "drop training.steps or choose another run_dir")
+    else:
+        cfg = TrainConfig.from_yaml(training.config) if training.config else TrainConfig()
+        overrides = {k: v for k, v in (("steps", training.steps), ("method", training.method),
+                                       ("device", training.device)) if v is not None}
+        cfg, status = (cfg.replace(**overrides) if overrides else cfg), "trained"
+    device = training.device or (cfg.device if cfg is not None else "auto")
+    with device_slot(str(resolve_device(device))) as slot:
+        logger.info("training in %s (device slot %s)", run_dir, slot)
+        t0 = time.perf_counter()
+        result = train(store, run_dir, cfg, resume=status == "resumed", progress=False,
+                       on_step=_log_every(logger, 25))
+    logger.info("trained %d steps in %.0f s, final loss %.4f", result.steps, time.perf_counter() - t0,
+                result.final_loss)
+    return {"status": status, "steps": result.steps, "final_loss": result.final_loss,
+            "images_per_s": result.images_per_s, "run_dir": run_dir}
+
+
+def _log_every(logger, every: int) -> Callable[[int, dict], None]:
+    def on_step(step: int, record: dict) -> None:
+        if step % every == 0:
+            logger.info("step %d: loss %.4f", step, record.get("loss", float("nan")))
+    return on_step
+
+
+def _final_metrics(run_dir: str) -> dict[str, Any]:
+    lines = (Path(run_dir).expanduser() / "metrics.jsonl").read_text().splitlines() \
+        if (Path(run_dir).expanduser() / "metrics.jsonl").is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {"final_loss": last.get("loss"), "images_per_s": None}
+
+
+def training_curve(run_dir: str, points: int = 20) -> list[tuple[int, float]]:
+    """``(step, loss)`` at up to ``points`` evenly spaced steps of the run's metrics.jsonl."""
+    path = Path(run_dir).expanduser() / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    if not rows:
+        return []
+    stride = max(1, len(rows) // points)
+    picked = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+    return [(int(r["step"]), float(r["loss"])) for r in picked]
+
+
+# -- extraction --------------------------------------------------------------------------------
+
+@task(name="extract-features", task_run_name="extract {extraction.name} ({shard})", cache_policy=NO_CACHE)
+def extract_task(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
+                 extraction: ExtractionSettings, executor_key: str | None, shard: str = "all") -> ExtractReport:
+    """Features of ``slides`` for each encoder: on the cluster when there is one, else here.
+
+    Locally the step holds this host's device slot, so it never shares a GPU with training or
+    another extraction. On a Dask cluster, GPU work asks for a ``GPU`` resource when the workers
+    declare one (``dask worker --resources GPU=1``), which keeps one job per device there.
+    """
+    logger = get_run_logger()
+    args = (store, encoders, slides, extraction.batch_size, extraction.device, extraction.dtype)
+    executor = _EXECUTORS.get(executor_key) if executor_key else None
+    if executor is not None and executor.scheduler_address:
+        gpu = extraction.device != "cpu" and "GPU" in executor.worker_resources()
+        report = executor.run(extract_slides, *args, resources={"GPU": 1} if gpu else None)
+    else:
+        with device_slot(str(resolve_device(extraction.device))) as slot:
+            logger.info("extracting on %s (device slot %s)", extraction.device, slot)
+            report = extract_slides(*args)
+    logger.info("%d slides extracted, %d already done, %d failed; %.1f tiles/s", len(report.extracted),
+                len(report.skipped), len(report.failed), report.tiles_per_s)
+    for p, s, err in report.failed:
+        logger.warning("features of %s/%s failed: %s", p, s, err)
+    return report
+
+
+def extract_step(store: str, encoders: list[EncoderSpec], extraction: ExtractionSettings,
+                 executor: SlideExecutor, executor_key: str, slides: list[tuple[str, str]] | None = None
+                 ) -> ExtractReport:
+    """One extraction task locally; on a Dask cluster, one task per worker slot over a share of the slides."""
+    if not executor.scheduler_address or executor.slots == 1:
+        return extract_task.submit(store, encoders, slides, extraction, executor_key).result()
+    if slides is None:
+        reader = SlideStore(store)
+        slides = [(r.patient_id, r.slide_id) for r in reader.records(status="complete")]
+    shards = [slides[i::executor.slots] for i in range(executor.slots)]
+    futures = [extract_task.submit(store, encoders, shard, extraction, executor_key, f"{i + 1}/{len(shards)}")
+               for i, shard in enumerate(shards) if shard]
+    total = ExtractReport()
+    for future in futures:
+        part = future.result()
+        total.extracted += part.extracted
+        total.skipped += part.skipped
+        total.failed += part.failed
+        total.tiles += part.tiles
+        total.seconds = max(total.seconds, part.seconds)
+    return total
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+@task(name="knn", task_run_name="knn {feature}", cache_policy=NO_CACHE)
+def knn_step(store: str, feature: str, run_dir: str | None, evaluation: EvaluationSettings) -> dict[str, Any]:
+    """kNN accuracy of stored features on the run's held-out patients; recorded in the store and the run.
+
+    Returns the report as a dict, or ``{"skipped": reason}`` when the cohort has no labels to test.
+    """
+    from hlss_model.evaluate import knn_from_store
+    from hlss_model.runs import read_run
+
+    logger = get_run_logger()
+    split = read_run(run_dir)["split"] if run_dir and (Path(run_dir).expanduser() / "run.json").is_file() else None
+    try:
+        report = knn_from_store(store, features=feature, split=split, k=evaluation.k,
+                                temperature=evaluation.temperature,
+                                max_tiles_per_slide=evaluation.max_tiles_per_slide)
+    except (KeyError, ValueError) as e:
+        logger.warning("kNN evaluation skipped: %s", e)
+        return {"skipped": str(e)}
+    logger.info("kNN on %s:\n%s", feature, report.table())
+    doc = {**report.to_dict(), "feature": feature, "run_dir": run_dir,
+           "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    StoreWriter(store).write_evaluation(f"knn-{feature}", doc)
+    if run_dir:
+        (Path(run_dir).expanduser() / f"knn-{feature}.json").write_text(json.dumps(doc, indent=2))
+    return doc

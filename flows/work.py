@@ -1,0 +1,66 @@
+"""The units of work the flows hand to worker processes (a local pool or a Dask cluster).
+
+Plain, picklable functions of plain values: a worker needs the package installed and the slides,
+store and run folders reachable at the same paths (or URLs), nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline.cohort import SlideSpec
+from pipeline.config import TilingParams
+from pipeline.encoders import Encoder
+from pipeline.features import ExtractReport, extract_features
+from pipeline.runner import limit_worker_threads
+from pipeline.store import StoreWriter
+from pipeline.tiler import SlideResult, tile_slide
+
+__all__ = ["EncoderSpec", "tile_one", "extract_slides"]
+
+
+def tile_one(spec: SlideSpec, store: str, params: TilingParams, threads: int = 1) -> SlideResult:
+    """Tile one slide into ``store`` using ``threads`` cores (see :func:`pipeline.tiler.tile_slide`)."""
+    limit_worker_threads(threads)
+    return tile_slide(spec, StoreWriter(store), params, overlap=threads > 1)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """An encoder described by value, so a worker can build it: a training run or a timm model."""
+
+    kind: Literal["run", "timm"]
+    ref: str  # run folder, or timm model name
+    weights: str | None = None  # timm only: a local weights file
+    name: str | None = None  # feature name; default from the model
+
+    @classmethod
+    def parse(cls, spec: str, name: str | None = None) -> "EncoderSpec":
+        """``timm:NAME[:WEIGHTS_FILE]`` or ``run:FOLDER``."""
+        kind, _, rest = spec.partition(":")
+        if kind == "run" and rest:
+            return cls("run", rest, None, name)
+        if kind == "timm" and rest:
+            model, _, weights = rest.partition(":")
+            if weights and not Path(weights).expanduser().is_file():
+                raise ValueError(f"encoder {spec!r}: weights file {weights} not found")
+            return cls("timm", model, weights or None, name)
+        raise ValueError(f"encoder {spec!r}: expected timm:NAME[:WEIGHTS_FILE] or run:FOLDER")
+
+    def build(self) -> Encoder:
+        if self.kind == "run":
+            from hlss_model.runs import run_encoder
+
+            return run_encoder(self.ref, self.name)
+        from pipeline.encoders import timm_encoder
+
+        return timm_encoder(self.ref, self.weights, self.name)
+
+
+def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
+                   batch_size: int, device: str, dtype: str) -> ExtractReport:
+    """Extract features of ``slides`` (all complete slides if None) with each encoder; skips finished work."""
+    return extract_features(store, [e.build() for e in encoders], batch_size=batch_size, device=device,
+                            dtype=dtype, slides=slides)
