@@ -50,6 +50,7 @@ def check_api(require_server: bool) -> str | None:
 def build_deployments(defaults: FlowDefaults, schedule: bool = True) -> list:
     """The three deployments with ``defaults`` as their parameters (``reprocess/nightly`` on its cron)."""
     from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
 
     from .extract import extract_features_flow
     from .reprocess import reprocess
@@ -59,14 +60,16 @@ def build_deployments(defaults: FlowDefaults, schedule: bool = True) -> list:
         nightly = [Cron(defaults.reprocess_cron, timezone=defaults.timezone)] if schedule else []
     except ValueError as e:
         raise FlowConfigError(f"reprocess_cron {defaults.reprocess_cron!r}: {e}") from e
-    tags = ["hlss"]
+    # module entrypoints (flows.reprocess.reprocess): runs import the installed package, whatever the
+    # working directory, and objects they send to worker processes unpickle there by the same names
+    common = {"tags": ["hlss"], "entrypoint_type": EntrypointType.MODULE_PATH}
     return [
         tile_and_train.to_deployment(name="default", parameters=defaults.flow_parameters("tile-and-train"),
-                                     tags=tags, description="Tile new or changed slides, train HLSS, extract, kNN."),
+                                     description="Tile new or changed slides, train HLSS, extract, kNN.", **common),
         extract_features_flow.to_deployment(name="default", parameters=defaults.flow_parameters("extract-features"),
-                                            tags=tags, description="Feature bags for MIL with a chosen encoder."),
+                                            description="Feature bags for MIL with a chosen encoder.", **common),
         reprocess.to_deployment(name="nightly", parameters=defaults.flow_parameters("reprocess"), schedules=nightly,
-                                tags=tags, description="Tile and extract only new or changed slides."),
+                                description="Tile and extract only new or changed slides.", **common),
     ]
 
 

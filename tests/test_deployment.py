@@ -1,0 +1,141 @@
+"""End to end, the production way: ``prefect server start``, ``hlss serve``, ``prefect deployment run``.
+
+A real Prefect server on loopback (SQLite in a temporary PREFECT_HOME), the deployments served by
+``hlss serve`` with defaults from a flow config file and ``HLSS_*`` variables, and runs triggered
+from the ``prefect`` command with no parameters, then with ``--params`` overriding the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from pipeline.store import SlideStore
+from pipeline.synthetic import make_demo_cohort
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}\n{log.read_text() if log else ''}")
+        try:
+            value = check()
+            if value:
+                return value
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not ready after {timeout} s\n{log.read_text()[-4000:] if log else ''}")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """Ctrl-C, as a person would; the process must exit by itself."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.args[:3]} did not stop within {timeout} s of SIGINT")
+
+
+def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "HF_HUB_OFFLINE": "1"}
+    manifest = make_demo_cohort(tmp_path / "cohort", n_patients=6, slides_per_patient=(1, 1), n_classes=2,
+                                width=1024, height=768, seed=21)
+    train_cfg = tmp_path / "train.yaml"
+    train_cfg.write_text(yaml.safe_dump({
+        "method": "hlss", "steps": 2, "device": "cpu", "checkpoint_every": 2, "log_every": 1,
+        "sampler": {"batch_size": 2, "slides_per_patient": 1, "tiles_per_slide": 2, "views_per_tile": 2,
+                    "num_workers": 0},
+        "model": {"backbone": "resnet10t", "text_encoder": str(tiny_text_model)},
+        "augment": {"out_size": 32},
+    }))
+    flow_cfg = tmp_path / "hlss-flows.yaml"
+    flow_cfg.write_text(yaml.safe_dump({
+        "workers": 2, "tiling": {"target_mpp": 1.0, "tile_size": 64}, "evaluation": {"k": 5},
+        "extraction": {"batch_size": 32}, "reprocess_cron": "15 3 * * *",
+    }))
+    store, run = tmp_path / "store.zarr", tmp_path / "run"
+    serve_env = {**env, "HLSS_FLOW_CONFIG": str(flow_cfg), "HLSS_SOURCE": str(manifest), "HLSS_STORE": str(store),
+                 "HLSS_RUN_DIR": str(run), "HLSS_TRAIN_CONFIG": str(train_cfg)}
+    work = tmp_path / "cwd"
+    work.mkdir()
+
+    server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, cwd=work, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
+    serve = None
+    try:
+        _wait("prefect server", lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 180, server,
+              server_log)
+        serve = subprocess.Popen([str(BIN / "hlss"), "serve"], env=serve_env, cwd=work,
+                                 stdout=serve_log.open("w"), stderr=subprocess.STDOUT)
+
+        def deployment(name: str) -> dict | None:
+            r = httpx.get(f"{api}/deployments/name/{name}", timeout=5)
+            return r.json() if r.status_code == 200 else None
+
+        for name in ("tile-and-train/default", "extract-features/default", "reprocess/nightly"):
+            _wait(f"deployment {name}", lambda: deployment(name), 120, serve, serve_log)
+        nightly = deployment("reprocess/nightly")
+        assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["15 3 * * *"]
+        assert deployment("tile-and-train/default")["parameters"]["source"] == str(manifest)
+
+        done = subprocess.run([str(BIN / "prefect"), "deployment", "run", "tile-and-train/default", "--watch"],
+                              env=env, cwd=work, capture_output=True, text=True, timeout=420)
+        assert done.returncode == 0, done.stdout + done.stderr + serve_log.read_text()[-4000:]
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {
+            "any_": [deployment("tile-and-train/default")["id"]]}}}, timeout=10).json()
+        assert [r["state"]["type"] for r in runs] == ["COMPLETED"], runs
+
+        reader = SlideStore(store)
+        records = list(reader.records(status="complete"))
+        assert len(records) == 6
+        for rec in records:
+            assert reader.tiles(rec.patient_id, rec.slide_id).shape[0] == rec.n_tiles > 0
+            assert reader.features(rec.patient_id, rec.slide_id, "hlss").shape[0] == rec.n_tiles
+        assert set(reader.evaluations()["knn-hlss"]["levels"]) == {"tile", "slide", "patient"}
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [
+            "tile-and-train-summary"]}}}, timeout=10).json()
+        assert artifacts and "6 tiled, 0 unchanged, 0 failed" in artifacts[0]["data"]
+
+        # --params overrides the served defaults for one run: a timm encoder instead of the run's
+        override = subprocess.run([str(BIN / "prefect"), "deployment", "run", "extract-features/default", "--watch",
+                                   "--params", '{"run_dir": null, "extraction": {"encoders": ["timm:resnet10t"], '
+                                   '"batch_size": 32}}'],
+                                  env=env, cwd=work, capture_output=True, text=True, timeout=300)
+        assert override.returncode == 0, override.stdout + override.stderr + serve_log.read_text()[-4000:]
+        assert all(reader.feature_names(r.patient_id, r.slide_id) == ["hlss", "resnet10t"] for r in records)
+    finally:
+        if serve is not None:
+            serve_rc = _stop(serve)
+        server_rc = _stop(server)
+    assert serve_rc in (0, 130, -signal.SIGINT), serve_log.read_text()[-3000:]
+    assert server_rc in (0, 130, -signal.SIGINT), server_log.read_text()[-3000:]
+    shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
