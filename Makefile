@@ -23,17 +23,14 @@ test-data: setup
 
 demo: setup
 	$(VENV)/bin/hlss demo-cohort $(DEMO_DIR)/slides --patients 12 --slides-per-patient 1-2
-	$(VENV)/bin/hlss tile $(DEMO_DIR)/slides/manifest.csv --store $(DEMO_DIR)/cohort.zarr --workers 2
+	$(VENV)/bin/hlss run --config configs/demo-flows.yaml --source $(DEMO_DIR)/slides/manifest.csv \
+		--store $(DEMO_DIR)/cohort.zarr --run-dir $(DEMO_DIR)/run
 	$(VENV)/bin/hlss info $(DEMO_DIR)/cohort.zarr
-	rm -rf $(DEMO_DIR)/run
-	$(VENV)/bin/hlss train --store $(DEMO_DIR)/cohort.zarr --out $(DEMO_DIR)/run --config configs/demo.yaml
-	$(VENV)/bin/hlss extract --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run --name hlss-demo
-	@echo; echo "kNN of the demo encoder at initialisation (held-out patients of the manifest):"
+	@echo; echo "kNN of the demo encoder at initialisation (held-out patients of the manifest), for comparison:"
 	$(VENV)/bin/hlss knn --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run --initial --k 20
-	@echo; echo "kNN of the trained encoder (features from the store):"
-	$(VENV)/bin/hlss knn --store $(DEMO_DIR)/cohort.zarr --features hlss-demo --k 20 --json $(DEMO_DIR)/knn.json
 	@echo
-	@echo "Results: store $(DEMO_DIR)/cohort.zarr (tiles, features/hlss-demo), run $(DEMO_DIR)/run, kNN $(DEMO_DIR)/knn.json"
+	@echo "Results: store $(DEMO_DIR)/cohort.zarr (tiles, features/hlss-demo, evaluations/knn-hlss-demo), run $(DEMO_DIR)/run."
+	@echo "Run 'make demo' again: unchanged slides are neither tiled nor extracted, and the finished run is reused."
 
 test: setup test-data
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ import sys
 
 from .settings import FlowConfigError, FlowDefaults, load_defaults
 
-__all__ = ["build_deployments", "check_api", "serve", "main"]
+__all__ = ["build_deployments", "check_api", "serve", "deploy_to_pool", "main"]
 
 
 class PrefectAPIError(RuntimeError):
@@ -81,21 +81,47 @@ def serve(defaults: FlowDefaults, limit: int | None = None, schedule: bool = Tru
     prefect_serve(*build_deployments(defaults, schedule), limit=limit)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def deploy_to_pool(defaults: FlowDefaults, pool: str, schedule: bool = True) -> None:
+    """Register the deployments with work pool ``pool`` (its workers run them; no ``hlss serve`` needed).
+
+    The entrypoints are module paths, so a ``process`` pool's workers need the package installed
+    and nothing else: no image, no code storage.
+    """
+    from prefect import deploy
+
+    check_api(require_server=True)
+    try:
+        deploy(*build_deployments(defaults, schedule), work_pool_name=pool, build=False, push=False,
+               print_next_steps_message=False, ignore_warnings=True)
+    except ValueError as e:  # e.g. no such work pool
+        raise PrefectAPIError(f"{e} (`prefect work-pool create {pool} --type process`)") from e
+
+
+def add_arguments(p: argparse.ArgumentParser, pool: bool = False) -> None:
+    if pool:
+        p.add_argument("--pool", required=True, help="the Prefect work pool whose workers run the flows")
     p.add_argument("--config", help="YAML flow settings (default $HLSS_FLOW_CONFIG); see flows/settings.py")
     p.add_argument("--cron", help="cron schedule of reprocess/nightly (default from the config, else 0 2 * * *)")
     p.add_argument("--no-schedule", action="store_true", help="serve reprocess/nightly without its schedule")
-    p.add_argument("--limit", type=int, help="flow runs executed at once by this process (default: no limit)")
+    if not pool:
+        p.add_argument("--limit", type=int, help="flow runs executed at once by this process (default: no limit)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    """``hlss serve`` (or ``hlss deploy`` when ``args`` has a pool)."""
+    pool = getattr(args, "pool", None)
     try:
         defaults = load_defaults(args.config)
         if args.cron:
             defaults = defaults.model_copy(update={"reprocess_cron": args.cron})
-        serve(defaults, limit=args.limit, schedule=not args.no_schedule)
+        if pool:
+            deploy_to_pool(defaults, pool, schedule=not args.no_schedule)
+            print(f"deployed tile-and-train/default, extract-features/default and reprocess/nightly to work pool "
+                  f"{pool!r}; start a worker with `prefect worker start --pool {pool}`")
+        else:
+            serve(defaults, limit=args.limit, schedule=not args.no_schedule)
     except (FlowConfigError, PrefectAPIError) as e:
-        print(f"hlss serve: error: {e}", file=sys.stderr)
+        print(f"hlss {'deploy' if pool else 'serve'}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

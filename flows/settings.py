@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
+from pipeline.location import is_remote, local_path
 
 __all__ = [
     "TilingSettings", "TrainingSettings", "ExtractionSettings", "EvaluationSettings", "FlowDefaults",
@@ -174,11 +175,6 @@ def _errors(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
 
 
-def is_remote(location: str) -> bool:
-    """Whether a store location is a URL (``s3://...``) rather than a local or shared path."""
-    return "://" in location and not location.startswith("file://")
-
-
 def check_paths(source: str | None = None, store: str | None = None, run_dir: str | None = None) -> None:
     """Fail fast, with the path and the reason, on a missing source, or a store or run dir not writable."""
     if source is not None:
@@ -188,7 +184,7 @@ def check_paths(source: str | None = None, store: str | None = None, run_dir: st
         if src.is_file() and src.suffix.lower() != ".csv":
             raise FlowConfigError(f"source {src}: expected a folder of slides or a manifest .csv")
     if store is not None and not is_remote(store):
-        _check_writable(Path(store.removeprefix("file://")).expanduser(), "store")
+        _check_writable(local_path(store), "store")
     if run_dir is not None:
         _check_writable(Path(run_dir).expanduser(), "run_dir")
 

@@ -23,9 +23,8 @@ from prefect.futures import PrefectFuture, as_completed
 from pipeline.cohort import SlideSpec, discover_cohort
 from pipeline.config import TilingParams
 from pipeline.features import ExtractReport, resolve_device
-from pipeline.source import same_source, source_info
 from pipeline.store import SlideStore, StoreWriter
-from pipeline.tiler import SlideResult, record_failure
+from pipeline.tiler import SlideResult, change_reason, record_failure
 
 from .executor import SlideExecutor
 from .limits import device_slot
@@ -33,7 +32,7 @@ from .settings import EvaluationSettings, ExtractionSettings, TrainingSettings
 from .work import EncoderSpec, extract_slides, tile_one
 
 __all__ = [
-    "SlidePlan", "plan_slides", "change_reason", "tile_slides", "tile_phase", "run_state", "training_curve", "train_step", "extract_step", "knn_step",
+    "SlidePlan", "plan_slides", "tile_slides", "tile_phase", "run_state", "training_curve", "train_step", "extract_step", "knn_step",
     "register_executor", "release_executor",
 ]
 
@@ -52,31 +51,6 @@ def release_executor(key: str) -> None:
 
 
 # -- tiling ------------------------------------------------------------------------------------
-
-def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> str | None:
-    """Why ``spec`` must be (re)tiled, or None when its stored version is current.
-
-    A changed mtime alone is not a reason (a copy or ``touch`` keeps the content); it makes the
-    content fingerprint decide, which is computed for every slide anyway (about 1 MiB read).
-    """
-    attrs = writer.slide_attrs(spec.patient_id, spec.slide_id)
-    if attrs is None:
-        return "new"
-    if attrs.get("status") != "complete":
-        return f"previous attempt {attrs.get('status', 'unfinished')}"
-    try:
-        src = source_info(spec.path)
-    except OSError as e:
-        return f"source unreadable ({e.strerror or e})"
-    old = attrs.get("source") or {}
-    if old.get("bytes") != src["bytes"]:
-        return f"source size changed ({old.get('bytes')} -> {src['bytes']} bytes)"
-    if not same_source(old, src):
-        return "source content changed (fingerprint)"
-    if attrs.get("params_hash") != params.params_hash(spec.mpp):
-        return "tiling parameters changed"
-    return None
-
 
 @dataclass
 class SlidePlan:

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.serve import add_arguments
 
     add_arguments(v)
+    dp = sub.add_parser("deploy", help="register the same deployments with a Prefect work pool (its workers run them)")
+    add_arguments(dp, pool=True)
 
     w = sub.add_parser("run", help="run the tile-and-train flow here, with Prefect's temporary local server "
                                    "(or PREFECT_API_URL's)")
@@ -361,7 +363,7 @@ def _run(args) -> int:
 
 
 _COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train": _train, "extract": _extract,
-             "knn": _knn, "serve": _serve, "run": _run}
+             "knn": _knn, "serve": _serve, "deploy": _serve, "run": _run}
 
 if __name__ == "__main__":
     sys.exit(main())

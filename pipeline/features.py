@@ -3,7 +3,8 @@
 Reads run ahead of the model in a small thread pool (zarr decoding releases the GIL), so the model
 waits on storage only when storage is slower than it; memory is bounded by
 ``batch_size x (prefetch + 1)`` tiles whatever the slide size. Each slide's arrays are staged and
-committed with one rename (see :mod:`pipeline.store`), so an interrupted run loses at most the slides
+committed whole (one rename on a folder; on an object store marked complete by its last PUT, see
+:mod:`pipeline.store`), so an interrupted run loses at most the slides
 in flight and a rerun skips every slide whose features match the encoder's weights and the tiles.
 """
 
@@ -14,12 +15,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from .encoders import Encoder
+from .location import scrub
 from .store import SlideStore, StoreWriter, tiles_version
 
 __all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows"]
@@ -103,9 +105,11 @@ class _SlideJob:
 
 
 def _plan(reader: SlideStore, encoders: list[Encoder], force: bool, report: ExtractReport,
-          on_slide: Callable | None) -> Iterator[_SlideJob]:
+          on_slide: Callable | None, slides: set[tuple[str, str]] | None) -> Iterator[_SlideJob]:
     for rec in reader.records(status="complete"):
         p, s = rec.patient_id, rec.slide_id
+        if slides is not None and (p, s) not in slides:
+            continue
         version = tiles_version(rec.attrs)
         todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version)]
         if not todo or rec.n_tiles == 0:
@@ -119,7 +123,8 @@ def _plan(reader: SlideStore, encoders: list[Encoder], force: bool, report: Extr
 def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int = 256, device: str = "auto",
                      dtype: str = "float32", force: bool = False, prefetch: int = 2, amp: bool | None = None,
                      on_slide: Callable[[str, str, str], None] | None = None,
-                     on_tiles: Callable[[int], None] | None = None) -> ExtractReport:
+                     on_tiles: Callable[[int], None] | None = None,
+                     slides: Iterable[tuple[str, str]] | None = None) -> ExtractReport:
     """Write ``features/<encoder.name>`` ``(N, D)`` for every complete slide of ``store``.
 
     Reads run ``prefetch`` batches ahead across slide boundaries, and feature rows are written to
@@ -134,6 +139,7 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         amp: bf16 autocast; default on CUDA only.
         on_slide: called ``(patient, slide, status)`` with status extracted | skipped | failed.
         on_tiles: called with the number of tiles of each finished batch.
+        slides: only these ``(patient, slide)`` (default: every complete slide).
     """
     if not encoders:
         raise ValueError("extract_features: give at least one encoder")
@@ -144,11 +150,14 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     reader, writer = SlideStore(store), StoreWriter(store)
     writer.clean_staging()
+    # on an object store a partial chunk write re-reads and re-uploads the whole chunk: one chunk per batch
+    chunk_rows = batch_size if writer.is_remote else 4096
     run = _Runner(encoders, device, amp)
     report, t0 = ExtractReport(), time.perf_counter()
+    wanted = None if slides is None else {(p, s) for p, s in slides}
 
     def batches() -> Iterator[tuple[_SlideJob, int, int]]:
-        for job in _plan(reader, encoders, force, report, on_slide):
+        for job in _plan(reader, encoders, force, report, on_slide, wanted):
             for start in range(0, job.n, batch_size):
                 yield job, start, min(job.n, start + batch_size)
 
@@ -170,8 +179,9 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
             report.extracted.append((job.patient, job.slide))
             status = "extracted"
         except Exception as e:  # one bad slide must not stop the cohort
-            log.error("%s/%s: feature extraction failed: %s", job.patient, job.slide, e)
-            report.failed.append((job.patient, job.slide, f"{type(e).__name__}: {e}"))
+            error = scrub(f"{type(e).__name__}: {e}")
+            log.error("%s/%s: feature extraction failed: %s", job.patient, job.slide, error)
+            report.failed.append((job.patient, job.slide, error))
             for arr in job.staged.values():
                 writer.discard_array(arr)
             status = "failed"
@@ -191,7 +201,8 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
                     continue
                 try:
                     if not job.staged:
-                        job.staged = {e.name: writer.stage_features(job.n, e.dim, dtype) for e in job.encoders}
+                        job.staged = {e.name: writer.stage_features(job.n, e.dim, dtype, chunk_rows=chunk_rows)
+                                      for e in job.encoders}
                     tiles = block.result()
                     batch = run.upload(tiles)
                     for enc in job.encoders:

@@ -11,7 +11,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +19,11 @@ from typing import Callable
 
 from .cohort import Cohort, SlideSpec, discover_cohort
 from .config import TilingParams
+from .location import scrub
 from .store import StoreWriter
 from .tiler import SlideResult, needs_tiling, record_failure, tile_slide
 
-__all__ = ["TilingReport", "tile_cohort"]
+__all__ = ["TilingReport", "tile_cohort", "limit_worker_threads"]
 
 
 @dataclass
@@ -66,16 +67,21 @@ _progress_queue: "mp.Queue | None" = None
 _threads = 1
 
 
-def _init_worker(q: "mp.Queue", threads: int) -> None:
-    global _progress_queue, _threads
-    _progress_queue, _threads = q, threads
+def limit_worker_threads(threads: int) -> None:
+    """Make this (worker) process use about ``threads`` cores for tiling."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import zarr
 
-    # A worker uses `threads` cores. zarr runs codecs (JPEG/Blosc, and tiffslide's JPEG decoding) in
-    # a thread pool beside its event-loop thread; with several chunks in flight the two overlap, so
-    # one "single-threaded" worker kept 1.15-1.2 cores busy. One chunk at a time keeps it to one.
+    # zarr runs codecs (JPEG/Blosc, and tiffslide's JPEG decoding) in a thread pool beside its
+    # event-loop thread; with several chunks in flight the two overlap, so one "single-threaded"
+    # worker kept 1.15-1.2 cores busy. One chunk at a time keeps it to one.
     zarr.config.set({"threading.max_workers": threads, "async.concurrency": 1 if threads == 1 else 10})
+
+
+def _init_worker(q: "mp.Queue", threads: int) -> None:
+    global _progress_queue, _threads
+    _progress_queue, _threads = q, threads
+    limit_worker_threads(threads)
 
 
 def _run_one(spec: SlideSpec, store: str, params: TilingParams) -> SlideResult:
@@ -123,8 +129,8 @@ def tile_cohort(
             SlideResult(problem.patient_id, problem.slide_id, problem.source, "failed", error=f"{problem.source}: {problem.error}")
         )
     todo: list[SlideSpec] = []
-    for spec in cohort.slides:
-        if force or needs_tiling(writer, spec, params):
+    for spec, needed in zip(cohort.slides, _needs_tiling_all(writer, cohort.slides, params, force)):
+        if needed:
             todo.append(spec)
         else:
             report.results.append(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "skipped"))
@@ -134,6 +140,16 @@ def tile_cohort(
         report.results.extend(_run_pool(todo, str(writer.path), params, workers, threads, on_slide, on_tiles))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _needs_tiling_all(writer: StoreWriter, specs: list[SlideSpec], params: TilingParams, force: bool) -> list[bool]:
+    """:func:`needs_tiling` of every slide, in order; on an object store 16 at a time (one GET each)."""
+    if force:
+        return [True] * len(specs)
+    if not writer.is_remote or len(specs) < 2:
+        return [needs_tiling(writer, spec, params) for spec in specs]
+    with ThreadPoolExecutor(16, thread_name_prefix="needs-tiling") as pool:
+        return list(pool.map(lambda spec: needs_tiling(writer, spec, params), specs))
 
 
 def _run_pool(todo, store, params, workers, threads, on_slide, on_tiles) -> list[SlideResult]:
@@ -165,7 +181,7 @@ def _run_pool(todo, store, params, workers, threads, on_slide, on_tiles) -> list
                         broken.append(spec)
                     except Exception as e:  # pool-side errors (e.g. pickling): this slide only
                         finish(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed",
-                                           error=f"{spec.path}: {type(e).__name__}: {e}"))
+                                           error=scrub(f"{spec.path}: {type(e).__name__}: {e}")))
         _drain(progress_q, on_tiles)
         return broken
 

@@ -1,25 +1,46 @@
-"""The Zarr cohort store: layout, atomic slide commits, and a typed read API.
+"""The Zarr cohort store: layout, safe slide commits, and a typed read API.
 
 Layout (the contract other modules and users rely on)::
 
     <store>/                      attrs["hlss"]: schema_version, created, package_version
       patients/<patient_id>/      attrs: label, split (when known)
-        slides/<slide_id>/        attrs: status "complete" | "failed", error, source, reader, mpp0, ...
+        slides/<slide_id>/        attrs: status "complete" | "failed" ("writing" on an object store
+                                  while a commit is under way), error, source, reader, mpp0, ...
           tiles       (N, T, T, 3) uint8   one tile per chunk, chunks grouped in shards
           coords      (N, 2) int64         level-0 (x, y) of each tile's top-left corner
           tissue      (N,) float32         tissue fraction of each tile
           thumbnail   (h, w, 3) uint8      attrs["scale"]: level-0 px per thumbnail px (x, y)
           tissue_mask (h, w) bool          same pixels as the thumbnail, attrs["scale"]
           features/<name> (N, D) float    one row per tile, aligned with coords; attrs: model,
-                                           weights fingerprint, tiles_version (of the tiles it saw)
+                                           weights fingerprint, tiles_version (of the tiles it saw),
+                                           complete (True only once every row is written)
       _staging/                   slides being written (never read as results)
 
-A slide is written into ``_staging/<token>`` and moved into place with one atomic rename only when
-every array and its attributes are written, so a killed run never leaves a slide that looks complete.
-Feature arrays take the same path into a committed slide; retiling a slide replaces the whole group,
-so features can never be misaligned with the tiles they were computed from.
-Different processes write different slides (whole groups, whole shards), so they never share a
-chunk or shard. Staging groups of dead writers are removed by the next writer.
+The store is a local or shared folder, or an object store (``s3://bucket/prefix`` and other fsspec
+URLs, see :mod:`pipeline.location` for credentials). Either way a slide is first written whole into
+``_staging/<token>`` by one process, so writers never share a chunk or a shard, and a previous
+version of the slide stays readable (and is kept if the new attempt fails) while the new one is
+tiled. Then it is committed:
+
+* **Folder**: one atomic rename moves the staged group into place, so a killed run never leaves a
+  slide that looks complete, and readers see the old version or the new one, nothing in between.
+  Staging groups of dead writers are removed by the next writer.
+* **Object store** (no rename; a single PUT of one object is atomic): the slide's ``zarr.json`` is
+  replaced FIRST by a ``status: "writing"`` marker (so an old "complete" never describes half-new
+  arrays), the older version's other objects are deleted, the staged objects are copied server-side
+  under the final prefix, and the final ``zarr.json`` (status "complete" or "failed") is PUT LAST.
+  Feature arrays do the same with an array ``zarr.json`` saying ``complete: false`` until the last
+  PUT. Guaranteed: nothing is ever listed complete unless all its objects were written; a killed
+  writer leaves at worst a "writing" slide (not listed by ``slides(status="complete")``, retiled by
+  the next run because :func:`pipeline.tiler.needs_tiling` only skips "complete") or an incomplete
+  feature array (not listed, recomputed), and the rest of the store stays readable. Not guaranteed
+  (the trade-off of having no rename): during the short copy the slide is unlisted and its old
+  version is already gone, so a writer killed right then loses the old version (the next run retiles
+  it); copies cost one request per object (shards keep that small); and two processes committing
+  the same slide at once are only detected (a writer that finds another's marker gives up), not
+  serialised, so two runs must not tile the same slides into one object store at the same time
+  (one run never does). Stale staging prefixes are removed like folders (same host: dead pid;
+  other hosts: after 24 h; without owner: objects older than an hour).
 """
 
 from __future__ import annotations
@@ -27,6 +48,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -41,16 +63,15 @@ import psutil
 import zarr
 
 from .ids import validate_id
+from .location import ObjectLocation, StoreError, is_remote, local_path
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "StagedSlide", "SlideStore", "SlideRecord", "tiles_version"]
 
 SCHEMA_VERSION = 1
 STAGING = "_staging"
 _STALE_FOREIGN_S = 24 * 3600
-
-
-class StoreError(RuntimeError):
-    """The store cannot be opened or written; the message names the path."""
 
 
 def _package_version() -> str:
@@ -82,29 +103,62 @@ def _check_store_path(path: Path, create: bool) -> None:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError) as e:
         raise StoreError(f"{path}: unreadable zarr.json ({e})") from e
+    _check_root_doc(path, meta)
+
+
+def _check_root_doc(where: Path | str, meta: dict) -> None:
     hlss = meta.get("attributes", {}).get("hlss")
     if meta.get("node_type") != "group" or not isinstance(hlss, dict):
-        raise StoreError(f"{path}: a Zarr node but not an hlss store (no 'hlss' attributes)")
+        raise StoreError(f"{where}: a Zarr node but not an hlss store (no 'hlss' attributes)")
     if hlss.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(
-            f"{path}: store schema version {hlss.get('schema_version')} is not supported (expected {SCHEMA_VERSION})"
+            f"{where}: store schema version {hlss.get('schema_version')} is not supported (expected {SCHEMA_VERSION})"
         )
+
+
+def _check_remote_root(loc: ObjectLocation, create: bool) -> dict | None:
+    """The root ``zarr.json`` of an object-store location (None: no store there yet, and writable)."""
+    meta = loc.read_json("zarr.json")  # a missing bucket or an unreachable endpoint raises here
+    if meta is None:
+        present = loc.children("")
+        if present:
+            raise StoreError(f"{loc.url}: prefix exists, is not empty and is not an hlss store; refusing to "
+                             f"{'write into' if create else 'read'} it")
+        if not create:
+            raise StoreError(f"{loc.url}: no such store")
+        return None
+    _check_root_doc(loc.url, meta)
+    return meta
+
+
+def _group_doc(attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"zarr_format": 3, "node_type": "group", "attributes": dict(attrs or {})}
 
 
 @dataclass
 class StagedSlide:
-    """A slide group being written under ``_staging``; move it into place with :meth:`StoreWriter.commit`."""
+    """A slide group being written under ``_staging``; move it into place with :meth:`StoreWriter.commit`.
+
+    ``path``: its folder (local store), or its key prefix relative to the store root (object store).
+    """
 
     token: str
     group: zarr.Group
-    path: Path
+    path: Path | str
 
 
 class StoreWriter:
-    """Writes slides into a local store folder. Safe for several processes writing different slides."""
+    """Writes slides into a store (folder or object-store URL). Safe for several processes writing different slides.
+
+    ``path`` is the folder (:class:`~pathlib.Path`) or the URL (``str``, no credentials in it).
+    """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser().absolute()
+        self._remote: ObjectLocation | None = None
+        if is_remote(path):
+            self._init_remote(str(path))
+            return
+        self.path: Path | str = local_path(path).absolute()
         _check_store_path(self.path, create=True)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -118,9 +172,31 @@ class StoreWriter:
         except OSError as e:
             raise StoreError(f"{self.path}: cannot create the store ({e.strerror or e})") from e
 
+    def _init_remote(self, url: str) -> None:
+        loc = self._remote = ObjectLocation(url)
+        self.path = loc.url
+        if _check_remote_root(loc, create=True) is None:
+            hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
+            loc.write_json("zarr.json", _group_doc({"hlss": hlss}))
+        self._ensure_remote_group("patients")
+        self._ensure_remote_group(STAGING)
+        self._zstore = loc.zarr_store(read_only=False)
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the store is on an object store (no atomic rename; see the module docstring)."""
+        return self._remote is not None
+
+    def __repr__(self) -> str:
+        return f"StoreWriter({str(self.path)!r})"
+
     # -- reading what is there -------------------------------------------------------------
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any] | None:
         """Attributes of a committed slide group, or None if there is none."""
+        if self._remote is not None:
+            doc = self._remote.read_json(f"{_slide_key(patient_id, slide_id)}/zarr.json")
+            attrs = (doc or {}).get("attributes")
+            return dict(attrs) if isinstance(attrs, dict) else None
         marker = self._slide_dir(patient_id, slide_id) / "zarr.json"
         try:
             return dict(json.loads(marker.read_text()).get("attributes", {}))
@@ -131,9 +207,18 @@ class StoreWriter:
     def stage(self) -> StagedSlide:
         """A new, empty staging group owned by this process."""
         token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        group = zarr.open_group(self.path, mode="a")[STAGING].require_group(token)
-        group.attrs["owner"] = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        return StagedSlide(token=token, group=group, path=self.path / STAGING / token)
+        if self._remote is not None:
+            key = f"{STAGING}/{token}"
+            owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+            self._remote.write_json(f"{key}/zarr.json", _group_doc({"owner": owner}))
+            with self._remote.errors("opening a staging group"):
+                group = zarr.open_group(store=self._zstore, path=key, mode="r+")
+            return StagedSlide(token=token, group=group, path=key)
+        path = self.path / STAGING / token
+        # the owner is in the group's first zarr.json (one atomic write), so a writer killed at any
+        # moment leaves either nothing, a bare folder named after it, or a group that names it
+        _ensure_group(path, {"owner": {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}})
+        return StagedSlide(token=token, group=zarr.open_group(path, mode="r+"), path=path)
 
     def commit(self, staged: StagedSlide, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
         """Move a fully written staged slide to ``patients/<patient>/slides/<slide>`` (atomic rename).
@@ -142,6 +227,9 @@ class StoreWriter:
         """
         validate_id(patient_id, kind="patient_id")
         validate_id(slide_id, kind="slide_id")
+        if self._remote is not None:
+            self._commit_remote(staged, patient_id, slide_id, patient_attrs)
+            return
         meta = staged.path / "zarr.json"
         doc = json.loads(meta.read_text())
         doc.get("attributes", {}).pop("owner", None)
@@ -181,6 +269,9 @@ class StoreWriter:
         Refused if the slide was retiled since its tiles were read (``expect_tiles_version``).
         """
         validate_id(name, kind="feature name")
+        if self._remote is not None:
+            self._commit_features_remote(array, patient_id, slide_id, name, attrs, expect_tiles_version)
+            return
         staged_dir = _array_dir(array)
         current = self.slide_attrs(patient_id, slide_id)
         if current is None or tiles_version(current) != expect_tiles_version:
@@ -204,20 +295,28 @@ class StoreWriter:
 
     def discard_array(self, array: zarr.Array) -> None:
         """Drop a staged feature array (and its staging group) without committing it."""
+        if self._remote is not None:
+            self._remove_quietly(_array_key(array).rsplit("/", 1)[0])
+            return
         shutil.rmtree(_array_dir(array).parent, ignore_errors=True)
 
     def discard(self, staged: StagedSlide) -> None:
+        if self._remote is not None:
+            self._remove_quietly(str(staged.path))
+            return
         shutil.rmtree(staged.path, ignore_errors=True)
 
     def clean_staging(self) -> list[str]:
         """Remove staging groups left by writers that died (same host: pid gone; other hosts: after 24 h)."""
+        if self._remote is not None:
+            return self._clean_staging_remote()
         removed = []
         staging = self.path / STAGING
         host = socket.gethostname()
         for child in staging.iterdir() if staging.exists() else []:
             if not child.is_dir():
                 continue
-            owner = _read_owner(child)
+            owner = None if child.name.startswith("replaced-") else _read_owner(child) or _owner_from_token(child)
             if owner is None:
                 stale = time.time() - child.stat().st_mtime > 3600 or child.name.startswith("replaced-")
             elif owner.get("host") == host:
@@ -229,12 +328,151 @@ class StoreWriter:
                 removed.append(child.name)
         return removed
 
+    def write_evaluation(self, name: str, result: dict[str, Any]) -> None:
+        """Record an evaluation (e.g. a kNN report) as the attributes of ``evaluations/<name>``, replacing any before."""
+        validate_id(name, kind="evaluation name")
+        if self._remote is not None:  # one PUT of the group's zarr.json: atomic there too
+            self._ensure_remote_group("evaluations")
+            doc = json.loads(json.dumps(_group_doc({"result": result}), default=str))
+            self._remote.write_json(f"evaluations/{name}/zarr.json", doc)
+            return
+        _ensure_group(self.path / "evaluations")
+        group = self.path / "evaluations" / name
+        group.mkdir(exist_ok=True)
+        _atomic_write(group / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+                                                       "attributes": {"result": result}}, indent=2, default=str))
+
     def _slide_dir(self, patient_id: str, slide_id: str) -> Path:
         return self.path / "patients" / patient_id / "slides" / slide_id
+
+    # -- object stores (see the module docstring for the protocol) ----------------------------
+    def _ensure_remote_group(self, key: str, attrs: dict[str, Any] | None = None) -> None:
+        """Make ``key`` a group holding at least ``attrs``: one PUT of its ``zarr.json`` when needed."""
+        loc = self._remote
+        doc = loc.read_json(f"{key}/zarr.json")
+        if doc is not None and doc.get("node_type") == "group":
+            current = doc.setdefault("attributes", {})
+            if all(current.get(k) == v for k, v in (attrs or {}).items()):
+                return
+            current.update(attrs or {})
+        else:
+            doc = _group_doc(attrs)
+        loc.write_json(f"{key}/zarr.json", doc)
+
+    def _replace_remote(self, src: str, dst: str, pending: dict, final: dict, token: str) -> bool:
+        """Put the objects under ``src`` at ``dst`` (replacing what was there) with ``final`` as its
+        ``zarr.json``; ``pending`` (marked with ``writer: token``) describes ``dst`` meanwhile.
+
+        False when another writer's marker replaced ours during the copy: that writer finishes.
+        """
+        loc = self._remote
+        loc.write_json(f"{dst}/zarr.json", pending)  # FIRST: the old version's metadata is gone
+        dst_meta, src_meta = loc.key(f"{dst}/zarr.json"), loc.key(f"{src}/zarr.json")
+        loc.remove([k for k in loc.find(dst) if k != dst_meta])  # objects of the old version
+        base_src, base_dst = loc.key(src), loc.key(dst)
+        objects = [k for k in loc.find(src) if k != src_meta]
+        loc.copy(objects, [base_dst + k[len(base_src):] for k in objects])
+        current = loc.read_json(f"{dst}/zarr.json") or {}
+        if (current.get("attributes") or {}).get("writer") != token:
+            log.warning("%s: %s was taken over by another writer during the commit; leaving it to that writer",
+                        self.path, dst)
+            return False
+        loc.write_json(f"{dst}/zarr.json", final)  # LAST: the one PUT that makes it complete (or failed)
+        return True
+
+    def _commit_remote(self, staged: StagedSlide, patient_id: str, slide_id: str,
+                       patient_attrs: dict[str, Any]) -> None:
+        loc, key = self._remote, str(staged.path)
+        doc = loc.read_json(f"{key}/zarr.json")
+        if doc is None:
+            raise StoreError(f"{self.path}: staged slide {staged.token} is gone (removed as stale?); rerun")
+        doc.setdefault("attributes", {}).pop("owner", None)
+        known = {k: v for k, v in patient_attrs.items() if v is not None}
+        self._ensure_remote_group(f"patients/{patient_id}", known)
+        self._ensure_remote_group(f"patients/{patient_id}/slides")
+        pending = _group_doc({"status": "writing", "writer": staged.token, "started": _now()})
+        try:
+            self._replace_remote(key, _slide_key(patient_id, slide_id), pending, doc, staged.token)
+        finally:
+            self._remove_quietly(key)
+
+    def _commit_features_remote(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
+                                attrs: dict[str, Any], expect_tiles_version: str) -> None:
+        loc = self._remote
+        key = _array_key(array)
+        staged_group = key.rsplit("/", 1)[0]
+        try:
+            current = self.slide_attrs(patient_id, slide_id)
+            if current is None or tiles_version(current) != expect_tiles_version:
+                raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
+            with loc.errors("writing feature attributes"):
+                array.update_attributes({**attrs, "tiles_version": expect_tiles_version, "complete": True})
+            final = loc.read_json(f"{key}/zarr.json")
+            if final is None:
+                raise StoreError(f"{self.path}: staged features {key} are gone (removed as stale?); rerun")
+            token = staged_group.rsplit("/", 1)[-1]
+            pending = json.loads(json.dumps(final))
+            pending["attributes"] = {**pending.get("attributes", {}), "complete": False, "writer": token}
+            slide = _slide_key(patient_id, slide_id)
+            self._ensure_remote_group(f"{slide}/features")
+            self._replace_remote(key, f"{slide}/features/{name}", pending, final, token)
+        finally:
+            self._remove_quietly(staged_group)
+
+    def _remove_quietly(self, key: str) -> None:
+        try:
+            self._remote.remove_tree(key)
+        except Exception as e:  # clean-up only: the next clean_staging retries
+            log.debug("%s: could not remove %s: %s", self.path, key, type(e).__name__)
+
+    def _clean_staging_remote(self) -> list[str]:
+        loc, host, removed = self._remote, socket.gethostname(), []
+        for name in loc.children(STAGING):
+            if name == "zarr.json":
+                continue
+            key = f"{STAGING}/{name}"
+            owner = ((loc.read_json(f"{key}/zarr.json") or {}).get("attributes") or {}).get("owner")
+            if not isinstance(owner, dict):
+                objects = loc.find(key, detail=True)
+                newest = max((_mtime(info) for info in objects.values()), default=0.0)
+                stale = time.time() - newest > 3600
+            elif owner.get("host") == host:
+                stale = not _pid_alive(int(owner.get("pid", -1)), float(owner.get("started", 0)))
+            else:
+                stale = time.time() - float(owner.get("started", 0)) > _STALE_FOREIGN_S
+            if stale:
+                loc.remove_tree(key)
+                removed.append(name)
+        return removed
+
+
+def _slide_key(patient_id: str, slide_id: str) -> str:
+    return f"patients/{patient_id}/slides/{slide_id}"
 
 
 def _array_dir(array: zarr.Array) -> Path:
     return Path(str(array.store_path.store.root)) / array.store_path.path
+
+
+def _array_key(array: zarr.Array) -> str:
+    """The key prefix of an array, relative to the store root (object stores)."""
+    return array.store_path.path.strip("/")
+
+
+def _mtime(info: dict) -> float:
+    """Last modification (epoch s) of an object from an fsspec listing; now when unknown."""
+    for k in ("LastModified", "mtime", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, _dt.datetime):
+            return v.timestamp()
+        if isinstance(v, str):
+            try:
+                return _dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return time.time()
 
 
 def tiles_version(slide_attrs: dict[str, Any]) -> str:
@@ -242,6 +480,15 @@ def tiles_version(slide_attrs: dict[str, Any]) -> str:
     key = [slide_attrs.get("params_hash"), (slide_attrs.get("source") or {}).get("fingerprint"),
            slide_attrs.get("n_tiles")]
     return hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()
+
+
+def _owner_from_token(group_dir: Path) -> dict | None:
+    """The writer a staging folder is named after (``<host>-<pid>-<hex>``), for one killed before its zarr.json."""
+    head, _, _ = group_dir.name.rpartition("-")
+    host, _, pid = head.rpartition("-")
+    if not host or not pid.isdigit():
+        return None
+    return {"host": host, "pid": int(pid), "started": group_dir.stat().st_mtime}
 
 
 def _read_owner(group_dir: Path) -> dict | None:
@@ -319,11 +566,22 @@ class SlideStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
+        self.is_remote = is_remote(path)
+        if self.is_remote:
+            loc = ObjectLocation(str(path))
+            self.path: Path | str = loc.url
+            _check_remote_root(loc, create=False)
+            with loc.errors("opening the store"):
+                self.root = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
+            return
+        self.path = local_path(path)
         _check_store_path(self.path, create=False)
         if not (self.path / "zarr.json").exists():
             raise StoreError(f"{self.path}: not an hlss store (no zarr.json)")
         self.root = zarr.open_group(self.path, mode="r")
+
+    def __repr__(self) -> str:
+        return f"SlideStore({str(self.path)!r})"
 
     @property
     def info(self) -> dict[str, Any]:
@@ -353,14 +611,14 @@ class SlideStore:
                 yield SlideRecord(p, s, self.slide_attrs(p, s))
 
     def group(self, patient_id: str, slide_id: str) -> zarr.Group:
-        return self.root["patients"][patient_id]["slides"][slide_id]
+        return self.root[_slide_key(patient_id, slide_id)]  # one metadata read, not one per level
 
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any]:
         return dict(self.group(patient_id, slide_id).attrs)
 
     def tiles(self, patient_id: str, slide_id: str) -> zarr.Array:
         """``(N, T, T, 3) uint8`` tiles (lazy: index it to read)."""
-        return self.group(patient_id, slide_id)["tiles"]
+        return self.root[f"{_slide_key(patient_id, slide_id)}/tiles"]
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N, 2) int64`` level-0 (x, y) of each tile's top-left corner."""
@@ -389,6 +647,12 @@ class SlideStore:
         if not arr.attrs.get("complete"):
             raise KeyError(f"{patient_id}/{slide_id}: features {name!r} are incomplete")
         return arr
+
+    def evaluations(self) -> dict[str, dict[str, Any]]:
+        """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`)."""
+        if "evaluations" not in self.root:
+            return {}
+        return {n: dict(g.attrs).get("result", {}) for n, g in self.root["evaluations"].groups()}
 
     def summary(self) -> dict[str, Any]:
         """Patients, slides, tile counts, failures and the distinct tiling parameters, as plain data."""

@@ -20,13 +20,14 @@ import zarr
 from .cohort import SlideSpec
 from .config import TilingParams
 from .grid import TileGrid, pick_level, tile_grid
+from .location import scrub
 from .reader import MppInfo, SlideError, SlideReader, open_slide, read_thumbnail, resolve_mpp
 from .source import same_source, source_info
 from .store import StagedSlide, StoreWriter
 from .tiles import ReadPlan, iter_tile_blocks, plan_reads
 from .tissue import TissueMask, detect_tissue
 
-__all__ = ["SlideResult", "SlidePlan", "plan_slide", "tile_slide", "needs_tiling", "record_failure"]
+__all__ = ["SlideResult", "SlidePlan", "plan_slide", "tile_slide", "needs_tiling", "change_reason", "record_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,32 @@ class _SlideFailure(Exception):
 
 def needs_tiling(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> bool:
     """Whether the slide must be (re)tiled: not complete, unreadable, or its source or parameters changed."""
+    return change_reason(writer, spec, params) is not None
+
+
+def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> str | None:
+    """Why ``spec`` must be (re)tiled, or None when its stored version is current.
+
+    A changed mtime alone is not a reason (a copy or ``touch`` keeps the content); the content
+    fingerprint decides, and it is computed for every slide anyway (about 1 MiB read).
+    """
+    attrs = writer.slide_attrs(spec.patient_id, spec.slide_id)
+    if attrs is None:
+        return "new"
+    if attrs.get("status") != "complete":
+        return f"previous attempt {attrs.get('status', 'unfinished')}"
     try:
         src = source_info(spec.path)
-    except OSError:
-        return True
-    attrs = writer.slide_attrs(spec.patient_id, spec.slide_id)
-    done = (
-        attrs is not None
-        and attrs.get("status") == "complete"
-        and same_source(attrs.get("source"), src)
-        and attrs.get("params_hash") == params.params_hash(spec.mpp)
-    )
-    return not done
+    except OSError as e:
+        return f"source unreadable ({e.strerror or e})"
+    old = attrs.get("source") or {}
+    if old.get("bytes") != src["bytes"]:
+        return f"source size changed ({old.get('bytes')} -> {src['bytes']} bytes)"
+    if not same_source(old, src):
+        return "source content changed (fingerprint)"
+    if attrs.get("params_hash") != params.params_hash(spec.mpp):
+        return "tiling parameters changed"
+    return None
 
 
 def tile_slide(
@@ -103,6 +118,8 @@ def tile_slide(
         result.error = f"{spec.path}: {type(e).__name__}: {e}"
         log.debug("tiling %s failed", spec.path, exc_info=True)
     result.seconds = time.perf_counter() - t0
+    if result.error:
+        result.error = scrub(result.error)  # it is stored and printed: never a credential
     if result.status == "complete":
         attrs["timings"]["total_s"] = round(result.seconds, 3)
         staged.group.update_attributes(attrs)
@@ -114,7 +131,7 @@ def tile_slide(
 
 def record_failure(writer: StoreWriter, spec: SlideSpec, params: TilingParams, error: str) -> SlideResult:
     """Report a slide that failed outside :func:`tile_slide` (its worker died), and record it in the store."""
-    result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed", error=error)
+    result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed", error=scrub(error))
     _record_failure(writer, spec, params, result, None, False)
     return result
 

@@ -87,10 +87,10 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
     work = tmp_path / "cwd"
     work.mkdir()
 
-    server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
+    server_log, serve_log, worker_log = tmp_path / "server.log", tmp_path / "serve.log", tmp_path / "worker.log"
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, cwd=work, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
-    serve = None
+    serve = worker = None
     try:
         _wait("prefect server", lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 180, server,
               server_log)
@@ -132,10 +132,31 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
                                   env=env, cwd=work, capture_output=True, text=True, timeout=300)
         assert override.returncode == 0, override.stdout + override.stderr + serve_log.read_text()[-4000:]
         assert all(reader.feature_names(r.patient_id, r.slide_id) == ["hlss", "resnet10t"] for r in records)
+        serve_rc, serve = _stop(serve), None
+        assert serve_rc in (0, 130, -signal.SIGINT), serve_log.read_text()[-3000:]
+
+        # the work-pool alternative: the same deployments, run by a Prefect worker instead of `hlss serve`
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "hlss-pool", "--type", "process"], env=env,
+                       cwd=work, check=True, capture_output=True, timeout=120)
+        deployed = subprocess.run([str(BIN / "hlss"), "deploy", "--pool", "hlss-pool"], env=serve_env, cwd=work,
+                                  capture_output=True, text=True, timeout=120)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert deployment("reprocess/nightly")["work_pool_name"] == "hlss-pool"
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "hlss-pool"],
+                                  env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, cwd=work,
+                                  stdout=worker_log.open("w"), stderr=subprocess.STDOUT)
+        nightly_run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "reprocess/nightly", "--watch"],
+                                     env=env, cwd=work, capture_output=True, text=True, timeout=300)
+        assert nightly_run.returncode == 0, nightly_run.stdout + nightly_run.stderr + worker_log.read_text()[-4000:]
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [
+            "reprocess-summary"]}}}, timeout=10).json()
+        assert artifacts and "0 tiled, 6 unchanged, 0 failed" in artifacts[0]["data"]
     finally:
         if serve is not None:
-            serve_rc = _stop(serve)
+            _stop(serve)
+        if worker is not None:
+            worker_rc = _stop(worker)
         server_rc = _stop(server)
-    assert serve_rc in (0, 130, -signal.SIGINT), serve_log.read_text()[-3000:]
+    assert worker_rc in (0, 130, -signal.SIGINT), worker_log.read_text()[-3000:]
     assert server_rc in (0, 130, -signal.SIGINT), server_log.read_text()[-3000:]
     shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)

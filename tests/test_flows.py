@@ -15,11 +15,11 @@ import yaml
 
 from flows.executor import SlideExecutor
 from flows.settings import FlowConfigError, check_paths, load_defaults
-from flows.steps import change_reason
-from pipeline.cohort import SlideSpec, discover_cohort
+from pipeline.cohort import SlideSpec
 from pipeline.config import TilingParams
 from pipeline.store import SlideStore, StoreWriter
 from pipeline.synthetic import make_demo_cohort
+from pipeline.tiler import change_reason
 
 TILING = {"target_mpp": 1.0, "tile_size": 64}
 
@@ -332,3 +332,24 @@ def test_unreachable_prefect_api_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve"], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, timeout=120)
     assert proc.returncode == 2 and "prefect server start" in proc.stderr
+
+
+def test_hlss_run_uses_a_temporary_local_server(tmp_path, train_yaml):
+    """The embedded default (`make demo`): no server, no configuration beyond a settings file."""
+    import subprocess
+    import sys
+
+    manifest = _cohort(tmp_path, n_patients=4, seed=17)
+    cfg = tmp_path / "flows.yaml"
+    cfg.write_text(yaml.safe_dump({"tiling": TILING, "training": {"config": str(train_yaml)},
+                                   "evaluation": {"k": 5}, "extraction": {"name": "demo"}}))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--source", str(manifest),
+           "--store", str(tmp_path / "store"), "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "# tile-and-train: 4 tiled, 0 unchanged, 0 failed" in proc.stdout
+    assert "| patient |" in proc.stdout  # the kNN table
+    assert "knn-demo" in SlideStore(tmp_path / "store").evaluations()
+    proc = subprocess.run(cmd[:-2], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--run-dir" in proc.stderr
