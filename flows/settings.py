@@ -79,7 +79,8 @@ class ExtractionSettings(_Model):
     """Feature extraction with the trained encoder (and optional extra timm encoders)."""
 
     name: str = Field("hlss", description="feature name: features/<name> in every slide")
-    encoders: list[str] = Field(default_factory=list, description="extra encoders, timm:NAME[:WEIGHTS_FILE]")
+    encoders: list[str] = Field(default_factory=list,
+                                description="extra encoders: timm:NAME[:WEIGHTS_FILE] or run:TRAINING_RUN_FOLDER")
     batch_size: int = Field(128, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
     device: str = "auto"
@@ -89,8 +90,8 @@ class ExtractionSettings(_Model):
     def _timm_specs(cls, specs: list[str]) -> list[str]:
         for spec in specs:
             prefix, _, rest = spec.partition(":")
-            if prefix != "timm" or not rest:
-                raise ValueError(f"encoder {spec!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
+            if prefix not in ("timm", "run") or not rest:
+                raise ValueError(f"encoder {spec!r}: expected timm:NAME[:WEIGHTS_FILE] or run:FOLDER")
         return specs
 
 

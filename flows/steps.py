@@ -183,7 +183,8 @@ def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str
         overrides = {k: v for k, v in (("steps", training.steps), ("method", training.method),
                                        ("device", training.device)) if v is not None}
         cfg, status = (cfg.replace(**overrides) if overrides else cfg), "trained"
-    device = training.device or (cfg.device if cfg is not None else "auto")
+    saved = TrainConfig.from_yaml(Path(run_dir).expanduser() / "config.yaml") if cfg is None else cfg
+    device = training.device or saved.device
     with device_slot(str(resolve_device(device))) as slot:
         logger.info("training in %s (device slot %s)", run_dir, slot)
         t0 = time.perf_counter()

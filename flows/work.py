@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.cohort import SlideSpec
 from pipeline.config import TilingParams
-from pipeline.encoders import Encoder
-from pipeline.features import ExtractReport, extract_features
 from pipeline.runner import limit_worker_threads
 from pipeline.store import StoreWriter
 from pipeline.tiler import SlideResult, tile_slide
+
+if TYPE_CHECKING:  # torch stays out of tiling workers (it adds seconds to every worker's start)
+    from pipeline.encoders import Encoder
+    from pipeline.features import ExtractReport
 
 __all__ = ["EncoderSpec", "tile_one", "extract_slides"]
 
@@ -49,7 +51,7 @@ class EncoderSpec:
             return cls("timm", model, weights or None, name)
         raise ValueError(f"encoder {spec!r}: expected timm:NAME[:WEIGHTS_FILE] or run:FOLDER")
 
-    def build(self) -> Encoder:
+    def build(self) -> "Encoder":
         if self.kind == "run":
             from hlss_model.runs import run_encoder
 
@@ -60,7 +62,9 @@ class EncoderSpec:
 
 
 def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
-                   batch_size: int, device: str, dtype: str) -> ExtractReport:
+                   batch_size: int, device: str, dtype: str) -> "ExtractReport":
     """Extract features of ``slides`` (all complete slides if None) with each encoder; skips finished work."""
+    from pipeline.features import extract_features
+
     return extract_features(store, [e.build() for e in encoders], batch_size=batch_size, device=device,
                             dtype=dtype, slides=slides)
