@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, help="cores per tiling worker")
     w.add_argument("--scheduler-address", help="run slides on this Dask cluster (tcp://host:8786)")
     w.add_argument("--force-tiling", action="store_true", help="retile slides even when unchanged")
+
+    from .export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return p
 
 
@@ -363,7 +367,8 @@ def _run(args) -> int:
 
 
 _COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train": _train, "extract": _extract,
-             "knn": _knn, "serve": _serve, "deploy": _serve, "run": _run}
+             "knn": _knn, "serve": _serve, "deploy": _serve, "run": _run,
+             "export-mil": lambda args: args.func(args)}
 
 if __name__ == "__main__":
     sys.exit(main())
