@@ -10,6 +10,7 @@ are errors (a typo must not silently train with a default)::
     loss: {temperature: 0.07, alignment_weight: 1.0}
     optim: {lr: 0.001, weight_decay: 0.05, warmup_steps: 100}
     augment: {out_size: 224, p_hed_jitter: 0.5}
+    tile_filter: {min_focus: 20.0, max_pen: 0.05}   # optional; see pipeline.qc.TileFilter
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
 
@@ -132,6 +135,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentParams = field(default_factory=AugmentParams)
+    tile_filter: TileFilter = field(default_factory=TileFilter)  # default: no limit, every tile is drawn
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -148,7 +152,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
         data = dict(data or {})
-        sections = {"sampler": SamplerConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig}
+        sections = {"sampler": SamplerConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+                    "tile_filter": TileFilter}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -204,7 +209,9 @@ def _section(kind: type, name: str, value: Any) -> Any:
     value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
     try:
         return kind(**value)
-    except TypeError as e:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"{name}: {e}") from None
 
 

@@ -12,7 +12,7 @@ the batches an uninterrupted run would, whatever the number of DataLoader worker
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.qc import TileFilter
 from pipeline.store import SlideStore
 
 from .augment import AugmentParams, HEAugment
@@ -43,11 +44,21 @@ class CohortIndex:
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
     splits: tuple[str | None, ...]
+    # with a tile filter: the kept tile rows of each slide (``slide_tiles[g] == len(slide_rows[g])``);
+    # None = every row 0..slide_tiles[g]-1
+    slide_rows: tuple[np.ndarray, ...] | None = field(default=None, compare=False)
 
     @classmethod
-    def from_store(cls, store: str | Path | SlideStore, patients: list[str] | None = None) -> "CohortIndex":
-        """Index the complete slides with at least one tile; ``patients`` restricts to those ids."""
+    def from_store(cls, store: str | Path | SlideStore, patients: list[str] | None = None,
+                   tile_filter: TileFilter | None = None) -> "CohortIndex":
+        """Index the complete slides with at least one tile; ``patients`` restricts to those ids.
+
+        ``tile_filter``: only tiles it keeps are drawn (a slide with none kept is left out); needs the
+        store's ``tile_qc`` measures for QC limits (StoreError otherwise).
+        """
         store = store if isinstance(store, SlideStore) else SlideStore(store)
+        filtering = tile_filter is not None and tile_filter.active
+        kept_rows: list[np.ndarray] = []
         wanted = None if patients is None else set(patients)
         pids, pslides, keys, ntiles, raw_labels, splits = [], [], [], [], [], []
         for p in store.patients():
@@ -56,6 +67,11 @@ class CohortIndex:
             own = []
             for s in store.slides(p):
                 n = int(store.slide_attrs(p, s).get("n_tiles", 0))
+                if n > 0 and filtering:
+                    rows = np.flatnonzero(store.tile_keep(p, s, tile_filter))
+                    n = len(rows)
+                    if n > 0:
+                        kept_rows.append(rows)
                 if n > 0:
                     own.append(len(keys))
                     keys.append((p, s))
@@ -71,7 +87,7 @@ class CohortIndex:
         class_names = tuple(sorted({str(x) for x in raw_labels if x not in (None, "")}))
         labels = tuple(class_names.index(str(x)) if x not in (None, "") else -1 for x in raw_labels)
         return cls(str(store.path), tuple(pids), tuple(pslides), tuple(keys), tuple(ntiles), labels,
-                   class_names, tuple(splits))
+                   class_names, tuple(splits), tuple(kept_rows) if filtering else None)
 
     @property
     def n_patients(self) -> int:
@@ -83,14 +99,16 @@ class CohortIndex:
         keep = [i for i, p in enumerate(self.patient_ids) if p in wanted]
         if not keep:
             raise ValueError("subset: none of the given patients is in the index")
-        keys, ntiles, pslides = [], [], []
+        keys, ntiles, pslides, rows = [], [], [], []
         for i in keep:
             pslides.append(tuple(range(len(keys), len(keys) + len(self.patient_slides[i]))))
             keys += [self.slide_keys[g] for g in self.patient_slides[i]]
             ntiles += [self.slide_tiles[g] for g in self.patient_slides[i]]
+            if self.slide_rows is not None:
+                rows += [self.slide_rows[g] for g in self.patient_slides[i]]
         return CohortIndex(self.store_path, tuple(self.patient_ids[i] for i in keep), tuple(pslides), tuple(keys),
                            tuple(ntiles), tuple(self.labels[i] for i in keep), self.class_names,
-                           tuple(self.splits[i] for i in keep))
+                           tuple(self.splits[i] for i in keep), tuple(rows) if self.slide_rows is not None else None)
 
 
 def draw_patient(index: CohortIndex, patient: int, slides: int, tiles: int,
@@ -112,6 +130,8 @@ def draw_patient(index: CohortIndex, patient: int, slides: int, tiles: int,
             pool.extend(rng.permutation(n))
         rows[i] = pool[:tiles]
         del pool[:tiles]
+        if index.slide_rows is not None:  # positions among the kept tiles -> tile rows
+            rows[i] = index.slide_rows[g][rows[i]]
     return chosen, rows
 
 

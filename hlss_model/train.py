@@ -146,7 +146,7 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
         torch.backends.cuda.matmul.allow_tf32 = True
 
     reader = SlideStore(store)
-    index = CohortIndex.from_store(reader)
+    index = CohortIndex.from_store(reader, tile_filter=cfg.tile_filter)
     split = store_split(reader, cfg.seed)
     train_index = index.subset([p for p, s in split.items() if s == "train"])
     # rank 0 embeds the attribute text and writes it to the run; then every rank reads that file,

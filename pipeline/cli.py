@@ -116,8 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--force-tiling", action="store_true", help="retile slides even when unchanged")
 
     from .export import add_parser as add_export_parser
+    from .qc import add_parser as add_qc_parser
+
+    from hlss_model.explain import add_parser as add_explain_parser
 
     add_export_parser(sub)
+    add_qc_parser(sub)
+    add_explain_parser(sub)
     return p
 
 
@@ -353,6 +358,18 @@ def _knn(args) -> int:
     return EXIT_OK
 
 
+def _qc(args) -> int:
+    from .qc import run
+
+    return run(args)
+
+
+def _explain(args) -> int:
+    from hlss_model.explain import run
+
+    return run(args)
+
+
 def _serve(args) -> int:
     from flows.serve import run_from_args
 
@@ -368,7 +385,8 @@ def _run(args) -> int:
 
 _COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train": _train, "extract": _extract,
              "knn": _knn, "serve": _serve, "deploy": _serve, "run": _run,
-             "export-mil": lambda args: args.func(args)}
+             "export-mil": lambda args: args.func(args), "qc": lambda args: _qc(args),
+             "explain": lambda args: _explain(args)}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ import torch
 
 from .encoders import Encoder
 from .location import scrub
+from .qc import TileFilter
 from .store import SlideStore, StoreWriter, tiles_version
 
 __all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows"]
@@ -85,11 +86,12 @@ class _Runner:
         return t
 
 
-def _is_done(store: SlideStore, p: str, s: str, enc: Encoder, version: str) -> bool:
+def _is_done(store: SlideStore, p: str, s: str, enc: Encoder, version: str, filt: dict | None = None) -> bool:
     if enc.name not in store.feature_names(p, s):
         return False
     a = store.features(p, s, enc.name).attrs
-    return a.get("weights_fingerprint") == enc.fingerprint and a.get("tiles_version") == version
+    return (a.get("weights_fingerprint") == enc.fingerprint and a.get("tiles_version") == version
+            and (a.get("tile_filter") or None) == (filt or None))
 
 
 @dataclass
@@ -99,32 +101,47 @@ class _SlideJob:
     n: int
     version: str
     encoders: list[Encoder]
+    rows: np.ndarray | None = None  # tile rows to compute (a tile filter's kept rows); None = all
     staged: dict = field(default_factory=dict)  # encoder name -> staged zarr array
     writes: list[Future] = field(default_factory=list)
     error: BaseException | None = None
 
 
 def _plan(reader: SlideStore, encoders: list[Encoder], force: bool, report: ExtractReport,
-          on_slide: Callable | None, slides: set[tuple[str, str]] | None) -> Iterator[_SlideJob]:
+          on_slide: Callable | None, slides: set[tuple[str, str]] | None,
+          tile_filter: TileFilter | None = None) -> Iterator[_SlideJob]:
+    filt = tile_filter.to_dict() if tile_filter is not None and tile_filter.active else None
     for rec in reader.records(status="complete"):
         p, s = rec.patient_id, rec.slide_id
         if slides is not None and (p, s) not in slides:
             continue
         version = tiles_version(rec.attrs)
-        todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version)]
-        if not todo or rec.n_tiles == 0:
+        todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version, filt)]
+        rows = None
+        if todo and rec.n_tiles and filt is not None:
+            try:
+                rows = np.flatnonzero(reader.tile_keep(p, s, tile_filter))
+            except Exception as e:  # e.g. an old slide without tile_qc: this slide fails, the rest go on
+                error = scrub(f"{type(e).__name__}: {e}")
+                log.error("%s/%s: feature extraction failed: %s", p, s, error)
+                report.failed.append((p, s, error))
+                if on_slide:
+                    on_slide(p, s, "failed")
+                continue
+        if not todo or rec.n_tiles == 0 or (rows is not None and len(rows) == 0):
             report.skipped.append((p, s))
             if on_slide:
                 on_slide(p, s, "skipped")
             continue
-        yield _SlideJob(p, s, rec.n_tiles, version, todo)
+        yield _SlideJob(p, s, rec.n_tiles, version, todo, rows)
 
 
 def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int = 256, device: str = "auto",
                      dtype: str = "float32", force: bool = False, prefetch: int = 2, amp: bool | None = None,
                      on_slide: Callable[[str, str, str], None] | None = None,
                      on_tiles: Callable[[int], None] | None = None,
-                     slides: Iterable[tuple[str, str]] | None = None) -> ExtractReport:
+                     slides: Iterable[tuple[str, str]] | None = None,
+                     tile_filter: TileFilter | None = None) -> ExtractReport:
     """Write ``features/<encoder.name>`` ``(N, D)`` for every complete slide of ``store``.
 
     Reads run ``prefetch`` batches ahead across slide boundaries, and feature rows are written to
@@ -140,6 +157,12 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         on_slide: called ``(patient, slide, status)`` with status extracted | skipped | failed.
         on_tiles: called with the number of tiles of each finished batch.
         slides: only these ``(patient, slide)`` (default: every complete slide).
+        tile_filter: compute features only for the tiles it keeps (:meth:`SlideStore.tile_keep`).
+            The array keeps one row per tile, aligned with coords; rows of filtered tiles are NaN,
+            and the filter is recorded in the array's attrs (``tile_filter``, ``n_kept``), so
+            features made with another filter (or none) are recomputed. A slide with no kept tile
+            is skipped; one without ``tile_qc`` (older store) fails when a QC limit is asked for.
+            Consumers must drop NaN rows (``np.isnan(f).any(axis=1)``) or use the same mask.
     """
     if not encoders:
         raise ValueError("extract_features: give at least one encoder")
@@ -156,13 +179,24 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
     report, t0 = ExtractReport(), time.perf_counter()
     wanted = None if slides is None else {(p, s) for p, s in slides}
 
+    filt = tile_filter.to_dict() if tile_filter is not None and tile_filter.active else None
+
     def batches() -> Iterator[tuple[_SlideJob, int, int]]:
-        for job in _plan(reader, encoders, force, report, on_slide, wanted):
-            for start in range(0, job.n, batch_size):
-                yield job, start, min(job.n, start + batch_size)
+        for job in _plan(reader, encoders, force, report, on_slide, wanted, tile_filter):
+            total = job.n if job.rows is None else len(job.rows)
+            for start in range(0, total, batch_size):
+                yield job, start, min(total, start + batch_size)
 
     def read(job: _SlideJob, start: int, stop: int) -> np.ndarray:
-        return reader.tiles(job.patient, job.slide)[start:stop]
+        if job.rows is None:
+            return reader.tiles(job.patient, job.slide)[start:stop]
+        return reader.tiles(job.patient, job.slide).get_orthogonal_selection((job.rows[start:stop],))
+
+    def put(arr, job: _SlideJob, start: int, stop: int, feats: np.ndarray) -> None:
+        if job.rows is None:
+            arr[start:stop] = feats
+        else:
+            arr.set_orthogonal_selection((job.rows[start:stop], slice(None)), feats)
 
     def commit(job: _SlideJob) -> None:
         if job.error is not None:
@@ -170,8 +204,9 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         for fut in job.writes:
             fut.result()
         for enc in job.encoders:
+            extra = {} if filt is None else {"tile_filter": filt, "n_kept": int(len(job.rows))}
             writer.commit_features(job.staged[enc.name], job.patient, job.slide, enc.name,
-                                   {**enc.attrs(), "dtype": dtype, "n": job.n}, job.version)
+                                   {**enc.attrs(), "dtype": dtype, "n": job.n, **extra}, job.version)
 
     def finish(job: _SlideJob) -> None:
         try:
@@ -201,13 +236,15 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
                     continue
                 try:
                     if not job.staged:
-                        job.staged = {e.name: writer.stage_features(job.n, e.dim, dtype, chunk_rows=chunk_rows)
+                        fill = 0 if job.rows is None else float("nan")
+                        job.staged = {e.name: writer.stage_features(job.n, e.dim, dtype, chunk_rows=chunk_rows,
+                                                                    fill_value=fill)
                                       for e in job.encoders}
                     tiles = block.result()
                     batch = run.upload(tiles)
                     for enc in job.encoders:
                         feats = run(enc, batch).astype(dtype)
-                        job.writes.append(out_pool.submit(job.staged[enc.name].__setitem__, slice(start, stop), feats))
+                        job.writes.append(out_pool.submit(put, job.staged[enc.name], job, start, stop, feats))
                 except Exception as e:
                     job.error = e
                     continue

@@ -11,9 +11,20 @@ Layout (the contract other modules and users rely on)::
           tissue      (N,) float32         tissue fraction of each tile
           thumbnail   (h, w, 3) uint8      attrs["scale"]: level-0 px per thumbnail px (x, y)
           tissue_mask (h, w) bool          same pixels as the thumbnail, attrs["scale"]
+          qc          (H, W, 3) uint8      QC picture: thumbnail (longest side <= 2048 px), tissue mask
+                                           outline (pure green), kept tiles (magenta rectangles), caption
+                                           band below; attrs: scale (level-0 px per px), size, caption_px.
+                                           Also on slides failed for content (no tissue, too small).
+          tile_qc/<m> (N,) float32         per-tile QC measures aligned with coords, m in focus, pen,
+                                           brightness, saturation (see pipeline.qc); attrs["fields"].
+                                           Nothing is deleted: filter with pipeline.qc.TileFilter.
           features/<name> (N, D) float    one row per tile, aligned with coords; attrs: model,
                                            weights fingerprint, tiles_version (of the tiles it saw),
                                            complete (True only once every row is written)
+          attributes/<run> (N, A) float32  cosine of each tile's HLSS projection to each attribute text
+                                           embedding of run <run> (all levels, columns concatenated);
+                                           attrs: levels, names (per column), run, weights_fingerprint,
+                                           tiles_version, complete (see hlss_model.explain)
       _staging/                   slides being written (never read as results)
 
 The store is a local or shared folder, or an object store (``s3://bucket/prefix`` and other fsspec
@@ -71,6 +82,7 @@ __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "StagedSlide", "SlideS
 
 SCHEMA_VERSION = 1
 STAGING = "_staging"
+_ARRAY_GROUPS = ("features", "attributes")  # slide subgroups written by StoreWriter.commit_features
 _STALE_FOREIGN_S = 24 * 3600
 
 
@@ -256,21 +268,28 @@ class StoreWriter:
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
 
-    def stage_features(self, n: int, dim: int, dtype: str = "float32", chunk_rows: int = 4096) -> zarr.Array:
-        """A staged ``(n, dim)`` array to fill block by block, then :meth:`commit_features`."""
+    def stage_features(self, n: int, dim: int, dtype: str = "float32", chunk_rows: int = 4096,
+                       fill_value: float = 0) -> zarr.Array:
+        """A staged ``(n, dim)`` array to fill block by block, then :meth:`commit_features`.
+
+        ``fill_value``: what rows never written read as (NaN for tiles left out by a tile filter).
+        """
         staged = self.stage()
         return staged.group.create_array("values", shape=(n, dim), dtype=dtype,
-                                         chunks=(max(1, min(chunk_rows, n)), dim), fill_value=0)
+                                         chunks=(max(1, min(chunk_rows, n)), dim), fill_value=fill_value)
 
     def commit_features(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
-                        attrs: dict[str, Any], expect_tiles_version: str) -> None:
-        """Move a filled staged feature array to ``<slide>/features/<name>`` (atomic rename).
+                        attrs: dict[str, Any], expect_tiles_version: str, group: str = "features") -> None:
+        """Move a filled staged feature array to ``<slide>/<group>/<name>`` (atomic rename).
 
+        ``group``: ``features`` (encoder features) or ``attributes`` (attribute scores of a run).
         Refused if the slide was retiled since its tiles were read (``expect_tiles_version``).
         """
-        validate_id(name, kind="feature name")
+        if group not in _ARRAY_GROUPS:
+            raise ValueError(f"group must be one of {_ARRAY_GROUPS}, got {group!r}")
+        validate_id(name, kind="feature name" if group == "features" else "attribute run name")
         if self._remote is not None:
-            self._commit_features_remote(array, patient_id, slide_id, name, attrs, expect_tiles_version)
+            self._commit_features_remote(array, patient_id, slide_id, name, attrs, expect_tiles_version, group)
             return
         staged_dir = _array_dir(array)
         current = self.slide_attrs(patient_id, slide_id)
@@ -279,8 +298,8 @@ class StoreWriter:
             raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
         array.update_attributes({**attrs, "tiles_version": expect_tiles_version, "complete": True})
         slide_dir = self._slide_dir(patient_id, slide_id)
-        _ensure_group(slide_dir / "features")
-        target = slide_dir / "features" / name
+        _ensure_group(slide_dir / group)
+        target = slide_dir / group / name
         old = self.path / STAGING / f"replaced-{staged_dir.parent.name}"
         try:
             os.replace(target, old)
@@ -397,7 +416,8 @@ class StoreWriter:
             self._remove_quietly(key)
 
     def _commit_features_remote(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
-                                attrs: dict[str, Any], expect_tiles_version: str) -> None:
+                                attrs: dict[str, Any], expect_tiles_version: str,
+                                group: str = "features") -> None:
         loc = self._remote
         key = _array_key(array)
         staged_group = key.rsplit("/", 1)[0]
@@ -414,8 +434,8 @@ class StoreWriter:
             pending = json.loads(json.dumps(final))
             pending["attributes"] = {**pending.get("attributes", {}), "complete": False, "writer": token}
             slide = _slide_key(patient_id, slide_id)
-            self._ensure_remote_group(f"{slide}/features")
-            self._replace_remote(key, f"{slide}/features/{name}", pending, final, token)
+            self._ensure_remote_group(f"{slide}/{group}")
+            self._replace_remote(key, f"{slide}/{group}/{name}", pending, final, token)
         finally:
             self._remove_quietly(staged_group)
 
@@ -634,6 +654,48 @@ class SlideStore:
     def tissue_mask(self, patient_id: str, slide_id: str) -> np.ndarray:
         return self.group(patient_id, slide_id)["tissue_mask"][:]
 
+    def has_qc(self, patient_id: str, slide_id: str) -> bool:
+        """Whether the slide has a QC picture (slides tiled before they existed have none)."""
+        return "qc" in self.group(patient_id, slide_id)
+
+    def qc_image(self, patient_id: str, slide_id: str) -> np.ndarray:
+        """``(H, W, 3) uint8`` QC picture (see :mod:`pipeline.qc`); KeyError if the slide has none."""
+        group = self.group(patient_id, slide_id)
+        if "qc" not in group:
+            raise KeyError(f"{patient_id}/{slide_id}: no QC picture (tiled before QC pictures existed? retile)")
+        return group["qc"][:]
+
+    def qc_png(self, patient_id: str, slide_id: str) -> bytes:
+        """The QC picture encoded as PNG."""
+        from .qc import encode_png
+
+        return encode_png(self.qc_image(patient_id, slide_id))
+
+    def tile_qc(self, patient_id: str, slide_id: str) -> dict[str, np.ndarray]:
+        """Per-tile QC measures ``{name: (N,) float32}`` (focus, pen, brightness, saturation).
+
+        Raises :class:`StoreError` for a slide tiled before they were recorded.
+        """
+        group = self.group(patient_id, slide_id)
+        if "tile_qc" not in group:
+            raise StoreError(f"{patient_id}/{slide_id}: no per-tile QC measures (tiled by an older version); "
+                             "retile (hlss tile --force) to filter on them")
+        return {name: arr[:] for name, arr in group["tile_qc"].arrays()}
+
+    def tile_keep(self, patient_id: str, slide_id: str, tile_filter=None) -> np.ndarray:
+        """``(N,) bool``: the tiles a :class:`pipeline.qc.TileFilter` keeps (all of them when it is None
+        or sets no limit, so stores without ``tile_qc`` still work unless a QC limit is asked for)."""
+        n = int(self.slide_attrs(patient_id, slide_id).get("n_tiles", 0))
+        if tile_filter is None or not tile_filter.active:
+            return np.ones(n, bool)
+        needs = tile_filter.needs
+        qc: dict[str, np.ndarray] = {}
+        if any(k != "tissue" for k in needs):
+            qc.update(self.tile_qc(patient_id, slide_id))
+        if "tissue" in needs:
+            qc["tissue"] = self.tissue(patient_id, slide_id)
+        return tile_filter.keep(qc)
+
     def feature_names(self, patient_id: str, slide_id: str) -> list[str]:
         """Names of the complete feature arrays of a slide."""
         group = self.group(patient_id, slide_id)
@@ -646,6 +708,21 @@ class SlideStore:
         arr = self.group(patient_id, slide_id)["features"][name]
         if not arr.attrs.get("complete"):
             raise KeyError(f"{patient_id}/{slide_id}: features {name!r} are incomplete")
+        return arr
+
+    def attribute_runs(self, patient_id: str, slide_id: str) -> list[str]:
+        """Names of the runs with complete attribute scores for a slide (see :mod:`hlss_model.explain`)."""
+        group = self.group(patient_id, slide_id)
+        if "attributes" not in group:
+            return []
+        return sorted(n for n, a in group["attributes"].arrays() if a.attrs.get("complete"))
+
+    def attribute_scores(self, patient_id: str, slide_id: str, run_name: str) -> zarr.Array:
+        """``(N, A) float32`` attribute scores of run ``run_name``, row i for tile i; attrs ``levels`` and
+        ``names`` give each column (KeyError if absent or incomplete)."""
+        arr = self.group(patient_id, slide_id)["attributes"][run_name]
+        if not arr.attrs.get("complete"):
+            raise KeyError(f"{patient_id}/{slide_id}: attribute scores {run_name!r} are incomplete")
         return arr
 
     def evaluations(self) -> dict[str, dict[str, Any]]:

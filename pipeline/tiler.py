@@ -20,6 +20,7 @@ import zarr
 from .cohort import SlideSpec
 from .config import TilingParams
 from .grid import TileGrid, pick_level, tile_grid
+from .qc import QC_FIELDS, qc_caption, render_qc, tile_measures
 from .location import scrub
 from .reader import MppInfo, SlideError, SlideReader, open_slide, read_thumbnail, resolve_mpp
 from .source import same_source, source_info
@@ -230,6 +231,12 @@ def _write_slide(
     w0, h0 = slide.dimensions
     _write_small(group, "thumbnail", p.thumbnail, {"scale": list(p.mask.scale)})
     _write_small(group, "tissue_mask", p.mask.mask, {"scale": list(p.mask.scale)})
+    qc_attrs = {"mpp0": [mpp.x, mpp.y], "mpp_source": mpp.source, "target_mpp": params.target_mpp,
+                "tile_size": params.tile_size, "min_tissue": params.min_tissue, "mask_mpp": params.mask_mpp,
+                "tissue_params": params.tissue.to_dict()}
+    if len(grid.coords) == 0 or len(p.keep) == 0:  # a failure on content: still a QC picture, without tiles
+        _write_qc(group, spec, p, qc_attrs, np.zeros((0, 2), np.int64), len(grid.coords),
+                  "no tissue tiles" if len(grid.coords) else "slide smaller than one tile")
     if len(grid.coords) == 0:
         tile_um = params.tile_size * params.target_mpp
         raise _SlideFailure(
@@ -260,8 +267,19 @@ def _write_slide(
         config={"write_empty_chunks": True},
         **params.compression.codecs_for(),
     )
-    _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap)
+    qc = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
+    _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap,
+                qc=qc, ink_hues=params.tissue.ink_hues, dark_value=params.tissue.dark_value)
     timings["tiles_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    qc_group = group.create_group("tile_qc")
+    for k, v in qc.items():
+        _write_small(qc_group, k, v, {"units": _QC_UNITS[k]})
+    qc_group.update_attributes({"fields": list(QC_FIELDS), "version": 1,
+                                "ink_hues": [list(h) for h in params.tissue.ink_hues],
+                                "dark_value": params.tissue.dark_value})
+    _write_qc(group, spec, p, qc_attrs, grid.coords[order], len(grid.coords), None)
+    timings["qc_s"] = time.perf_counter() - t
     level_scale = slide.level_scale(level)
     return {
         "reader": slide.backend,
@@ -292,6 +310,26 @@ def _write_slide(
     }
 
 
+_QC_UNITS = {
+    "focus": "variance of the 4-neighbour Laplacian of the green channel at half resolution (0-255 scale)",
+    "pen": "fraction of pixels that look like marker ink (tissue.py hue rules) or are dark",
+    "brightness": "mean of R, G, B / 255",
+    "saturation": "mean HSV saturation",
+}
+
+
+def _write_qc(group: zarr.Group, spec: SlideSpec, p: "SlidePlan", attrs: dict, coords: np.ndarray,
+              n_grid: int, error: str | None) -> None:
+    """The slide's QC picture ``qc`` (see :mod:`pipeline.qc`); never fails the slide."""
+    try:
+        caption = qc_caption(spec.patient_id, spec.slide_id, attrs, len(coords), n_grid, p.mask.fraction, error)
+        image, info = render_qc(p.thumbnail, p.mask.mask, p.mask.scale, coords, p.grid.footprint, caption)
+        _write_small(group, "qc", image, {"scale": info["scale"], "size": info["size"],
+                                          "caption_px": info["caption_px"]})
+    except Exception as e:  # a picture is for people: never lose the tiles over it
+        log.warning("%s: QC picture not written: %s: %s", spec.path, type(e).__name__, e)
+
+
 def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) -> None:
     arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if data.size else None)
     if data.size:
@@ -318,14 +356,22 @@ def _shards(slide, coords, plan, shard: int) -> Iterator[np.ndarray]:
         yield buf[:filled]
 
 
-def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress, overlap: bool) -> None:
+def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress, overlap: bool,
+                qc: dict[str, np.ndarray] | None = None, ink_hues=None, dark_value: float = 0.25) -> None:
     """Write every tile of ``plan`` into ``tiles``, one whole shard per write.
 
     With ``overlap`` a thread reads the next shards while this one encodes and writes; memory stays
     bounded: at most ``_QUEUE_BATCHES`` shards wait in the queue, plus one being filled.
     """
     written = 0
-    for batch in _prefetch(_shards(slide, coords, plan, shard)) if overlap else _shards(slide, coords, plan, shard):
+    batches = _shards(slide, coords, plan, shard)
+    if qc is not None:  # QC measures of each batch; with overlap, in the reading thread
+        batches = ((b, tile_measures(b, ink_hues, dark_value)) for b in batches)
+    for item in _prefetch(batches) if overlap else batches:
+        batch = item[0] if qc is not None else item
+        if qc is not None:
+            for k, v in item[1].items():
+                qc[k][written : written + len(batch)] = v
         tiles[written : written + len(batch)] = batch
         written += len(batch)
         if progress is not None:

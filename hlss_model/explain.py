@@ -1,0 +1,463 @@
+"""Attribute maps: how much each tile of a slide looks like each language attribute of an HLSS run.
+
+For every tile the score of attribute ``a`` is the cosine between the tile's projection ``z`` (the
+model's L2-normalised projection of the backbone features, computed on the tile as the training
+evaluation transform sees it: resized to the run's ``image_size``, normalised with its mean/std)
+and the L2-normalised text embedding of ``a`` (the run's ``attributes.safetensors`` rows, the
+embeddings of the attribute sentences). HLSS's alignment loss pulls exactly these two together, so
+this is the score the training optimised. (The trained per-level heads are the other option: they
+start as the same rows but drift, and their outputs are re-normalised over the level, which makes
+them relative to the other attributes of the level rather than a similarity to a sentence.)
+
+Stored per slide as one ``(N, A) float32`` array ``<slide>/attributes/<run>`` (A = every attribute
+of every level, levels concatenated in the run's order; attrs ``levels`` and ``names`` per column,
+``run``, ``weights_fingerprint``, ``tiles_version``, ``complete``), written through the same staged,
+atomic commit as features (:meth:`pipeline.store.StoreWriter.commit_features`), and reused while the
+run's weights and the slide's tiles are unchanged.
+
+Summaries (:func:`top_attributes`) average a column over the tiles of a slide (or over every tile of
+a patient's slides); :func:`render_heatmap` paints one column over the slide thumbnail.
+
+This module imports torch only inside the functions that need it, so ``add_parser`` is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.ids import InvalidIdError, sanitize_id
+from pipeline.store import SlideStore, StoreWriter, tiles_version
+
+__all__ = ["ExplainError", "ExplainRun", "AttributeMap", "load_explain_run", "explain_slide", "explain_patient",
+           "top_attributes", "stored_top_attributes", "colormap", "render_heatmap", "add_parser", "run"]
+
+GROUP = "attributes"
+
+
+class ExplainError(ValueError):
+    """A request that cannot be explained (not an HLSS run, unknown slide or attribute...)."""
+
+
+@dataclass
+class ExplainRun:
+    """An HLSS run ready to score tiles: its model, its attribute columns and their text rows."""
+
+    path: Path
+    name: str                      # array name under <slide>/attributes/
+    model: Any                     # HLSSModel (eval mode, on CPU until used)
+    meta: dict
+    levels: list[str]              # per column
+    names: list[str]               # per column
+    text: np.ndarray               # (A, D) float32, L2-normalised rows
+    fingerprint: str               # model weights + text rows
+    sentences: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+
+    def columns(self, level: str | None = None) -> list[int]:
+        return [i for i, lv in enumerate(self.levels) if level is None or lv == level]
+
+
+@dataclass
+class AttributeMap:
+    """Attribute scores of one slide: ``scores[i, j]`` = cosine of tile i to column j."""
+
+    patient: str
+    slide: str
+    run: str
+    scores: np.ndarray             # (N, A) float32
+    levels: list[str]
+    names: list[str]
+    reused: bool = False
+
+    def column(self, level: str, name: str) -> np.ndarray:
+        for j, (lv, n) in enumerate(zip(self.levels, self.names)):
+            if lv == level and n == name:
+                return self.scores[:, j]
+        raise KeyError(f"no attribute {level}:{name}")
+
+    def top(self, k: int = 3) -> dict[str, list[tuple[str, float]]]:
+        return top_attributes(self.scores, self.names, self.levels, k)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def load_explain_run(run: str | Path | ExplainRun) -> ExplainRun:
+    """Load an HLSS run folder for scoring; :class:`ExplainError` for HiDisc runs or missing text."""
+    if isinstance(run, ExplainRun):
+        return run
+    import torch
+
+    from pipeline.encoders import state_fingerprint
+
+    from .runs import load_run_model, read_run
+
+    path = Path(run).expanduser()
+    try:
+        meta = read_run(path)
+    except FileNotFoundError as e:
+        raise ExplainError(str(e)) from None
+    if meta.get("method") != "hlss":
+        raise ExplainError(f"{path}: a {meta.get('method')!r} run has no attribute text embeddings "
+                           "(HiDisc trains without language); attribute maps need an HLSS run")
+    if not (path / "attributes.safetensors").is_file():
+        raise ExplainError(f"{path}: HLSS run without attributes.safetensors")
+    try:
+        model, meta = load_run_model(path)
+    except FileNotFoundError as e:
+        raise ExplainError(str(e)) from None
+    from safetensors.torch import load_file
+
+    emb = load_file(str(path / "attributes.safetensors"))
+    named = meta.get("attributes") or {}
+    levels, names, rows = [], [], []
+    order = [lv for lv in named if lv in emb] + [lv for lv in emb if lv not in named]  # run.json's level order
+    for level in order:
+        tensor = emb[level]
+        level_names = list(named.get(level) or [f"{level}_{i}" for i in range(tensor.shape[0])])
+        if len(level_names) != tensor.shape[0]:
+            raise ExplainError(f"{path}: run.json names {len(level_names)} {level} attributes, "
+                               f"attributes.safetensors has {tensor.shape[0]} rows")
+        levels += [level] * len(level_names)
+        names += level_names
+        rows.append(torch.nn.functional.normalize(tensor.float(), dim=1))
+    text = torch.cat(rows).numpy().astype(np.float32) if rows else np.zeros((0, meta["embed_dim"]), np.float32)
+    h = hashlib.blake2b(digest_size=12)
+    h.update(state_fingerprint(model).encode())
+    h.update(text.tobytes())
+    h.update(json.dumps([levels, names]).encode())
+    resolved = path.resolve()
+    try:
+        name = sanitize_id(resolved.name)
+    except InvalidIdError:
+        name = "run"
+    return ExplainRun(path=resolved, name=name, model=model, meta=meta, levels=levels, names=names, text=text,
+                      fingerprint=h.hexdigest(), sentences=_run_sentences(resolved, meta))
+
+
+def _run_sentences(path: Path, meta: dict) -> dict[tuple[str, str], tuple[str, ...]]:
+    """The attribute sentences of a run, when the attribute file it was trained with is still the same."""
+    try:
+        import yaml
+
+        from .text import LEVELS, load_attributes
+
+        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        attrs = load_attributes((cfg.get("model") or {}).get("attributes"))
+        if meta.get("attributes_hash") and attrs.content_hash() != meta["attributes_hash"]:
+            return {}
+        return {(lv, a.name): a.sentences for lv in LEVELS for a in attrs[lv]}
+    except Exception:  # sentences are a courtesy: names and scores are enough
+        return {}
+
+
+# -- scoring ------------------------------------------------------------------------------------------
+
+
+def _open(store: str | Path | SlideStore) -> SlideStore:
+    return store if isinstance(store, SlideStore) else SlideStore(store)
+
+
+def _stored(reader: SlideStore, patient: str, slide: str, er: ExplainRun, version: str) -> np.ndarray | None:
+    if er.name not in reader.attribute_runs(patient, slide):
+        return None
+    arr = reader.attribute_scores(patient, slide, er.name)
+    a = arr.attrs
+    if (a.get("weights_fingerprint") != er.fingerprint or a.get("tiles_version") != version
+            or list(a.get("names", [])) != er.names or list(a.get("levels", [])) != er.levels):
+        return None
+    return arr[:]
+
+
+def explain_slide(store: str | Path | SlideStore, run: str | Path | ExplainRun, patient: str, slide: str, *,
+                  batch_size: int = 128, device: str = "auto", force: bool = False,
+                  amp: bool | None = None) -> AttributeMap:
+    """Attribute scores of every tile of a complete slide, computed and stored, or reused when stored
+    scores match the run's weights and the slide's tiles (``force`` recomputes).
+
+    ``amp``: bf16 autocast of the backbone (default: on CUDA only).
+    """
+    er = load_explain_run(run)
+    reader = _open(store)
+    attrs = reader.slide_attrs(patient, slide)
+    if attrs.get("status") != "complete":
+        raise ExplainError(f"{patient}/{slide}: slide is {attrs.get('status')!r}, not complete")
+    version = tiles_version(attrs)
+    if not force:
+        stored = _stored(reader, patient, slide, er, version)
+        if stored is not None:
+            return AttributeMap(patient, slide, er.name, stored, list(er.levels), list(er.names), reused=True)
+    scores = _compute(reader, er, patient, slide, int(attrs.get("n_tiles", 0)), version, batch_size, device, amp)
+    return AttributeMap(patient, slide, er.name, scores, list(er.levels), list(er.names))
+
+
+def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: int, version: str,
+             batch_size: int, device: str, amp: bool | None) -> np.ndarray:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from pipeline.features import _read_ahead, resolve_device
+
+    from .augment import EvalTransform
+
+    dev = resolve_device(device)
+    amp = (dev.type == "cuda") if amp is None else amp
+    model = er.model.to(dev).eval()
+    transform = EvalTransform(int(er.meta["image_size"]), er.meta["mean"], er.meta["std"])
+    text = torch.from_numpy(er.text).to(dev)
+    tiles = reader.tiles(patient, slide)
+    writer = StoreWriter(reader.path)
+    a = len(er.names)
+    staged = writer.stage_features(n, a, "float32", chunk_rows=batch_size if writer.is_remote else 4096)
+    out = np.zeros((n, a), np.float32)
+    try:
+        starts = ((s,) for s in range(0, n, batch_size))
+        with ThreadPoolExecutor(2, thread_name_prefix="tile-read") as pool, torch.inference_mode():
+            for start, block in _read_ahead(starts, lambda s: tiles[s:s + batch_size], pool, 2):
+                x = transform(block.result()).to(dev)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    feats = model.backbone(x)
+                z = torch.nn.functional.normalize(model.projection(feats.float()).float(), dim=-1)
+                out[start:start + len(x)] = (z @ text.T).cpu().numpy()
+        if n:
+            staged[:] = out
+        writer.commit_features(staged, patient, slide, er.name, {
+            "levels": list(er.levels), "names": list(er.names), "run": str(er.path),
+            "weights_fingerprint": er.fingerprint, "score": "cosine(z, attribute text embedding)",
+            "image_size": int(er.meta["image_size"]), "n": n}, version, group=GROUP)
+    except BaseException:
+        writer.discard_array(staged)
+        raise
+    return out
+
+
+def explain_patient(store: str | Path | SlideStore, run: str | Path | ExplainRun, patient: str, *,
+                    k: int = 3, **kwargs) -> tuple[list[AttributeMap], dict[str, list[tuple[str, float]]]]:
+    """Explain every complete slide of a patient; the top ``k`` attributes per level over all its tiles."""
+    er = load_explain_run(run)
+    reader = _open(store)
+    maps = [explain_slide(reader, er, patient, s, **kwargs) for s in reader.slides(patient)]
+    scores = np.concatenate([m.scores for m in maps]) if maps else np.zeros((0, len(er.names)), np.float32)
+    return maps, top_attributes(scores, er.names, er.levels, k)
+
+
+def top_attributes(scores: np.ndarray, names: Sequence[str], levels: Sequence[str],
+                   k: int = 3) -> dict[str, list[tuple[str, float]]]:
+    """Per level, the ``k`` attributes with the highest mean score over the rows (tiles), best first.
+
+    NaN rows (tiles left out) are ignored; a level with no scored tile gets an empty list.
+    """
+    scores = np.asarray(scores, np.float64).reshape(-1, len(names))
+    valid = ~np.isnan(scores).any(axis=1)
+    mean = scores[valid].mean(axis=0) if valid.any() else np.full(len(names), np.nan)
+    out: dict[str, list[tuple[str, float]]] = {}
+    for level in dict.fromkeys(levels):
+        cols = [j for j, lv in enumerate(levels) if lv == level]
+        if not valid.any():
+            out[level] = []
+            continue
+        order = sorted(cols, key=lambda j: (-mean[j], j))[:max(0, k)]
+        out[level] = [(names[j], float(mean[j])) for j in order]
+    return out
+
+
+def stored_top_attributes(store: str | Path | SlideStore, patient: str, slide: str,
+                          k: int = 3) -> dict[str, dict[str, list[tuple[str, float]]]]:
+    """``{run: {level: [(name, score)]}}`` from the scores already stored for a slide (no torch; for reports)."""
+    reader = _open(store)
+    out = {}
+    for name in reader.attribute_runs(patient, slide):
+        arr = reader.attribute_scores(patient, slide, name)
+        out[name] = top_attributes(arr[:], list(arr.attrs["names"]), list(arr.attrs["levels"]), k)
+    return out
+
+
+# -- pictures -----------------------------------------------------------------------------------------
+
+# viridis at 9 evenly spaced stops (matplotlib's values), interpolated linearly
+_VIRIDIS = np.array([
+    [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+    [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], np.float64)
+_LINE_PX = 12
+
+
+def colormap(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """``(...,)`` values -> ``(..., 3) uint8`` viridis colours, ``vmin`` dark purple, ``vmax`` yellow."""
+    v = np.asarray(values, np.float64)
+    t = np.clip((v - vmin) / (vmax - vmin), 0, 1) if vmax > vmin else np.full(v.shape, 0.5)
+    t = np.nan_to_num(t, nan=0.0) * (len(_VIRIDIS) - 1)
+    i = np.minimum(np.floor(t).astype(np.int64), len(_VIRIDIS) - 2)
+    f = (t - i)[..., None]
+    return np.rint(_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
+
+
+def tile_rects(coords: np.ndarray, footprint: Sequence[float] | float, scale: Sequence[float],
+               width: int, height: int) -> np.ndarray:
+    """``(N, 4)`` int ``x0, y0, x1, y1`` (inclusive) thumbnail pixels covered by each tile."""
+    fw, fh = (float(footprint), float(footprint)) if np.isscalar(footprint) else map(float, footprint)
+    sx, sy = float(scale[0]), float(scale[1])
+    c = np.asarray(coords, np.float64).reshape(-1, 2)
+    x0 = np.floor(c[:, 0] / sx).astype(np.int64)
+    y0 = np.floor(c[:, 1] / sy).astype(np.int64)
+    x1 = np.maximum(x0, np.ceil((c[:, 0] + fw) / sx).astype(np.int64) - 1)
+    y1 = np.maximum(y0, np.ceil((c[:, 1] + fh) / sy).astype(np.int64) - 1)
+    return np.stack([np.clip(x0, 0, width - 1), np.clip(y0, 0, height - 1),
+                     np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1)], axis=1)
+
+
+def render_heatmap(store: str | Path | SlideStore, patient: str, slide: str, column_scores: np.ndarray,
+                   title: str, *, alpha: float = 0.6, vmin: float | None = None, vmax: float | None = None):
+    """The slide thumbnail with each tile's footprint filled by its score's colour (viridis, blended
+    with ``alpha``), over a white caption band: ``title``, a colour bar and its min / max.
+
+    Returns a ``PIL.Image`` of width = thumbnail width, height = thumbnail height + caption band.
+    NaN scores leave their tiles unpainted; ``vmin``/``vmax`` default to the scores' range.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    reader = _open(store)
+    group = reader.group(patient, slide)
+    thumb = np.asarray(group["thumbnail"][:], np.uint8)
+    scale = group["thumbnail"].attrs.get("scale") or [1.0, 1.0]
+    attrs = reader.slide_attrs(patient, slide)
+    footprint = attrs.get("footprint_px") or attrs.get("tile_size")
+    coords = reader.coords(patient, slide)
+    values = np.asarray(column_scores, np.float64).reshape(-1)
+    if len(values) != len(coords):
+        raise ExplainError(f"{patient}/{slide}: {len(values)} scores for {len(coords)} tiles")
+    finite = values[np.isfinite(values)]
+    lo = float(vmin if vmin is not None else (finite.min() if finite.size else 0.0))
+    hi = float(vmax if vmax is not None else (finite.max() if finite.size else 1.0))
+    h, w = thumb.shape[:2]
+    pic = thumb.astype(np.float64).copy()
+    colours = colormap(values, lo, hi).astype(np.float64)
+    if len(coords):
+        rects = tile_rects(coords, footprint, scale, w, h)
+        for (x0, y0, x1, y1), col, v in zip(rects.tolist(), colours, values):
+            if np.isfinite(v):
+                pic[y0:y1 + 1, x0:x1 + 1] = (1 - alpha) * thumb[y0:y1 + 1, x0:x1 + 1] + alpha * col
+    pic = np.rint(pic).clip(0, 255).astype(np.uint8)
+
+    font = ImageFont.load_default()
+    chars = max(8, (w - 8) // 6)  # the default bitmap font is about 6 px per character
+    lines = textwrap.wrap(title, chars) or [""]
+    scale_lines = textwrap.wrap(f"colour scale: min {lo:.3f} (left)  max {hi:.3f} (right)", chars)
+    bar_px = 10
+    band = _LINE_PX * (len(lines) + len(scale_lines)) + bar_px + 14
+    canvas = Image.new("RGB", (w, h + band), (255, 255, 255))
+    canvas.paste(Image.fromarray(pic), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, h + 4 + i * _LINE_PX), line, fill=(0, 0, 0), font=font)
+    top = h + 4 + len(lines) * _LINE_PX
+    bar_w = max(1, w - 8)
+    bar = colormap(np.linspace(lo, hi, bar_w), lo, hi)
+    canvas.paste(Image.fromarray(np.repeat(bar[None], bar_px, axis=0)), (min(4, w - 1), top))
+    for i, line in enumerate(scale_lines):
+        draw.text((4, top + bar_px + 2 + i * _LINE_PX), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add ``hlss explain`` to an ``add_subparsers()`` object (no torch import)."""
+    e = sub.add_parser("explain", help="per-tile similarity to the language attributes of an HLSS run: "
+                                       "heatmaps and top attributes per slide and patient")
+    e.add_argument("--store", required=True, help="store folder or URL")
+    e.add_argument("--checkpoint", required=True, type=Path, help="HLSS training run folder")
+    e.add_argument("--slide", required=True, help="slide id")
+    e.add_argument("--attribute", action="append", default=[], metavar="[LEVEL:]NAME",
+                   help="draw a heatmap of this attribute (repeatable; default: the top one of each level)")
+    e.add_argument("--out", type=Path, default=Path("explain"), help="folder for <slide>_<level>_<attribute>.png")
+    e.add_argument("--top", type=int, default=3, help="attributes listed per level (default 3)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--force", action="store_true", help="recompute stored scores")
+    return e
+
+
+def _find_slide(reader: SlideStore, slide: str) -> str:
+    owners = [p for p in reader.patients() if slide in reader.slides(p, status=None)]
+    if not owners:
+        raise ExplainError(f"unknown slide {slide!r} in {reader.path}")
+    if len(owners) > 1:
+        raise ExplainError(f"slide {slide!r} belongs to several patients: {owners}")
+    return owners[0]
+
+
+def _chosen(er: ExplainRun, wanted: list[str], top: dict[str, list[tuple[str, float]]]) -> list[tuple[str, str]]:
+    if not wanted:
+        return [(lv, items[0][0]) for lv, items in top.items() if items]
+    out: list[tuple[str, str]] = []
+    for spec in wanted:
+        level, _, name = spec.rpartition(":")
+        hits = [(lv, n) for lv, n in zip(er.levels, er.names) if n == name and (not level or lv == level)]
+        if not hits:
+            raise ExplainError(f"run {er.name} has no attribute {spec!r}; it has: "
+                               + ", ".join(f"{lv}:{n}" for lv, n in zip(er.levels, er.names)))
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def _print_top(er: ExplainRun, header: str, top: dict[str, list[tuple[str, float]]]) -> None:
+    print(header)
+    for level, items in top.items():
+        for rank, (name, score) in enumerate(items, 1):
+            sentence = (er.sentences.get((level, name)) or ("",))[0]
+            print(f"  {level:<8} {rank}. {name:<28} {score:+.4f}" + (f"  {sentence}" if sentence else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``hlss explain``: 0 on success, 2 for a bad request (unknown slide, non-HLSS run, unusable store)."""
+    from pipeline.location import StoreError
+
+    def fail(msg: str) -> int:
+        print(f"hlss explain: error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.top < 1:
+        return fail("--top must be >= 1")
+    try:
+        reader = SlideStore(args.store)
+        patient = _find_slide(reader, args.slide)
+        if reader.slide_attrs(patient, args.slide).get("status") != "complete":
+            raise ExplainError(f"slide {args.slide!r} is not complete (status "
+                               f"{reader.slide_attrs(patient, args.slide).get('status')!r}); tile it first")
+        er = load_explain_run(args.checkpoint)
+        kw = dict(batch_size=args.batch_size, device=args.device, force=args.force)
+        amap = explain_slide(reader, er, patient, args.slide, **kw)
+        top = amap.top(args.top)
+        chosen = _chosen(er, list(args.attribute), top)
+        others = [s for s in reader.slides(patient) if s != args.slide]
+        maps = [amap] + [explain_slide(reader, er, patient, s, **kw) for s in others]
+    except (ExplainError, StoreError, InvalidIdError, FileNotFoundError, KeyError) as e:
+        return fail(str(e).strip("'\""))
+    except ValueError as e:  # e.g. CUDA asked for but absent
+        return fail(str(e))
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for level, name in chosen:
+        col = amap.column(level, name)
+        title = f"{patient}/{args.slide}  {level}: {name}  (cosine to the attribute text, run {er.name})"
+        path = args.out / f"{args.slide}_{level}_{name}.png"
+        render_heatmap(reader, patient, args.slide, col, title).save(path)
+        written.append(path)
+    state = "reused stored scores" if amap.reused else "computed"
+    _print_top(er, f"slide {args.slide} (patient {patient}, {len(amap.scores)} tiles, {state}):", top)
+    scores = np.concatenate([m.scores for m in maps])
+    _print_top(er, f"patient {patient} ({len(maps)} slide(s), {len(scores)} tiles):",
+               top_attributes(scores, er.names, er.levels, args.top))
+    for path in written:
+        print(f"wrote {path}")
+    return 0

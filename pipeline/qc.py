@@ -1,0 +1,339 @@
+"""Quality control: a per-slide QC picture, per-tile QC measures, and a tile filter on them.
+
+**QC picture.** At tiling time :func:`render_qc` draws the slide's thumbnail (at most
+``QC_MAX_PX`` px on its longest side) with the tissue mask's outline in :data:`OUTLINE_RGB` and
+every kept tile's footprint as a rectangle outline in :data:`TILE_RGB`, over a white caption band
+that names the slide and gives mpp0, target mpp, tile size, tile count and the tissue parameters.
+It is stored as the slide's ``qc`` array ``(h, w, 3) uint8`` (slides that fail on content, no
+tissue or too small, get one too); ``hlss qc STORE --out DIR`` writes them as PNGs
+(:func:`export_qc`).
+
+**Tile QC measures** (:func:`tile_measures`), computed on every tile batch as it is written and
+stored as ``tile_qc/<name>`` ``(N,) float32`` arrays aligned with ``coords``; nothing is deleted,
+consumers filter with a :class:`TileFilter`:
+
+* ``focus``: variance of the 4-neighbour Laplacian of the green channel (0-255 scale) at half
+  resolution. Blurred tiles score low; the scale depends on
+  the stain and the tissue, so a threshold is chosen per cohort (look at the distribution).
+* ``pen``: fraction of pixels that look like marker ink, with the hue rules of
+  :mod:`pipeline.tissue` (``TissueParams.ink_hues``, on the raw RGB: there is no white balance
+  at tile level) plus dark pixels (brightest channel below ``dark_value``: black ink, folds).
+* ``brightness``: mean of R, G and B / 255.
+* ``saturation``: mean HSV saturation ``(max - min) / max`` (0 where max is 0).
+
+``pen``, ``brightness`` and ``saturation`` are computed on every fourth pixel in each direction
+(a sixteenth of the pixels, the same fractions to about 1 %), the focus on every second pixel in
+each direction (half resolution: a quarter of the cost, still far apart for sharp and blurred
+tiles). They are measured on the tiles as read, before (lossy) encoding for the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import textwrap
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "QC_FIELDS", "QC_MAX_PX", "OUTLINE_RGB", "TILE_RGB", "TileFilter", "tile_measures", "render_qc",
+    "encode_png", "export_qc", "add_parser", "run",
+]
+
+log = logging.getLogger(__name__)
+
+QC_FIELDS = ("focus", "pen", "brightness", "saturation")
+QC_MAX_PX = 2048
+OUTLINE_RGB = (0, 255, 0)  # tissue mask outline (pure green: not an H&E colour)
+TILE_RGB = (255, 0, 255)  # kept tile footprints (pure magenta)
+_LINE_PX = 14
+_FOCUS_STEP = 2  # focus on every 2nd pixel (half resolution)
+_COLOUR_STEP = 4  # colour measures on every 4th pixel
+
+
+# -- per-tile measures ----------------------------------------------------------------------------
+
+def tile_measures(batch: np.ndarray, ink_hues: Sequence[Sequence[float]] | None = None,
+                  dark_value: float = 0.25, chunk: int = 16) -> dict[str, np.ndarray]:
+    """QC measures of ``(n, H, W, 3) uint8`` tiles: ``{name: (n,) float32}`` for :data:`QC_FIELDS`.
+
+    ``ink_hues`` and ``dark_value`` as in :class:`pipeline.tissue.TissueParams` (its defaults when None).
+    Vectorised over ``chunk`` tiles at a time (bounded memory).
+    """
+    from .tissue import TissueParams, _hue
+
+    if ink_hues is None:
+        ink_hues = TissueParams().ink_hues
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
+        raise ValueError(f"tiles must be (n, H, W, 3) uint8, got {batch.shape} {batch.dtype}")
+    n = batch.shape[0]
+    out = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
+    least = min((h[2] for h in ink_hues), default=1.0)
+    above = max(max((h[1] for h in ink_hues), default=240.0) - 240.0, 0.0) / 60.0
+    for a in range(0, n, chunk):
+        t = batch[a:a + chunk]
+        k = len(t)
+        # focus: Laplacian of the green channel at half resolution (int16: |value| <= 4 * 255 * 2)
+        g = t[:, ::_FOCUS_STEP, ::_FOCUS_STEP, 1].astype(np.int16)
+        lap = g[:, 1:-1, :-2] + g[:, 1:-1, 2:]
+        lap += g[:, :-2, 1:-1]
+        lap += g[:, 2:, 1:-1]
+        lap -= 4 * g[:, 1:-1, 1:-1]
+        lf = lap.reshape(k, -1).astype(np.float32)
+        mean = lf.mean(axis=1, dtype=np.float64)
+        out["focus"][a:a + k] = np.einsum("ij,ij->i", lf, lf) / lf.shape[1] - mean * mean
+        # colour measures on every 4th pixel in each direction
+        s = t[:, ::_COLOUR_STEP, ::_COLOUR_STEP].astype(np.int16)
+        r, gg, b = s[..., 0], s[..., 1], s[..., 2]
+        m = r[0].size
+        high = np.maximum(np.maximum(r, gg), b)
+        chroma = high - np.minimum(np.minimum(r, gg), b)
+        out["brightness"][a:a + k] = s.reshape(k, -1).sum(axis=1) / (3.0 * 255.0 * m)
+        sat = chroma / np.maximum(high, 1).astype(np.float32)
+        out["saturation"][a:a + k] = sat.reshape(k, -1).mean(axis=1)
+        dark = high < dark_value * 255.0
+        ink = dark.copy()
+        if ink_hues:
+            cand = (sat >= least) & (chroma > 0) & (r - gg <= above * chroma) & ~dark
+            where = np.flatnonzero(cand)
+            if where.size:
+                rc, gc, bc = (x.ravel()[where].astype(np.float32) for x in (r, gg, b))
+                hue = _hue(rc, gc, bc)
+                sc = sat.ravel()[where]
+                hit = np.zeros(where.size, bool)
+                for lo, hi, least_s in ink_hues:
+                    hit |= (hue >= lo) & (hue <= hi) & (sc >= least_s)
+                ink.ravel()[where[hit]] = True
+        out["pen"][a:a + k] = ink.reshape(k, -1).mean(axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class TileFilter:
+    """Thresholds on the per-tile QC measures; None = no limit. All limits are inclusive.
+
+    ``min_tissue`` uses the ``tissue`` array every store has; the others need ``tile_qc`` (stores
+    tiled before it existed cannot be filtered on them: retile).
+    """
+
+    min_focus: float | None = None
+    max_pen: float | None = None
+    min_brightness: float | None = None
+    max_brightness: float | None = None
+    min_saturation: float | None = None
+    max_saturation: float | None = None
+    min_tissue: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise ValueError(f"tile_filter.{f.name} must be a number or null, got {v!r}")
+            object.__setattr__(self, f.name, float(v))
+        for lo, hi in (("min_brightness", "max_brightness"), ("min_saturation", "max_saturation")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"tile_filter.{lo} {a} > {hi} {b}: no tile could pass")
+
+    @property
+    def active(self) -> bool:
+        """Whether any limit is set."""
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The measures this filter reads (``tissue`` or :data:`QC_FIELDS` names)."""
+        out = []
+        for f in fields(self):
+            if getattr(self, f.name) is not None:
+                name = f.name.split("_", 1)[1]
+                if name not in out:
+                    out.append(name)
+        return tuple(out)
+
+    def keep(self, qc: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``(N,) bool``: True for the tiles within every limit. ``qc`` maps measure name -> ``(N,)``."""
+        n = None
+        mask = None
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            kind, name = f.name.split("_", 1)
+            if name not in qc:
+                raise KeyError(f"tile filter needs the {name!r} measure, which is not there")
+            x = np.asarray(qc[name])
+            ok = x >= v if kind == "min" else x <= v
+            mask = ok if mask is None else mask & ok
+            n = len(x)
+        if mask is None:
+            lengths = {len(np.asarray(v)) for v in qc.values()}
+            if len(lengths) != 1:
+                raise ValueError("keep(): give at least one measure to know the tile count")
+            return np.ones(lengths.pop(), bool)
+        assert n is not None
+        return mask
+
+    def to_dict(self) -> dict[str, float]:
+        """The set limits only (stable; empty when inactive)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "TileFilter":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown tile_filter keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+# -- QC picture -----------------------------------------------------------------------------------
+
+def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], coords: np.ndarray,
+              footprint: Sequence[float] | float, caption: Sequence[str],
+              max_px: int = QC_MAX_PX) -> tuple[np.ndarray, dict[str, Any]]:
+    """The QC picture and how it was drawn.
+
+    thumbnail: ``(h, w, 3) uint8``; mask: ``(h, w) bool`` on the same pixels; scale: level-0 px per
+    thumbnail px ``(sx, sy)``; coords: ``(N, 2)`` level-0 top-left of the kept tiles; footprint:
+    tile side in level-0 px.
+
+    Returns ``(image (H, W, 3) uint8, info)``; ``info``: ``scale`` (level-0 px per picture px),
+    ``size`` (width, height of the slide part), ``caption_px`` (caption band height, below it),
+    ``rects`` ``(N, 4) int`` (x0, y0, x1, y1 inclusive, picture px, one per tile in ``coords`` order),
+    ``outline`` ``(h', w') bool`` (the outline pixels drawn).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from skimage.segmentation import find_boundaries
+
+    thumbnail = np.asarray(thumbnail, np.uint8)
+    mask = np.asarray(mask, bool)
+    h, w = thumbnail.shape[:2]
+    f = min(1.0, max_px / max(h, w, 1))
+    dw, dh = max(1, round(w * f)), max(1, round(h * f))
+    img = Image.fromarray(thumbnail)
+    mimg = Image.fromarray(mask.astype(np.uint8) * 255)
+    if (dw, dh) != (w, h):
+        img = img.resize((dw, dh), Image.Resampling.BILINEAR)
+        mimg = mimg.resize((dw, dh), Image.Resampling.NEAREST)
+    dmask = np.asarray(mimg) > 127
+    sx, sy = float(scale[0]) * w / dw, float(scale[1]) * h / dh  # level-0 px per picture px
+    fw, fh = (float(footprint), float(footprint)) if np.isscalar(footprint) else map(float, footprint)
+    coords = np.asarray(coords, np.float64).reshape(-1, 2)
+    x0 = np.floor(coords[:, 0] / sx).astype(np.int64)
+    y0 = np.floor(coords[:, 1] / sy).astype(np.int64)
+    x1 = np.maximum(x0, np.ceil((coords[:, 0] + fw) / sx).astype(np.int64) - 1)
+    y1 = np.maximum(y0, np.ceil((coords[:, 1] + fh) / sy).astype(np.int64) - 1)
+    rects = np.stack([x0, y0, np.minimum(x1, dw - 1), np.minimum(y1, dh - 1)], axis=1) if len(coords) \
+        else np.zeros((0, 4), np.int64)
+    draw = ImageDraw.Draw(img)
+    for r in rects.tolist():
+        draw.rectangle(r, outline=TILE_RGB, width=1)
+    pic = np.array(img)
+    outline = find_boundaries(dmask, mode="inner") if dmask.any() else np.zeros_like(dmask)
+    pic[outline] = OUTLINE_RGB
+
+    font = ImageFont.load_default()
+    chars = max(20, dw // 7)
+    lines = [piece for line in caption for piece in (textwrap.wrap(line, chars) or [""])]
+    band = _LINE_PX * len(lines) + 8
+    canvas = Image.new("RGB", (dw, dh + band), (255, 255, 255))
+    canvas.paste(Image.fromarray(pic), (0, 0))
+    cd = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        cd.text((4, dh + 4 + k * _LINE_PX), line, fill=(0, 0, 0), font=font)
+    info = {"scale": [sx, sy], "size": [dw, dh], "caption_px": band, "rects": rects, "outline": outline}
+    return np.asarray(canvas), info
+
+
+def qc_caption(patient_id: str, slide_id: str, attrs: Mapping[str, Any], n_tiles: int, n_grid: int | None,
+               tissue_fraction: float, error: str | None = None) -> list[str]:
+    """Caption lines of a QC picture from a slide's (tiling) attributes."""
+    mpp0 = attrs.get("mpp0") or [float("nan"), float("nan")]
+    tp = dict(attrs.get("tissue_params") or {})
+    lines = [
+        f"{patient_id} / {slide_id}",
+        f"mpp0 {mpp0[0]:.4g} x {mpp0[1]:.4g} um/px ({attrs.get('mpp_source', '?')}); target {attrs.get('target_mpp')} "
+        f"um/px, tile {attrs.get('tile_size')} px",
+        f"tiles kept {n_tiles}" + (f" of {n_grid} grid tiles" if n_grid is not None else "")
+        + f"; min_tissue {attrs.get('min_tissue')}; mask_mpp {attrs.get('mask_mpp')}; "
+          f"tissue {100 * tissue_fraction:.1f}% of thumbnail",
+    ]
+    if tp:
+        keys = ("chroma_floor", "chroma_cap", "dark_value", "opening_radius_um", "closing_radius_um",
+                "max_hole_um2", "min_component_um2", "reject_pen", "pen_min_width_um", "pen_margin_um")
+        lines.append("tissue: " + ", ".join(f"{k} {tp[k]}" for k in keys if k in tp))
+    lines.append("green: tissue mask outline; magenta: kept tiles")
+    if error:
+        lines.append(f"FAILED: {error}")
+    return lines
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def export_qc(store, out_dir: str | Path, status: str | None = None) -> list[Path]:
+    """Write ``<out>/<patient>/<slide>.png`` for every slide with a QC picture; returns the paths.
+
+    ``store``: a :class:`~pipeline.store.SlideStore` or its path/URL. ``status``: only slides with
+    that status (default: all, failed ones included). Slides tiled before QC pictures existed are
+    skipped with a warning.
+    """
+    from .store import SlideStore
+
+    store = store if isinstance(store, SlideStore) else SlideStore(store)
+    out = Path(out_dir)
+    written: list[Path] = []
+    for rec in store.records(status=status):
+        if not store.has_qc(rec.patient_id, rec.slide_id):
+            log.warning("%s/%s: no QC picture (tiled before QC pictures existed, or failed before its thumbnail)",
+                        rec.patient_id, rec.slide_id)
+            continue
+        path = out / rec.patient_id / f"{rec.slide_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(store.qc_png(rec.patient_id, rec.slide_id))
+        written.append(path)
+    return written
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add ``hlss qc STORE --out DIR`` to an ``add_subparsers()`` object."""
+    q = sub.add_parser("qc", help="write each slide's QC picture (thumbnail, tissue outline, kept tiles) as PNG")
+    q.add_argument("store", help="store folder or URL")
+    q.add_argument("--out", type=Path, required=True, help="folder for <patient>/<slide>.png")
+    q.add_argument("--status", choices=("complete", "failed"), default=None, help="only slides with this status")
+    return q
+
+
+def run(args: argparse.Namespace) -> int:
+    """``hlss qc``: 0 when every slide had a picture, 1 when some had none, 2 for an unusable store."""
+    import sys
+
+    from .location import StoreError
+
+    try:
+        from .store import SlideStore
+
+        store = SlideStore(args.store)
+    except StoreError as e:
+        print(f"hlss qc: error: {e}", file=sys.stderr)
+        return 2
+    written = export_qc(store, args.out, status=args.status)
+    total = sum(1 for _ in store.records(status=args.status))
+    print(f"wrote {len(written)} QC pictures of {total} slides to {args.out}")
+    return 0 if len(written) == total else 1
