@@ -698,32 +698,32 @@ class SlideStore:
 
     def feature_names(self, patient_id: str, slide_id: str) -> list[str]:
         """Names of the complete feature arrays of a slide."""
-        group = self.group(patient_id, slide_id)
-        if "features" not in group:
-            return []
-        return sorted(n for n, a in group["features"].arrays() if a.attrs.get("complete"))
+        return self._complete_names(patient_id, slide_id, "features")
 
     def features(self, patient_id: str, slide_id: str, name: str) -> zarr.Array:
         """``(N, D)`` features ``name`` of a slide, row i for tile i (KeyError if absent)."""
-        arr = self.group(patient_id, slide_id)["features"][name]
-        if not arr.attrs.get("complete"):
-            raise KeyError(f"{patient_id}/{slide_id}: features {name!r} are incomplete")
-        return arr
+        return self._complete_array(patient_id, slide_id, "features", name, "features")
 
     def attribute_runs(self, patient_id: str, slide_id: str) -> list[str]:
         """Names of the runs with complete attribute scores for a slide (see :mod:`hlss_model.explain`)."""
+        return self._complete_names(patient_id, slide_id, "attributes")
+
+    def _complete_names(self, patient_id: str, slide_id: str, kind: str) -> list[str]:
         group = self.group(patient_id, slide_id)
-        if "attributes" not in group:
+        if kind not in group:
             return []
-        return sorted(n for n, a in group["attributes"].arrays() if a.attrs.get("complete"))
+        return sorted(n for n, a in group[kind].arrays() if a.attrs.get("complete"))
+
+    def _complete_array(self, patient_id: str, slide_id: str, kind: str, name: str, what: str) -> zarr.Array:
+        arr = self.group(patient_id, slide_id)[kind][name]
+        if not arr.attrs.get("complete"):
+            raise KeyError(f"{patient_id}/{slide_id}: {what} {name!r} are incomplete")
+        return arr
 
     def attribute_scores(self, patient_id: str, slide_id: str, run_name: str) -> zarr.Array:
         """``(N, A) float32`` attribute scores of run ``run_name``, row i for tile i; attrs ``levels`` and
         ``names`` give each column (KeyError if absent or incomplete)."""
-        arr = self.group(patient_id, slide_id)["attributes"][run_name]
-        if not arr.attrs.get("complete"):
-            raise KeyError(f"{patient_id}/{slide_id}: attribute scores {run_name!r} are incomplete")
-        return arr
+        return self._complete_array(patient_id, slide_id, "attributes", run_name, "attribute scores")
 
     def evaluations(self) -> dict[str, dict[str, Any]]:
         """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`)."""
