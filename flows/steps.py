@@ -203,20 +203,23 @@ def _log_every(logger, every: int) -> Callable[[int, dict], None]:
     return on_step
 
 
-def _final_metrics(run_dir: str) -> dict[str, Any]:
-    lines = (Path(run_dir).expanduser() / "metrics.jsonl").read_text().splitlines() \
-        if (Path(run_dir).expanduser() / "metrics.jsonl").is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
-    return {"final_loss": last.get("loss"), "images_per_s": None}
-
-
-def training_curve(run_dir: str, points: int = 20) -> list[tuple[int, float]]:
-    """``(step, loss)`` at up to ``points`` evenly spaced steps of the run's metrics.jsonl."""
+def _metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The rows of the run's metrics.jsonl that have a step and a loss (empty when there is none)."""
     path = Path(run_dir).expanduser() / "metrics.jsonl"
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "step" in r]
+    return [r for r in rows if "loss" in r and "step" in r]
+
+
+def _final_metrics(run_dir: str) -> dict[str, Any]:
+    rows = _metrics(run_dir)
+    return {"final_loss": rows[-1]["loss"] if rows else None, "images_per_s": None}
+
+
+def training_curve(run_dir: str, points: int = 20) -> list[tuple[int, float]]:
+    """``(step, loss)`` at up to ``points`` evenly spaced steps of the run's metrics.jsonl."""
+    rows = _metrics(run_dir)
     if not rows:
         return []
     stride = max(1, len(rows) // points)

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.ids import InvalidIdError, sanitize_id
+from pipeline.qc import tile_rects
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 
 __all__ = ["ExplainError", "ExplainRun", "AttributeMap", "load_explain_run", "explain_slide", "explain_patient",
@@ -205,7 +206,7 @@ def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: in
 
     import torch
 
-    from pipeline.features import _read_ahead, resolve_device
+    from pipeline.features import read_ahead, resolve_device
 
     from .augment import EvalTransform
 
@@ -222,7 +223,7 @@ def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: in
     try:
         starts = ((s,) for s in range(0, n, batch_size))
         with ThreadPoolExecutor(2, thread_name_prefix="tile-read") as pool, torch.inference_mode():
-            for start, block in _read_ahead(starts, lambda s: tiles[s:s + batch_size], pool, 2):
+            for start, block in read_ahead(starts, lambda s: tiles[s:s + batch_size], pool, 2):
                 x = transform(block.result()).to(dev)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     feats = model.backbone(x)
@@ -298,20 +299,6 @@ def colormap(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     i = np.minimum(np.floor(t).astype(np.int64), len(_VIRIDIS) - 2)
     f = (t - i)[..., None]
     return np.rint(_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
-
-
-def tile_rects(coords: np.ndarray, footprint: Sequence[float] | float, scale: Sequence[float],
-               width: int, height: int) -> np.ndarray:
-    """``(N, 4)`` int ``x0, y0, x1, y1`` (inclusive) thumbnail pixels covered by each tile."""
-    fw, fh = (float(footprint), float(footprint)) if np.isscalar(footprint) else map(float, footprint)
-    sx, sy = float(scale[0]), float(scale[1])
-    c = np.asarray(coords, np.float64).reshape(-1, 2)
-    x0 = np.floor(c[:, 0] / sx).astype(np.int64)
-    y0 = np.floor(c[:, 1] / sy).astype(np.int64)
-    x1 = np.maximum(x0, np.ceil((c[:, 0] + fw) / sx).astype(np.int64) - 1)
-    y1 = np.maximum(y0, np.ceil((c[:, 1] + fh) / sy).astype(np.int64) - 1)
-    return np.stack([np.clip(x0, 0, width - 1), np.clip(y0, 0, height - 1),
-                     np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1)], axis=1)
 
 
 def render_heatmap(store: str | Path | SlideStore, patient: str, slide: str, column_scores: np.ndarray,

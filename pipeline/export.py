@@ -40,7 +40,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -258,41 +258,39 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f"{_TMP_TAG}{uuid.uuid4().hex[:12]}-{path.name}.tmp")
 
 
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: readers see the old file or the whole new one."""
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_h5(path: Path, feats: np.ndarray, coords: np.ndarray, coords_attrs: dict[str, Any],
               file_attrs: dict[str, Any]) -> None:
     import h5py
 
-    tmp = _tmp_path(path)
-    try:
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             fd = f.create_dataset("features", data=feats)
             cd = f.create_dataset("coords", data=coords)
             _set_attrs(cd, coords_attrs)
             _set_attrs(fd, file_attrs)
             _set_attrs(f, file_attrs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    _atomic(path, write)
 
 
 def _write_pt(path: Path, feats: np.ndarray) -> None:
     import torch
 
-    tmp = _tmp_path(path)
-    try:
-        torch.save(torch.from_numpy(feats), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(path, lambda tmp: torch.save(torch.from_numpy(feats), tmp))
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _remove_temporaries(folder: Path) -> None:

@@ -25,7 +25,7 @@ from .location import scrub
 from .qc import TileFilter
 from .store import SlideStore, StoreWriter, tiles_version
 
-__all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows"]
+__all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows", "read_ahead"]
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
     with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="feature-write") as out_pool:
         try:
-            for job, start, stop, block in _read_ahead(batches(), read, pool, prefetch):
+            for job, start, stop, block in read_ahead(batches(), read, pool, prefetch):
                 if job is not current:
                     if current is not None:
                         finish(current)
@@ -265,8 +265,8 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
     return report
 
 
-def _read_ahead(items: Iterator[tuple], read: Callable, pool: ThreadPoolExecutor,
-                depth: int) -> Iterator[tuple]:
+def read_ahead(items: Iterator[tuple], read: Callable, pool: ThreadPoolExecutor,
+               depth: int) -> Iterator[tuple]:
     """``(*item, future)`` with ``read(*item)`` submitted ``depth`` items ahead of the consumer."""
     window: list[tuple] = []
     for item in items:
@@ -300,6 +300,6 @@ def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str
 
     parts: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in slides}
     with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool:
-        for key, _, _, _, block in _read_ahead(batches(), read, pool, prefetch):
+        for key, _, _, _, block in read_ahead(batches(), read, pool, prefetch):
             parts[key].append(run(encoder, run.upload(block.result())))
     return {key: np.concatenate(p) if p else np.zeros((0, encoder.dim), np.float32) for key, p in parts.items()}

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "QC_FIELDS", "QC_MAX_PX", "OUTLINE_RGB", "TILE_RGB", "TileFilter", "tile_measures", "render_qc",
+    "QC_FIELDS", "QC_MAX_PX", "OUTLINE_RGB", "TILE_RGB", "TileFilter", "tile_measures", "tile_rects", "render_qc",
     "encode_png", "export_qc", "add_parser", "run",
 ]
 
@@ -64,7 +64,7 @@ def tile_measures(batch: np.ndarray, ink_hues: Sequence[Sequence[float]] | None 
     ``ink_hues`` and ``dark_value`` as in :class:`pipeline.tissue.TissueParams` (its defaults when None).
     Vectorised over ``chunk`` tiles at a time (bounded memory).
     """
-    from .tissue import TissueParams, _hue
+    from .tissue import TissueParams, hue_degrees
 
     if ink_hues is None:
         ink_hues = TissueParams().ink_hues
@@ -103,7 +103,7 @@ def tile_measures(batch: np.ndarray, ink_hues: Sequence[Sequence[float]] | None 
             where = np.flatnonzero(cand)
             if where.size:
                 rc, gc, bc = (x.ravel()[where].astype(np.float32) for x in (r, gg, b))
-                hue = _hue(rc, gc, bc)
+                hue = hue_degrees(rc, gc, bc)
                 sc = sat.ravel()[where]
                 hit = np.zeros(where.size, bool)
                 for lo, hi, least_s in ink_hues:
@@ -197,6 +197,20 @@ class TileFilter:
 
 # -- QC picture -----------------------------------------------------------------------------------
 
+def tile_rects(coords: np.ndarray, footprint: Sequence[float] | float, scale: Sequence[float],
+               width: int, height: int) -> np.ndarray:
+    """``(N, 4)`` int ``x0, y0, x1, y1`` (inclusive) thumbnail pixels covered by each tile."""
+    fw, fh = (float(footprint), float(footprint)) if np.isscalar(footprint) else map(float, footprint)
+    sx, sy = float(scale[0]), float(scale[1])
+    c = np.asarray(coords, np.float64).reshape(-1, 2)
+    x0 = np.floor(c[:, 0] / sx).astype(np.int64)
+    y0 = np.floor(c[:, 1] / sy).astype(np.int64)
+    x1 = np.maximum(x0, np.ceil((c[:, 0] + fw) / sx).astype(np.int64) - 1)
+    y1 = np.maximum(y0, np.ceil((c[:, 1] + fh) / sy).astype(np.int64) - 1)
+    return np.stack([np.clip(x0, 0, width - 1), np.clip(y0, 0, height - 1),
+                     np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1)], axis=1)
+
+
 def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], coords: np.ndarray,
               footprint: Sequence[float] | float, caption: Sequence[str],
               max_px: int = QC_MAX_PX) -> tuple[np.ndarray, dict[str, Any]]:
@@ -226,14 +240,7 @@ def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], c
         mimg = mimg.resize((dw, dh), Image.Resampling.NEAREST)
     dmask = np.asarray(mimg) > 127
     sx, sy = float(scale[0]) * w / dw, float(scale[1]) * h / dh  # level-0 px per picture px
-    fw, fh = (float(footprint), float(footprint)) if np.isscalar(footprint) else map(float, footprint)
-    coords = np.asarray(coords, np.float64).reshape(-1, 2)
-    x0 = np.floor(coords[:, 0] / sx).astype(np.int64)
-    y0 = np.floor(coords[:, 1] / sy).astype(np.int64)
-    x1 = np.maximum(x0, np.ceil((coords[:, 0] + fw) / sx).astype(np.int64) - 1)
-    y1 = np.maximum(y0, np.ceil((coords[:, 1] + fh) / sy).astype(np.int64) - 1)
-    rects = np.stack([x0, y0, np.minimum(x1, dw - 1), np.minimum(y1, dh - 1)], axis=1) if len(coords) \
-        else np.zeros((0, 4), np.int64)
+    rects = tile_rects(coords, footprint, (sx, sy), dw, dh)
     draw = ImageDraw.Draw(img)
     for r in rects.tolist():
         draw.rectangle(r, outline=TILE_RGB, width=1)

@@ -71,7 +71,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-__all__ = ["TissueParams", "TissueMask", "detect_tissue"]
+__all__ = ["TissueParams", "TissueMask", "detect_tissue", "hue_degrees"]
 
 _GLASS_QUANTILE = 95.0  # percent: pixels brighter than this are the glass sample for the white point
 _STATS_PIXELS = 250_000  # about this many pixels are enough for the white point and Otsu's threshold
@@ -330,7 +330,7 @@ def _detect_pen(
     where = np.flatnonzero(candidates)
     pen = np.zeros(dark.shape, dtype=bool)
     if where.size and params.ink_hues:
-        hue = _hue(r.ravel()[where], g.ravel()[where], b.ravel()[where])
+        hue = hue_degrees(r.ravel()[where], g.ravel()[where], b.ravel()[where])
         saturation = chroma.ravel()[where] / high.ravel()[where]
         ink = np.zeros(where.size, dtype=bool)
         for lo, hi, least_saturation in params.ink_hues:
@@ -341,7 +341,7 @@ def _detect_pen(
     return _opening(pen, radius)
 
 
-def _hue(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+def hue_degrees(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
     """HSV hue in degrees [0, 360) of ``(N,)`` float R, G, B with positive chroma."""
     high = np.maximum(np.maximum(r, g), b)
     c = high - np.minimum(np.minimum(r, g), b)
