@@ -117,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .export import add_parser as add_export_parser
 
+    from .report import add_parser as add_report_parser
+
     add_export_parser(sub)
+    add_report_parser(sub)
     return p
 
 
@@ -368,7 +371,8 @@ def _run(args) -> int:
 
 _COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train": _train, "extract": _extract,
              "knn": _knn, "serve": _serve, "deploy": _serve, "run": _run,
-             "export-mil": lambda args: args.func(args)}
+             "export-mil": lambda args: args.func(args),
+             "report": lambda args: args.func(args)}
 
 if __name__ == "__main__":
     sys.exit(main())
