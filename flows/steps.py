@@ -23,6 +23,7 @@ from prefect.futures import PrefectFuture, as_completed
 from pipeline.cohort import SlideSpec, discover_cohort
 from pipeline.config import TilingParams
 from pipeline.features import ExtractReport, resolve_device
+from pipeline.report import read_metrics
 from pipeline.store import SlideStore, StoreWriter
 from pipeline.tiler import SlideResult, change_reason, record_failure
 
@@ -205,11 +206,7 @@ def _log_every(logger, every: int) -> Callable[[int, dict], None]:
 
 def _metrics(run_dir: str) -> list[dict[str, Any]]:
     """The rows of the run's metrics.jsonl that have a step and a loss (empty when there is none)."""
-    path = Path(run_dir).expanduser() / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "loss" in r and "step" in r]
+    return [r for r in read_metrics(Path(run_dir).expanduser()) if "loss" in r and "step" in r]
 
 
 def _final_metrics(run_dir: str) -> dict[str, Any]:

@@ -11,8 +11,9 @@ import torch
 
 from hlss_model.augment import EvalTransform
 from hlss_model.config import TrainConfig
-from hlss_model.explain import (ExplainError, add_parser, colormap, explain_patient, explain_slide, load_explain_run,
-                                render_heatmap, run, tile_rects, top_attributes)
+from hlss_model.explain import ExplainError, add_parser, explain_patient, explain_slide, load_explain_run, run
+from pipeline.attribute_maps import colormap, render_heatmap, top_attributes
+from pipeline.qc import tile_rects
 from hlss_model.train import train
 from pipeline.store import SlideStore, StoreWriter
 

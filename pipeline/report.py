@@ -1,0 +1,464 @@
+"""``hlss report STORE --out report.html``: one static, self-contained HTML cohort report.
+
+The report holds a summary header (counts, store path, schema), a table of patients and slides
+(label, split, status, tiles, mean tissue fraction, mpp0, error), one QC figure per slide, the
+training curves of the given run folders (inline SVG, loss vs step) and the kNN tables recorded in
+the store and in the run folders (``knn-*.json``). Images are embedded as ``data:image/png;base64``
+URIs and there is no script and no external resource, so the file opens offline in any browser,
+with no server.
+
+Size: each slide's picture is downscaled to at most 1024 px on its longer side before it is
+embedded; a PNG of a 1024 x 768 H&E thumbnail is typically 0.5-1.5 MB, about 0.7-2 MB once base64
+encoded, so a report grows by roughly 1-2 MB per slide (``max_px`` lowers this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["write_report", "render_report", "add_parser", "run", "slide_picture", "read_metrics"]
+
+MAX_PX = 1024
+_CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.failed td{background:#fdecea} td.error{color:#a00;max-width:40em;word-break:break-word}
+.meta{color:#555;font-size:.9em} figure{display:inline-block;margin:.6em;vertical-align:top;max-width:100%}
+figure img{max-width:100%;height:auto;border:1px solid #bbb}
+figcaption{font-size:.8em;color:#333;max-width:1024px;white-space:pre-wrap}
+svg text{font-size:11px;font-family:inherit}
+"""
+
+
+# -- pictures -------------------------------------------------------------------------------------
+
+
+def _downscale(image: np.ndarray, max_px: int):
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(np.asarray(image, np.uint8)))
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if max(img.size) > max_px:
+        img.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    return img
+
+
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _outlined_thumbnail(thumbnail: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The thumbnail with the tissue mask's outline drawn in green (for slides without a QC picture)."""
+    from PIL import Image, ImageFilter
+
+    rgb = np.array(Image.fromarray(np.asarray(thumbnail, np.uint8)).convert("RGB"))
+    if mask is None or np.asarray(mask).ndim != 2:
+        return rgb
+    m = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    if m.size != (rgb.shape[1], rgb.shape[0]):
+        m = m.resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.NEAREST)
+    width = max(3, 2 * (max(rgb.shape[:2]) // 400) + 1)
+    grown = np.asarray(m.filter(ImageFilter.MaxFilter(width))) > 0
+    shrunk = np.asarray(m.filter(ImageFilter.MinFilter(width))) > 0
+    rgb[grown & ~shrunk] = (0, 200, 0)
+    return rgb
+
+
+def slide_picture(store, patient_id: str, slide_id: str, max_px: int = MAX_PX) -> tuple[bytes, str] | None:
+    """PNG bytes of a slide's QC picture (or, for stores without one, its thumbnail with the tissue
+    outline) at most ``max_px`` on its longer side, and where it came from; None without either."""
+    has_qc = getattr(store, "has_qc", None)
+    try:
+        if has_qc is not None and has_qc(patient_id, slide_id):
+            return _png_bytes(_downscale(store.qc_image(patient_id, slide_id), max_px)), "qc"
+    except (KeyError, OSError, ValueError):
+        pass
+    try:
+        thumb = store.thumbnail(patient_id, slide_id)
+    except (KeyError, OSError, ValueError):
+        return None
+    try:
+        mask = store.tissue_mask(patient_id, slide_id)
+    except (KeyError, OSError, ValueError):
+        mask = None
+    return _png_bytes(_downscale(_outlined_thumbnail(thumb, mask), max_px)), "thumbnail"
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# -- run folders ----------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (unreadable lines skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def _curve_points(records: Sequence[dict[str, Any]], key: str = "loss") -> list[tuple[float, float]]:
+    pts = []
+    for r in records:
+        try:
+            x, y = float(r["step"]), float(r[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(x) and math.isfinite(y):
+            pts.append((x, y))
+    return pts
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def curves_svg(curves: Sequence[tuple[str, Sequence[tuple[float, float]]]], width: int = 720, height: int = 320,
+               y_label: str = "loss") -> str:
+    """An inline SVG with one polyline per ``(name, [(step, value), ...])`` curve, axes and a legend."""
+    curves = [(n, list(p)) for n, p in curves if p]
+    if not curves:
+        return ""
+    left, right, top, bottom = 60, 20, 15, 40
+    xs = [x for _, p in curves for x, _ in p]
+    ys = [y for _, p in curves for _, y in p]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        y0, y1 = y0 - 1, y1 + 1
+    pw, ph = width - left - right, height - top - bottom
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y):
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="curves" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(y_label)} vs step">',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#888"/>']
+    for i in range(5):
+        fy = y0 + (y1 - y0) * i / 4
+        fx = x0 + (x1 - x0) * i / 4
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(fy):.1f}" y2="{sy(fy):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 5}" y="{sy(fy) + 4:.1f}" text-anchor="end">{html.escape(_fmt(fy))}</text>')
+        parts.append(f'<text x="{sx(fx):.1f}" y="{top + ph + 15}" text-anchor="middle">{html.escape(_fmt(fx))}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 5}" text-anchor="middle">step</text>')
+    parts.append(f'<text x="12" y="{top + ph / 2:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {top + ph / 2:.1f})">{html.escape(y_label)}</text>')
+    for i, (name, pts) in enumerate(curves):
+        color = _CURVE_COLORS[i % len(_CURVE_COLORS)]
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline class="curve" data-run="{html.escape(name)}" data-points="{len(pts)}" '
+                     f'fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>')
+        ly = top + 14 + 14 * i
+        parts.append(f'<line x1="{left + pw - 150}" x2="{left + pw - 130}" y1="{ly - 4}" y2="{ly - 4}" '
+                     f'stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<text x="{left + pw - 125}" y="{ly}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _run_knn_docs(run_dir: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(Path(run_dir).glob("knn-*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict):
+            out[path.stem] = doc
+    return out
+
+
+# -- HTML pieces ----------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _pct(v: Any) -> str:
+    try:
+        return f"{100 * float(v):.1f}%"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def _knn_table(name: str, doc: dict[str, Any], source: str) -> str:
+    if not isinstance(doc, dict):
+        return ""
+    if "skipped" in doc and "levels" not in doc:
+        return f"<h3>{_e(name)} <span class=meta>({_e(source)})</span></h3><p>skipped: {_e(doc['skipped'])}</p>"
+    levels = doc.get("levels") or {}
+    meta = [f"feature {doc['feature']}" if doc.get("feature") else None,
+            f"k {doc['k']}" if doc.get("k") is not None else None,
+            f"run {doc['run_dir']}" if doc.get("run_dir") else None,
+            f"evaluated {doc['evaluated']}" if doc.get("evaluated") else None]
+    rows = []
+    for level, r in levels.items():
+        r = r if isinstance(r, dict) else {}
+        rows.append(f"<tr><td>{_e(level)}</td><td class=num>{_e(r.get('n', '-'))}</td>"
+                    f"<td class=num>{_pct(r.get('accuracy'))}</td><td class=num>{_pct(r.get('mean_class_accuracy'))}"
+                    "</td></tr>")
+    return (f'<h3>{_e(name)} <span class=meta>({_e(source)})</span></h3>'
+            f'<p class=meta>{_e("; ".join(m for m in meta if m))}</p>'
+            f'<table class="knn" data-name="{_e(name)}"><thead><tr><th>level</th><th>n</th><th>accuracy</th>'
+            f'<th>MCA</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _top_table(top: dict[str, list[tuple[str, float]]], kind: str, key: str, run: str) -> str:
+    rows = "".join(f"<tr><td>{_e(level)}</td><td class=num>{rank}</td><td>{_e(name)}</td>"
+                   f"<td class=num>{score:+.4f}</td></tr>"
+                   for level, items in top.items() for rank, (name, score) in enumerate(items, 1))
+    return (f'<table class="attributes" data-{kind}="{_e(key)}" data-run="{_e(run)}"><thead><tr><th>level</th>'
+            f"<th>rank</th><th>attribute</th><th>mean cosine</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, k: int = 3) -> list[str]:
+    """Per patient and per slide with stored attribute scores: top-``k`` tables and one heatmap per level."""
+    from .attribute_maps import render_heatmap, top_attributes
+
+    by_patient: dict[str, list[str]] = {}
+    for row in slides:
+        if row["status"] == "complete":
+            by_patient.setdefault(row["patient"], []).append(row["slide"])
+    out = []
+    for p, slide_ids in by_patient.items():
+        pooled: dict[str, list] = {}
+        parts = []
+        for s in slide_ids:
+            for run_name in store.attribute_runs(p, s):
+                arr = store.attribute_scores(p, s, run_name)
+                scores, names, levels = arr[:], list(arr.attrs["names"]), list(arr.attrs["levels"])
+                if len(scores) != len(store.coords(p, s)):  # written for an earlier tiling of the slide
+                    parts.append(f"<p class=meta>slide {_e(s)}, run {_e(run_name)}: {len(scores)} scores for "
+                                 f"{len(store.coords(p, s))} tiles; rerun <code>hlss explain</code></p>")
+                    continue
+                pooled.setdefault(run_name, [names, levels, []])[2].append(scores)
+                top = top_attributes(scores, names, levels, k)
+                figs = []
+                for level, items in top.items():
+                    if not items:
+                        continue
+                    col = next(j for j, (lv, n) in enumerate(zip(levels, names)) if lv == level and n == items[0][0])
+                    img = render_heatmap(store, p, s, scores[:, col], f"{s} - {level}: {items[0][0]} (run {run_name})")
+                    png = _png_bytes(_downscale(np.asarray(img), max(16, max_px // 2)))
+                    w, h = _png_size(png)
+                    figs.append(f'<figure><img src="{_data_uri(png)}" width="{w}" height="{h}" '
+                                f'alt="{_e(s)} {_e(level)} {_e(items[0][0])}" data-source="attributes" '
+                                f'data-slide="{_e(s)}" data-level="{_e(level)}"><figcaption>{_e(level)}: '
+                                f"{_e(items[0][0])}</figcaption></figure>")
+                parts.append(f"<h4>slide {_e(s)}, run {_e(run_name)}</h4>"
+                             + _top_table(top, "slide", s, run_name) + "".join(figs))
+        if not parts:
+            continue
+        head = [f"<h3>patient {_e(p)}</h3>"]
+        for run_name, (names, levels, blocks) in pooled.items():
+            head.append(f"<p class=meta>over all {sum(len(b) for b in blocks)} tiles of the patient's slides, "
+                        f"run {_e(run_name)}</p>"
+                        + _top_table(top_attributes(np.concatenate(blocks), names, levels, k), "patient", p, run_name))
+        out.append("".join(head + parts))
+    return out
+
+
+def _split_of(run_dirs: Sequence[Path]) -> dict[str, str]:
+    for d in run_dirs:
+        try:
+            split = json.loads((Path(d) / "run.json").read_text()).get("split")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(split, dict):
+            return {str(k): str(v) for k, v in split.items()}
+    return {}
+
+
+def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None, max_px: int = MAX_PX) -> str:
+    """The report's HTML text (see :func:`write_report`)."""
+    run_dirs = [Path(d) for d in run_dirs]
+    summary = store.summary()
+    info = summary.get("store") or {}
+    title = title or f"Cohort report: {store.path}"
+    run_split = _split_of(run_dirs)
+
+    rows, figures = [], []
+    for row in summary["slides"]:
+        p, s = row["patient"], row["slide"]
+        pattrs = store.patient_attrs(p)
+        split = pattrs.get("split") or run_split.get(p)
+        tissue = "-"
+        if row["status"] == "complete" and row["n_tiles"]:
+            try:
+                tissue = f"{float(np.mean(store.tissue(p, s))):.3f}"
+            except (KeyError, OSError, ValueError):
+                pass
+        mpp0 = f"{row['mpp0']:.4g}" if isinstance(row.get("mpp0"), (int, float)) else "-"
+        cls = ' class="failed"' if row["status"] == "failed" else ""
+        rows.append(f'<tr{cls} data-patient="{_e(p)}" data-slide="{_e(s)}"><td>{_e(p)}</td><td>{_e(s)}</td>'
+                    f'<td>{_e(row.get("label") or "")}</td><td>{_e(split or "")}</td><td>{_e(row["status"])}</td>'
+                    f'<td class="num tiles">{row["n_tiles"]}</td><td class=num>{tissue}</td>'
+                    f'<td class=num>{mpp0}</td><td class=error>{_e(row.get("error") or "")}</td></tr>')
+        pic = slide_picture(store, p, s, max_px=max_px)
+        caption = [f"{p} / {s}: {row['status']}, {row['n_tiles']} tiles, mean tissue fraction {tissue}, mpp0 {mpp0}"]
+        if pic is None:
+            caption.append("no picture (the slide was not tiled)")
+        elif pic[1] == "qc":
+            caption.append("QC picture: green tissue mask outline, magenta kept tiles")
+        else:
+            caption.append("thumbnail with the tissue mask outline in green (no QC picture in this store)")
+        if row.get("error"):
+            caption.append(f"error: {row['error']}")
+        img = ""
+        if pic is not None:
+            w, h = _png_size(pic[0])
+            zoom = max(1.0, min(480 / max(w, 1), 900 / max(h, 1)))  # small pictures shown bigger, pixelated
+            style = f' style="width:{round(w * zoom)}px;image-rendering:pixelated"' if zoom > 1 else ""
+            img = (f'<img src="{_data_uri(pic[0])}" width="{w}" height="{h}"{style} alt="{_e(p)} / {_e(s)}" '
+                   f'data-source="{pic[1]}">')
+        figures.append(f'<figure id="slide-{_e(p)}-{_e(s)}">{img}<figcaption>{_e(chr(10).join(caption))}'
+                       f'</figcaption></figure>')
+
+    params = "".join(f"<li><code>{_e(json.dumps(x, sort_keys=True, default=str))}</code></li>"
+                     for x in summary.get("parameters", []))
+    header = (f"<p class=meta>store <code>{_e(store.path)}</code>; schema {_e(info.get('schema_version'))}; "
+              f"hlss-pipeline {_e(info.get('package_version'))}; created {_e(info.get('created'))}; "
+              f"report written {_e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}</p>"
+              f'<p class="counts">{summary["n_patients"]} patients, {summary["n_slides"]} slides '
+              f'({summary["n_complete"]} complete, {summary["n_failed"]} failed), {summary["n_tiles"]} tiles</p>'
+              + (f"<p>tiling parameters:</p><ul>{params}</ul>" if params else ""))
+
+    table = ('<table id="slides"><thead><tr><th>patient</th><th>slide</th><th>label</th><th>split</th>'
+             '<th>status</th><th>tiles</th><th>mean tissue fraction</th><th>mpp0 (µm/px)</th><th>error</th></tr>'
+             f'</thead><tbody>{"".join(rows)}</tbody></table>')
+
+    sections = [f"<h1>{_e(title)}</h1>", header, "<h2>Patients and slides</h2>", table,
+                "<h2>Slide QC</h2>", "".join(figures) or "<p>no slides</p>"]
+
+    if run_dirs:
+        curves, notes = [], []
+        for d in run_dirs:
+            pts = _curve_points(read_metrics(d))
+            if pts:
+                curves.append((d.name or str(d), pts))
+            else:
+                notes.append(f"{d}: no metrics.jsonl with loss values")
+        sections.append("<h2>Training</h2>")
+        svg = curves_svg(curves)
+        if svg:
+            sections.append(f"<figure>{svg}<figcaption>training loss vs step, one line per run: "
+                            f"{_e(', '.join(str(d) for d in run_dirs))}</figcaption></figure>")
+        sections.extend(f"<p class=meta>{_e(n)}</p>" for n in notes)
+
+    maps = _attribute_sections(store, summary["slides"], max_px)
+    if maps:
+        sections += ["<h2>Language-attribute maps</h2>",
+                     "<p class=meta>Per tile, the cosine between its HLSS embedding and each attribute's text "
+                     "embedding (<code>hlss explain</code>); the top attributes of each level by mean over the "
+                     "tiles, and a heatmap of the top attribute of each level over the thumbnail.</p>", *maps]
+
+    knn = [_knn_table(n, doc, "store") for n, doc in sorted(store.evaluations().items()) if n.startswith("knn")]
+    for d in run_dirs:
+        knn.extend(_knn_table(n, doc, f"run {d}") for n, doc in _run_knn_docs(d).items())
+    if any(knn):
+        sections += ["<h2>kNN evaluation</h2>", *knn]
+
+    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            '<meta name=viewport content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+
+
+def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | None = None,
+                 max_px: int = MAX_PX) -> Path:
+    """Write a single self-contained HTML report of ``store`` (a :class:`~pipeline.store.SlideStore`
+    or its path/URL) to ``out`` and return ``out``.
+
+    Every slide's QC picture (the thumbnail with the tissue outline for stores without QC pictures)
+    is embedded as a base64 PNG at most ``max_px`` (1024) px on its longer side: about 1-2 MB per
+    slide, so a 100-slide cohort makes a report of 100-200 MB; lower ``max_px`` for big cohorts.
+    Training curves (``run_dirs``' metrics.jsonl) are inline SVG; there is no script.
+    """
+    from .store import SlideStore
+
+    if not hasattr(store, "summary"):
+        store = SlideStore(store)
+    out = Path(out)
+    text = render_report(store, run_dirs, title=title, max_px=max_px)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+# -- command --------------------------------------------------------------------------------------
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    r = sub.add_parser("report", help="a static HTML cohort report: slides table, QC pictures, training curves, kNN")
+    r.add_argument("store", help="store folder or URL")
+    r.add_argument("--out", type=Path, required=True, help="HTML file to write (e.g. report.html)")
+    r.add_argument("--run", type=Path, action="append", default=[], metavar="RUN_DIR",
+                   help="a training run folder: its loss curve and knn-*.json (repeatable)")
+    r.add_argument("--title", help="report title (default: the store path)")
+    r.add_argument("--max-px", type=int, default=MAX_PX, help=f"longest side of embedded pictures (default {MAX_PX})")
+    r.set_defaults(func=run)
+    return r
+
+
+def run(args: argparse.Namespace) -> int:
+    from .store import SlideStore, StoreError
+
+    def fail(msg: str) -> int:
+        print(f"hlss report: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        store = SlideStore(args.store)
+    except (StoreError, OSError, KeyError, ValueError) as e:
+        return fail(str(e))
+    for d in args.run:
+        if not Path(d).is_dir():
+            return fail(f"{d}: not a run folder")
+    if args.max_px < 16:
+        return fail("--max-px must be at least 16")
+    try:
+        out = write_report(store, args.out, args.run, title=args.title, max_px=args.max_px)
+    except OSError as e:
+        return fail(f"{args.out}: {e}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
