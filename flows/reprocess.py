@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
 from .settings import ExtractionSettings, TilingSettings, check_paths
 from .steps import extract_step, register_executor, release_executor, run_state, tile_phase
@@ -33,6 +34,7 @@ def reprocess(
     a new mtime makes the fingerprint decide) or whose tiling parameters changed, or that failed
     before; then extract features for slides that lack them with the finished run in ``run_dir``
     and ``extraction.encoders``. Idempotent: a second run with nothing changed does nothing.
+    Attaches the slide table and this run's QC pictures, and with ``run_dir`` rewrites its report.html.
     """
     t0 = time.perf_counter()
     logger = get_run_logger()
@@ -54,6 +56,9 @@ def reprocess(
             release_executor(key)
     summary = run_summary("reprocess", store, slide_rows(results, reasons), time.perf_counter() - t0,
                           extraction=report)
+    report = attach_cohort_artifacts("reprocess", store, summary,
+                                     Path(run_dir).expanduser() / "report.html" if run_dir else None)
+    summary["report"] = str(report) if report else None
     create_markdown_artifact(summary_markdown(summary), key="reprocess-summary",
                              description=f"reprocess of {source} into {store}")
     return summary

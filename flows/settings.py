@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
 from pipeline.location import is_remote, local_path
+from pipeline.qc import TileFilter
 
 __all__ = [
     "TilingSettings", "TrainingSettings", "ExtractionSettings", "EvaluationSettings", "FlowDefaults",
@@ -84,6 +85,15 @@ class ExtractionSettings(_Model):
     batch_size: int = Field(128, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
     device: str = "auto"
+    tile_filter: dict[str, float] = Field(
+        default_factory=dict, description="QC limits on the tiles to extract, e.g. {min_focus: 20, max_pen: 0.05} "
+                                          "(see pipeline.qc.TileFilter); rows of other tiles are NaN")
+
+    @field_validator("tile_filter")
+    @classmethod
+    def _known_limits(cls, limits: dict[str, float]) -> dict[str, float]:
+        TileFilter.from_dict(limits)
+        return limits
 
     @field_validator("encoders")
     @classmethod

@@ -236,7 +236,8 @@ def extract_task(store: str, encoders: list[EncoderSpec], slides: list[tuple[str
     declare one (``dask worker --resources GPU=1``), which keeps one job per device there.
     """
     logger = get_run_logger()
-    args = (store, encoders, slides, extraction.batch_size, extraction.device, extraction.dtype)
+    args = (store, encoders, slides, extraction.batch_size, extraction.device, extraction.dtype,
+            extraction.tile_filter)
     executor = _EXECUTORS.get(executor_key) if executor_key else None
     if executor is not None and executor.scheduler_address:
         gpu = extraction.device != "cpu" and "GPU" in executor.worker_resources()

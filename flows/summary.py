@@ -87,6 +87,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             for level, r in k["levels"].items():
                 lines.append(f"| {level} | {r['n']} | {100 * r['accuracy']:.1f}% | {100 * r['mean_class_accuracy']:.1f}% |")
             lines.append("")
+    if summary.get("report"):
+        lines += [f"Cohort report: `{summary['report']}` (slides, QC pictures, training curve, kNN).", ""]
+    if summary.get("artifacts_error"):
+        lines += [f"The cohort report could not be drawn: {_cell(summary['artifacts_error'])}", ""]
     return "\n".join(lines)
 
 

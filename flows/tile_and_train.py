@@ -1,13 +1,15 @@
-"""``tile-and-train``: cohort -> tiles -> HLSS training -> features -> kNN -> a summary artifact."""
+"""``tile-and-train``: cohort -> tiles -> HLSS training -> features -> kNN -> report and artifacts."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
 from .settings import EvaluationSettings, ExtractionSettings, TilingSettings, TrainingSettings, check_paths
 from .steps import (extract_step, knn_step, register_executor, release_executor, tile_phase, train_step,
@@ -34,7 +36,8 @@ def tile_and_train(
 ) -> dict[str, Any]:
     """Tile every new or changed slide of ``source`` into ``store``, train HLSS into ``run_dir``
     (a finished run is reused; ``training.resume`` continues one), extract features with the
-    trained encoder, evaluate them by kNN, and attach a markdown summary to the run.
+    trained encoder, evaluate them by kNN, write the cohort report ``run_dir/report.html`` and attach
+    the summary, the slide table, this run's QC pictures and a link to the report to the run.
 
     ``workers`` slides are tiled at once (processes of ``threads`` cores each), on the Dask cluster
     at ``scheduler_address`` when given. A failed slide is recorded and reported; the others go on.
@@ -54,6 +57,8 @@ def tile_and_train(
     knn = knn_step(store, extraction.name, run_dir, evaluation)
     summary = run_summary("tile-and-train", store, slide_rows(results, reasons), time.perf_counter() - t0,
                           training=trained, extraction=extracted, knn=knn, curve=training_curve(run_dir))
+    report = attach_cohort_artifacts("tile-and-train", store, summary, Path(run_dir).expanduser() / "report.html")
+    summary["report"] = str(report) if report else None
     create_markdown_artifact(summary_markdown(summary), key="tile-and-train-summary",
                              description=f"tile-and-train of {source} into {store}")
     get_run_logger().info("done: %(complete)d slides tiled, %(skipped)d unchanged, %(failed)d failed",

@@ -62,9 +62,14 @@ class EncoderSpec:
 
 
 def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
-                   batch_size: int, device: str, dtype: str) -> "ExtractReport":
-    """Extract features of ``slides`` (all complete slides if None) with each encoder; skips finished work."""
+                   batch_size: int, device: str, dtype: str,
+                   tile_filter: dict[str, float] | None = None) -> "ExtractReport":
+    """Extract features of ``slides`` (all complete slides if None) with each encoder; skips finished work.
+
+    ``tile_filter``: QC limits (:class:`pipeline.qc.TileFilter` fields); tiles outside them get NaN rows.
+    """
     from pipeline.features import extract_features
+    from pipeline.qc import TileFilter
 
     return extract_features(store, [e.build() for e in encoders], batch_size=batch_size, device=device,
-                            dtype=dtype, slides=slides)
+                            dtype=dtype, slides=slides, tile_filter=TileFilter.from_dict(tile_filter))

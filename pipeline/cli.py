@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     e.add_argument("--force", action="store_true", help="recompute finished features")
+    e.add_argument("--tile-filter", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="extract only tiles within these QC limits (min_focus, max_pen, min_brightness, "
+                        "max_brightness, min_saturation, max_saturation, min_tissue); other rows are NaN")
     e.add_argument("--no-progress", action="store_true")
 
     k = sub.add_parser("knn", help="kNN accuracy and MCA at tile, slide and patient level")
@@ -303,10 +306,30 @@ def _encoders(args) -> list:
     return out + [_timm_encoder(spec, name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])]
 
 
+def parse_tile_filter(text: str):
+    """``min_focus=20,max_pen=0.05`` -> :class:`pipeline.qc.TileFilter` (a usage error names the bad part)."""
+    from .qc import TileFilter
+
+    limits = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            limits[key.strip()] = float(value)
+        except ValueError:
+            raise _UsageError(f"--tile-filter: {part!r} is not KEY=NUMBER") from None
+    try:
+        return TileFilter.from_dict(limits)
+    except ValueError as e:
+        raise _UsageError(f"--tile-filter: {e}") from e
+
+
 def _extract(args) -> int:
     from .features import extract_features
     from .store import StoreError
 
+    tile_filter = parse_tile_filter(args.tile_filter) if args.tile_filter else None
     encoders = _encoders(args)
     bar = None
     if not args.no_progress:
@@ -315,7 +338,7 @@ def _extract(args) -> int:
         bar = tqdm(desc="tiles", unit="tile", file=sys.stderr)
     try:
         report = extract_features(args.store, encoders, batch_size=args.batch_size, device=args.device,
-                                  dtype=args.dtype, force=args.force,
+                                  dtype=args.dtype, force=args.force, tile_filter=tile_filter,
                                   on_tiles=bar.update if bar is not None else None)
     except (StoreError, ValueError) as e:
         raise _UsageError(str(e)) from e

@@ -62,55 +62,135 @@ def tile_measures(batch: np.ndarray, ink_hues: Sequence[Sequence[float]] | None 
     """QC measures of ``(n, H, W, 3) uint8`` tiles: ``{name: (n,) float32}`` for :data:`QC_FIELDS`.
 
     ``ink_hues`` and ``dark_value`` as in :class:`pipeline.tissue.TissueParams` (its defaults when None).
-    Vectorised over ``chunk`` tiles at a time (bounded memory).
+    Vectorised over ``chunk`` tiles at a time in buffers allocated once per call (bounded memory:
+    about ``chunk * H * W`` bytes, a sixth of the chunk's own size).
     """
-    from .tissue import TissueParams, hue_degrees
+    from .tissue import TissueParams
 
     if ink_hues is None:
         ink_hues = TissueParams().ink_hues
     batch = np.asarray(batch)
     if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
         raise ValueError(f"tiles must be (n, H, W, 3) uint8, got {batch.shape} {batch.dtype}")
-    n = batch.shape[0]
+    n, h, w = batch.shape[:3]
     out = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
-    least = min((h[2] for h in ink_hues), default=1.0)
-    above = max(max((h[1] for h in ink_hues), default=240.0) - 240.0, 0.0) / 60.0
+    if n == 0:
+        return out
+    focus = _FocusBuffers(min(chunk, n), h, w)
+    colour = _ColourBuffers(min(chunk, n), h, w)
+    pen = _PenRule(ink_hues, dark_value)
     for a in range(0, n, chunk):
         t = batch[a:a + chunk]
         k = len(t)
-        # focus: Laplacian of the green channel at half resolution (int16: |value| <= 4 * 255 * 2)
-        g = t[:, ::_FOCUS_STEP, ::_FOCUS_STEP, 1].astype(np.int16)
-        lap = g[:, 1:-1, :-2] + g[:, 1:-1, 2:]
-        lap += g[:, :-2, 1:-1]
-        lap += g[:, 2:, 1:-1]
-        lap -= 4 * g[:, 1:-1, 1:-1]
-        lf = lap.reshape(k, -1).astype(np.float32)
-        mean = lf.mean(axis=1, dtype=np.float64)
-        out["focus"][a:a + k] = np.einsum("ij,ij->i", lf, lf) / lf.shape[1] - mean * mean
-        # colour measures on every 4th pixel in each direction
-        s = t[:, ::_COLOUR_STEP, ::_COLOUR_STEP].astype(np.int16)
-        r, gg, b = s[..., 0], s[..., 1], s[..., 2]
+        out["focus"][a:a + k] = focus.measure(t)
+        out["brightness"][a:a + k], out["saturation"][a:a + k], out["pen"][a:a + k] = colour.measure(t, pen)
+    return out
+
+
+class _FocusBuffers:
+    """Focus of up to ``k`` tiles of ``h x w`` px: variance of the 4-neighbour Laplacian of the green
+    channel (0-255 scale) on every ``_FOCUS_STEP``-th pixel, in int16 (|value| <= 4 * 255 * 2) and
+    float32 buffers reused from chunk to chunk (fresh temporaries cost page faults)."""
+
+    def __init__(self, k: int, h: int, w: int) -> None:
+        gh, gw = -(-h // _FOCUS_STEP), -(-w // _FOCUS_STEP)
+        self.green = np.empty((k, gh, gw), np.int16)  # half-resolution green
+        self.lap = np.empty((k, max(gh - 2, 0), max(gw - 2, 0)), np.int16)
+        self.centre = np.empty_like(self.lap)  # 4 x the centre pixel
+        self.flat = np.empty((k, self.lap[0].size), np.float32)
+
+    def measure(self, tiles: np.ndarray) -> np.ndarray:
+        """``(k,) float32`` focus of ``(k, h, w, 3) uint8`` tiles."""
+        k = len(tiles)
+        g, lap, centre, flat = self.green[:k], self.lap[:k], self.centre[:k], self.flat[:k]
+        np.copyto(g, tiles[:, ::_FOCUS_STEP, ::_FOCUS_STEP, 1])
+        np.add(g[:, 1:-1, :-2], g[:, 1:-1, 2:], out=lap)
+        np.add(lap, g[:, :-2, 1:-1], out=lap)
+        np.add(lap, g[:, 2:, 1:-1], out=lap)
+        np.left_shift(g[:, 1:-1, 1:-1], 2, out=centre)
+        np.subtract(lap, centre, out=lap)
+        np.copyto(flat, lap.reshape(k, -1))
+        m = max(flat.shape[1], 1)
+        mean = flat.sum(axis=1) / m  # about 0 (the Laplacian's sum telescopes to the border): float32 is plenty
+        return np.einsum("ij,ij->i", flat, flat) / m - mean * mean
+
+
+class _PenRule:
+    """Which pixels look like marker ink: the hue rules of :mod:`pipeline.tissue` and dark pixels."""
+
+    def __init__(self, ink_hues: Sequence[Sequence[float]], dark_value: float) -> None:
+        self.ink_hues = tuple(tuple(float(v) for v in h) for h in ink_hues)
+        self.least = min((h[2] for h in self.ink_hues), default=1.0)  # least saturation of any ink
+        # in 60-240° green >= red; up to the largest ink hue h > 240° red exceeds green by at most
+        # (h - 240) / 60 of the chroma: stain (red well above green) fails this cheap whole-plane test
+        self.above = np.float32(max(max((h[1] for h in self.ink_hues), default=240.0) - 240.0, 0.0) / 60.0)
+        self.dark = dark_value * 255.0  # brightest channel below this: dark
+
+    def hits(self, r: np.ndarray, g: np.ndarray, b: np.ndarray, sat: np.ndarray) -> np.ndarray:
+        """``(p,) bool`` ink by hue and saturation of candidate pixels ``(p,)`` uint8 R, G, B and
+        float32 saturation."""
+        from .tissue import hue_degrees
+
+        hue = hue_degrees(*(x.astype(np.float32) for x in (r, g, b)))
+        hit = np.zeros(len(hue), bool)
+        for lo, hi, least_s in self.ink_hues:
+            hit |= (hue >= lo) & (hue <= hi) & (sat >= least_s)
+        return hit
+
+
+class _ColourBuffers:
+    """Brightness, saturation and pen fraction of up to ``k`` tiles of ``h x w`` px on every
+    ``_COLOUR_STEP``-th pixel, in uint8 / int16 / float32 buffers reused from chunk to chunk.
+
+    The sampled pixels are copied one channel at a time into R, G, B planes: a strided copy with
+    the 3 channels as its innermost axis costs twice as much, and contiguous planes suit the rest.
+    """
+
+    def __init__(self, k: int, h: int, w: int) -> None:
+        ch, cw = -(-h // _COLOUR_STEP), -(-w // _COLOUR_STEP)
+        self.rgb = np.empty((3, k, ch, cw), np.uint8)
+        self.high = np.empty((k, ch, cw), np.uint8)
+        self.chroma = np.empty((k, ch, cw), np.uint8)
+        self.diff = np.empty((k, ch, cw), np.int16)  # R - G
+        self.limit = np.empty((k, ch, cw), np.float32)  # max(max, 1), then above x chroma
+        self.sat = np.empty((k, ch, cw), np.float32)
+        self.ink = np.empty((k, ch, cw), bool)
+        self.cand = np.empty((k, ch, cw), bool)
+
+    def measure(self, tiles: np.ndarray, rule: _PenRule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(brightness, saturation, pen)``, each ``(k,)``, of ``(k, h, w, 3) uint8`` tiles."""
+        k = len(tiles)
+        r, g, b = self.rgb[:, :k]
+        high, chroma, diff = self.high[:k], self.chroma[:k], self.diff[:k]
+        limit, sat, ink, cand = self.limit[:k], self.sat[:k], self.ink[:k], self.cand[:k]
+        for c, plane in enumerate((r, g, b)):
+            np.copyto(plane, tiles[:, ::_COLOUR_STEP, ::_COLOUR_STEP, c])
         m = r[0].size
-        high = np.maximum(np.maximum(r, gg), b)
-        chroma = high - np.minimum(np.minimum(r, gg), b)
-        out["brightness"][a:a + k] = s.reshape(k, -1).sum(axis=1) / (3.0 * 255.0 * m)
-        sat = chroma / np.maximum(high, 1).astype(np.float32)
-        out["saturation"][a:a + k] = sat.reshape(k, -1).mean(axis=1)
-        dark = high < dark_value * 255.0
-        ink = dark.copy()
-        if ink_hues:
-            cand = (sat >= least) & (chroma > 0) & (r - gg <= above * chroma) & ~dark
+        total = sum(x.reshape(k, -1).sum(axis=1, dtype=np.uint32) for x in (r, g, b))
+        brightness = total / (3.0 * 255.0 * m)
+        np.maximum(r, g, out=high)
+        np.maximum(high, b, out=high)
+        np.minimum(r, g, out=chroma)
+        np.minimum(chroma, b, out=chroma)
+        np.subtract(high, chroma, out=chroma)  # max - min >= 0: no wrap-around in uint8
+        np.maximum(high, 1, out=limit, dtype=np.float32)
+        np.divide(chroma, limit, out=sat, dtype=np.float32)
+        saturation = sat.reshape(k, -1).mean(axis=1)
+        np.less(high, rule.dark, out=ink)
+        if rule.ink_hues:
+            np.greater_equal(sat, rule.least, out=cand)
+            if rule.least <= 0:
+                cand &= chroma > 0
+            cand &= ~ink
+            np.subtract(r, g, out=diff, dtype=np.int16)
+            np.multiply(chroma, rule.above, out=limit, dtype=np.float32)
+            cand &= diff <= limit
             where = np.flatnonzero(cand)
             if where.size:
-                rc, gc, bc = (x.ravel()[where].astype(np.float32) for x in (r, gg, b))
-                hue = hue_degrees(rc, gc, bc)
-                sc = sat.ravel()[where]
-                hit = np.zeros(where.size, bool)
-                for lo, hi, least_s in ink_hues:
-                    hit |= (hue >= lo) & (hue <= hi) & (sc >= least_s)
+                hit = rule.hits(r.ravel()[where], g.ravel()[where], b.ravel()[where], sat.ravel()[where])
                 ink.ravel()[where[hit]] = True
-        out["pen"][a:a + k] = ink.reshape(k, -1).mean(axis=1)
-    return out
+        pen = np.count_nonzero(ink.reshape(k, -1), axis=1) / m
+        return brightness, saturation, pen
 
 
 @dataclass(frozen=True)

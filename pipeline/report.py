@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["write_report", "render_report", "add_parser", "run", "slide_picture", "read_metrics"]
+__all__ = ["write_report", "render_report", "slide_table", "add_parser", "run", "slide_picture", "read_metrics"]
 
 MAX_PX = 1024
 _CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -307,6 +307,26 @@ def _split_of(run_dirs: Sequence[Path]) -> dict[str, str]:
     return {}
 
 
+def slide_table(store, summary: dict[str, Any] | None = None,
+                split: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per slide of the store: the rows of ``store.summary()`` plus ``split`` (the patient's,
+    else from ``split``: patient -> split) and ``tissue_fraction`` (mean over the kept tiles; None when
+    the slide has no tiles)."""
+    summary = summary if summary is not None else store.summary()
+    out = []
+    for row in summary["slides"]:
+        p, s = row["patient"], row["slide"]
+        tissue = None
+        if row["status"] == "complete" and row["n_tiles"]:
+            try:
+                tissue = float(np.mean(store.tissue(p, s)))
+            except (KeyError, OSError, ValueError):
+                pass
+        out.append({**row, "split": store.patient_attrs(p).get("split") or (split or {}).get(p),
+                    "tissue_fraction": tissue})
+    return out
+
+
 def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None, max_px: int = MAX_PX) -> str:
     """The report's HTML text (see :func:`write_report`)."""
     run_dirs = [Path(d) for d in run_dirs]
@@ -316,16 +336,9 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
     run_split = _split_of(run_dirs)
 
     rows, figures = [], []
-    for row in summary["slides"]:
-        p, s = row["patient"], row["slide"]
-        pattrs = store.patient_attrs(p)
-        split = pattrs.get("split") or run_split.get(p)
-        tissue = "-"
-        if row["status"] == "complete" and row["n_tiles"]:
-            try:
-                tissue = f"{float(np.mean(store.tissue(p, s))):.3f}"
-            except (KeyError, OSError, ValueError):
-                pass
+    for row in slide_table(store, summary, run_split):
+        p, s, split = row["patient"], row["slide"], row["split"]
+        tissue = "-" if row["tissue_fraction"] is None else f"{row['tissue_fraction']:.3f}"
         mpp0 = f"{row['mpp0']:.4g}" if isinstance(row.get("mpp0"), (int, float)) else "-"
         cls = ' class="failed"' if row["status"] == "failed" else ""
         rows.append(f'<tr{cls} data-patient="{_e(p)}" data-slide="{_e(s)}"><td>{_e(p)}</td><td>{_e(s)}</td>'

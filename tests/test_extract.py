@@ -409,6 +409,17 @@ def test_cli_extract_and_knn(train_store, tmp_path, capsys):
                  "--no-progress", "--device", "cpu"])
     assert code == 0 and f"{len(slides)} already done" in capsys.readouterr().out
 
+    # --tile-filter: only tiles within the QC limits get features; the other rows are NaN
+    code = main(["extract", "--store", str(store), "--encoder", "timm:test_resnet", "--name", "qc",
+                 "--tile-filter", "min_tissue=0.6, max_pen=1", "--no-progress", "--device", "cpu"])
+    assert code == 0, capsys.readouterr()
+    reader = SlideStore(store)
+    for p, s in slides:
+        feats = reader.features(p, s, "qc")
+        assert feats.attrs["tile_filter"] == {"min_tissue": 0.6, "max_pen": 1.0}
+        assert np.array_equal(~np.isnan(feats[:]).any(axis=1), reader.tissue(p, s) >= 0.6)
+    capsys.readouterr()
+
     code = main(["knn", "--store", str(store), "--features", "a", "--k", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0
@@ -445,6 +456,11 @@ def test_cli_extract_usage_errors(train_store, tmp_path, capsys):
     assert main(["extract", "--store", str(train_store), "--encoder", "timm:test_resnet", "--name", "a",
                  "--name", "b", "--no-progress"]) == 2
     assert "2 --name for 1 encoders" in capsys.readouterr().err
+    for bad, message in (("min_focus", "'min_focus' is not KEY=NUMBER"), ("min_focus=abc", "is not KEY=NUMBER"),
+                         ("min_blur=3", "unknown tile_filter keys ['min_blur']")):
+        assert main(["extract", "--store", str(train_store), "--encoder", "timm:test_resnet", "--tile-filter", bad,
+                     "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
     assert main(["knn", "--store", str(train_store), "--features", "a", "--initial"]) == 2
     assert "--initial needs --checkpoint" in capsys.readouterr().err
     assert main(["extract", "--store", str(tmp_path / "nowhere"), "--encoder", "timm:test_resnet",

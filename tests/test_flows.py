@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -81,8 +83,20 @@ def test_tile_and_train_then_rerun_does_no_work(harness, tmp_path, train_yaml):
     assert first["knn"]["levels"]["patient"]["n"] == knn["levels"]["patient"]["n"] > 0
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
-    md = next(a for a in artifact if a.key == "tile-and-train-summary").data
+    by_key = {a.key: a for a in artifact}
+    md = by_key["tile-and-train-summary"].data
     assert "6 tiled, 0 unchanged, 0 failed" in md and "| patient |" in md and "kNN" in md
+    assert "report.html" in md and first["report"] == str(tmp_path / "run" / "report.html")
+    # the report's slide table, this run's QC pictures and a link to the report, as artifacts
+    table = json.loads(by_key["tile-and-train-slides"].data)
+    assert sorted((r["patient"], r["slide"], r["n_tiles"]) for r in table) == sorted(
+        (rec.patient_id, rec.slide_id, rec.n_tiles) for rec in store.records())
+    assert all(0 < r["tissue_fraction"] <= 1 and r["status"] == "complete" for r in table)
+    qc = by_key["tile-and-train-qc"].data
+    assert qc.count("](data:image/jpeg;base64,") == 6
+    assert (tmp_path / "run" / "report.html").as_uri() in by_key["tile-and-train-report"].data
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("<tr data-patient=") == 6 and "polyline" in html and "kNN evaluation" in html
 
     before = _mtimes(tmp_path / "store")
     second = tile_and_train(**params)
@@ -216,15 +230,24 @@ def test_extract_features_flow_with_timm_encoder_and_dask(harness, tmp_path, tra
 
     store = tmp_path / "store.zarr"
     shutil.copytree(train_store, store)
-    extraction = {"encoders": ["timm:resnet10t"], "batch_size": 32, "device": "cpu"}
+    reader = SlideStore(store)
+    tissue = np.concatenate([reader.tissue(r.patient_id, r.slide_id) for r in reader.records(status="complete")])
+    threshold = float(np.median(tissue))  # a QC filter that keeps about half the tiles, passed to the workers
+    extraction = {"encoders": ["timm:resnet10t"], "batch_size": 32, "device": "cpu",
+                  "tile_filter": {"min_tissue": threshold}}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         out = extract_features_flow(store=str(store), extraction=extraction, workers=2,
                                     scheduler_address=cluster.scheduler_address)
-    reader = SlideStore(store)
     n_slides = sum(1 for _ in reader.records(status="complete"))
     assert len(out["extraction"]["extracted"]) == n_slides and out["extraction"]["failed"] == []
+    kept = 0
     for rec in reader.records(status="complete"):
-        assert reader.features(rec.patient_id, rec.slide_id, "resnet10t").shape == (rec.n_tiles, 512)
+        feats = reader.features(rec.patient_id, rec.slide_id, "resnet10t")
+        assert feats.shape == (rec.n_tiles, 512) and feats.attrs["tile_filter"] == {"min_tissue": threshold}
+        keep = reader.tissue(rec.patient_id, rec.slide_id) >= threshold
+        assert np.array_equal(~np.isnan(feats[:]).any(axis=1), keep)
+        kept += int(keep.sum())
+    assert 0 < kept < len(tissue)
     again = extract_features_flow(store=str(store), extraction=extraction)
     assert again["extraction"]["extracted"] == [] and again["extraction"]["skipped"] == n_slides
 

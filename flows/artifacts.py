@@ -1,0 +1,96 @@
+"""The cohort report of a flow run, and the Prefect artifacts that show it in the UI.
+
+Each tiling flow run attaches, next to its markdown summary (:mod:`flows.summary`):
+
+* ``<flow>-slides``: a table artifact, one row per slide of the store (patient, slide, label, split,
+  status, tiles, mean tissue fraction, mpp0, error), the table of the HTML report;
+* ``<flow>-qc``: a markdown artifact with the QC pictures of the slides tiled or failed in this run
+  (at most :data:`MAX_PICTURES`, :data:`PICTURE_PX` px JPEGs embedded as data URIs, so the UI needs no
+  file access), or a line saying that none was;
+* ``<flow>-report``: a link artifact to the HTML report written into the run folder
+  (:func:`pipeline.report.write_report`), when the flow has one.
+
+The report and the artifacts are a view of the store: failing to draw them is logged as an error and
+noted in the run's summary, and never fails a run whose slides were tiled and saved.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from pipeline.report import slide_table, write_report
+from pipeline.store import SlideStore
+
+__all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown"]
+
+MAX_PICTURES = 24
+PICTURE_PX = 256
+REPORT_PX = 512  # pictures in the flows' HTML report: ~0.1-0.3 MB per slide
+
+
+def _jpeg_uri(image: np.ndarray, max_px: int) -> str:
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(np.asarray(image, np.uint8))).convert("RGB")
+    img.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def qc_markdown(store: SlideStore, slides: list[tuple[str, str]], max_pictures: int = MAX_PICTURES,
+                max_px: int = PICTURE_PX) -> str:
+    """Markdown with the QC pictures of ``slides`` (patient, slide), at most ``max_pictures``."""
+    lines = ["# QC pictures", ""]
+    if not slides:
+        return "\n".join(lines + ["No slide was tiled in this run; the report shows every slide.", ""])
+    lines += ["Green: tissue mask outline; magenta: kept tiles.", ""]
+    shown = 0
+    for p, s in slides:
+        if shown == max_pictures:
+            lines += [f"{len(slides) - shown} more slides are in the report.", ""]
+            break
+        if not store.has_qc(p, s):
+            lines += [f"**{p} / {s}**: no QC picture.", ""]
+            continue
+        lines += [f"**{p} / {s}**", "", f"![{p} / {s}]({_jpeg_uri(store.qc_image(p, s), max_px)})", ""]
+        shown += 1
+    return "\n".join(lines)
+
+
+def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], report: Path | None) -> Path | None:
+    """Write the HTML report to ``report`` (when given) and attach the slide table, the QC pictures of
+    the slides this run tiled or failed, and a link to the report. Returns the report's path, or None
+    when there is none; records any failure in ``summary["artifacts_error"]`` instead of raising."""
+    logger = get_run_logger()
+    try:
+        reader = SlideStore(store)
+        table = slide_table(reader)
+        create_table_artifact(
+            [{k: r.get(k) for k in ("patient", "slide", "label", "split", "status", "n_tiles", "tissue_fraction",
+                                    "mpp0", "error")} for r in table],
+            key=f"{flow}-slides", description=f"every slide of {store}")
+        touched = [(r["patient"], r["slide"]) for r in summary.get("slide_rows", [])
+                   if r["status"] != "skipped" and r["patient"] and r["slide"]]
+        known = {(r["patient"], r["slide"]) for r in table}
+        create_markdown_artifact(qc_markdown(reader, [k for k in touched if k in known]), key=f"{flow}-qc",
+                                 description="QC pictures of the slides tiled or failed in this run")
+        if report is None:
+            return None
+        run_dirs = [report.parent] if (report.parent / "metrics.jsonl").is_file() else []
+        written = write_report(reader, report, run_dirs, max_px=REPORT_PX)
+        create_link_artifact(written.resolve().as_uri(), link_text=f"cohort report ({written})",
+                             key=f"{flow}-report", description="static HTML: open it in a browser")
+        logger.info("cohort report: %s", written)
+        return written
+    except Exception as e:  # a view of the store: never fails a run whose slides are saved
+        logger.error("the cohort report or its artifacts failed: %s: %s", type(e).__name__, e)
+        summary["artifacts_error"] = f"{type(e).__name__}: {e}"
+        return None
