@@ -91,8 +91,11 @@ class AttributeMap:
 # -- the run ------------------------------------------------------------------------------------------
 
 
-def load_explain_run(run: str | Path | ExplainRun) -> ExplainRun:
-    """Load an HLSS run folder for scoring; :class:`ExplainError` for HiDisc runs or missing text."""
+def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> ExplainRun:
+    """Load an HLSS run folder for scoring; :class:`ExplainError` for HiDisc runs or missing text.
+
+    ``name``: the array name under ``<slide>/attributes/`` (default: the run folder's name).
+    """
     if isinstance(run, ExplainRun):
         return run
     import torch
@@ -136,10 +139,18 @@ def load_explain_run(run: str | Path | ExplainRun) -> ExplainRun:
     h.update(text.tobytes())
     h.update(json.dumps([levels, names]).encode())
     resolved = path.resolve()
-    try:
-        name = sanitize_id(resolved.name)
-    except InvalidIdError:
-        name = "run"
+    if name is not None:
+        try:
+            clean = sanitize_id(name)
+        except InvalidIdError as e:
+            raise ExplainError(f"attribute map name {name!r}: {e}") from None
+        if clean != name:
+            raise ExplainError(f"attribute map name {name!r} is not a plain id (e.g. {clean!r})")
+    else:
+        try:
+            name = sanitize_id(resolved.name)
+        except InvalidIdError:
+            name = "run"
     return ExplainRun(path=resolved, name=name, model=model, meta=meta, levels=levels, names=names, text=text,
                       fingerprint=h.hexdigest(), sentences=_run_sentences(resolved, meta))
 
@@ -178,6 +189,13 @@ def _stored(reader: SlideStore, patient: str, slide: str, er: ExplainRun, versio
     return arr[:]
 
 
+def _owner(reader: SlideStore, patient: str, slide: str, name: str) -> str | None:
+    """The run folder whose scores are stored as ``attributes/<name>`` (None when there are none)."""
+    if name not in reader.attribute_runs(patient, slide):
+        return None
+    return reader.attribute_scores(patient, slide, name).attrs.get("run")
+
+
 def explain_slide(store: str | Path | SlideStore, run: str | Path | ExplainRun, patient: str, slide: str, *,
                   batch_size: int = 128, device: str = "auto", force: bool = False,
                   amp: bool | None = None) -> AttributeMap:
@@ -196,6 +214,10 @@ def explain_slide(store: str | Path | SlideStore, run: str | Path | ExplainRun, 
         stored = _stored(reader, patient, slide, er, version)
         if stored is not None:
             return AttributeMap(patient, slide, er.name, stored, list(er.levels), list(er.names), reused=True)
+        owner = _owner(reader, patient, slide, er.name)
+        if owner is not None and owner != str(er.path):
+            raise ExplainError(f"{patient}/{slide}: attributes/{er.name} holds the scores of another run ({owner}); "
+                               f"name this one differently (--name), or replace them (--force)")
     scores = _compute(reader, er, patient, slide, int(attrs.get("n_tiles", 0)), version, batch_size, device, amp)
     return AttributeMap(patient, slide, er.name, scores, list(er.levels), list(er.names))
 
@@ -267,7 +289,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--top", type=int, default=3, help="attributes listed per level (default 3)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--force", action="store_true", help="recompute stored scores")
+    e.add_argument("--force", action="store_true", help="recompute stored scores (replacing another run's "
+                                                        "scores stored under the same name)")
+    e.add_argument("--name", help="store the scores as attributes/NAME (default: the run folder's name)")
     return e
 
 
@@ -318,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         if reader.slide_attrs(patient, args.slide).get("status") != "complete":
             raise ExplainError(f"slide {args.slide!r} is not complete (status "
                                f"{reader.slide_attrs(patient, args.slide).get('status')!r}); tile it first")
-        er = load_explain_run(args.checkpoint)
+        er = load_explain_run(args.checkpoint, args.name)
         kw = dict(batch_size=args.batch_size, device=args.device, force=args.force)
         amap = explain_slide(reader, er, patient, args.slide, **kw)
         top = amap.top(args.top)

@@ -21,10 +21,15 @@ consumers filter with a :class:`TileFilter`:
 * ``brightness``: mean of R, G and B / 255.
 * ``saturation``: mean HSV saturation ``(max - min) / max`` (0 where max is 0).
 
-``pen``, ``brightness`` and ``saturation`` are computed on every fourth pixel in each direction
-(a sixteenth of the pixels, the same fractions to about 1 %), the focus on every second pixel in
-each direction (half resolution: a quarter of the cost, still far apart for sharp and blurred
-tiles). They are measured on the tiles as read, before (lossy) encoding for the store.
+``pen``, ``brightness`` and ``saturation`` are computed on every sixth pixel in each direction
+(1/36 of the pixels; within about 1 percentage point of their full-resolution values on synthetic
+H&E tiles with and without pen strokes; a step that is not a multiple of 8 does not sample the same
+place of every 8 x 8 JPEG block), the focus on every second pixel in each direction (half
+resolution: a quarter of the cost, still far apart for sharp and blurred tiles). They are measured
+on the tiles as read, before (lossy) encoding for the store, right after each few tiles are
+gathered (while they are in the CPU caches), in uint8 / int16 / float32 buffers each thread keeps
+between calls: about 0.1-0.15 ms per 256 px tile on one core, a few % of tiling
+(``benchmarks/tile_qc_cost.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import io
 import logging
 import textwrap
+import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -52,7 +58,7 @@ OUTLINE_RGB = (0, 255, 0)  # tissue mask outline (pure green: not an H&E colour)
 TILE_RGB = (255, 0, 255)  # kept tile footprints (pure magenta)
 _LINE_PX = 14
 _FOCUS_STEP = 2  # focus on every 2nd pixel (half resolution)
-_COLOUR_STEP = 4  # colour measures on every 4th pixel
+_COLOUR_STEP = 6  # colour measures on every 6th pixel
 
 
 # -- per-tile measures ----------------------------------------------------------------------------
@@ -62,8 +68,9 @@ def tile_measures(batch: np.ndarray, ink_hues: Sequence[Sequence[float]] | None 
     """QC measures of ``(n, H, W, 3) uint8`` tiles: ``{name: (n,) float32}`` for :data:`QC_FIELDS`.
 
     ``ink_hues`` and ``dark_value`` as in :class:`pipeline.tissue.TissueParams` (its defaults when None).
-    Vectorised over ``chunk`` tiles at a time in buffers allocated once per call (bounded memory:
-    about ``chunk * H * W`` bytes, a sixth of the chunk's own size).
+    Vectorised over ``chunk`` tiles at a time, in buffers that each thread keeps for its next call
+    with the same ``chunk, H, W`` (about ``2.5 * chunk * H * W`` bytes: 2.5 MiB for 16 tiles of
+    256 px), so small batches cost no allocations and page faults.
     """
     from .tissue import TissueParams
 
@@ -76,8 +83,7 @@ def tile_measures(batch: np.ndarray, ink_hues: Sequence[Sequence[float]] | None 
     out = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
     if n == 0:
         return out
-    focus = _FocusBuffers(min(chunk, n), h, w)
-    colour = _ColourBuffers(min(chunk, n), h, w)
+    focus, colour = _buffers(chunk, h, w)
     pen = _PenRule(ink_hues, dark_value)
     for a in range(0, n, chunk):
         t = batch[a:a + chunk]
@@ -85,6 +91,20 @@ def tile_measures(batch: np.ndarray, ink_hues: Sequence[Sequence[float]] | None 
         out["focus"][a:a + k] = focus.measure(t)
         out["brightness"][a:a + k], out["saturation"][a:a + k], out["pen"][a:a + k] = colour.measure(t, pen)
     return out
+
+
+_local = threading.local()
+
+
+def _buffers(chunk: int, h: int, w: int) -> tuple["_FocusBuffers", "_ColourBuffers"]:
+    """This thread's work buffers for up to ``chunk`` tiles of ``h x w`` px (made on first use, and
+    again when the shape changes)."""
+    key = (chunk, h, w)
+    kept = getattr(_local, "buffers", None)
+    if kept is None or kept[0] != key:
+        kept = (key, _FocusBuffers(chunk, h, w), _ColourBuffers(chunk, h, w))
+        _local.buffers = kept
+    return kept[1], kept[2]
 
 
 class _FocusBuffers:
@@ -96,22 +116,20 @@ class _FocusBuffers:
         gh, gw = -(-h // _FOCUS_STEP), -(-w // _FOCUS_STEP)
         self.green = np.empty((k, gh, gw), np.int16)  # half-resolution green
         self.lap = np.empty((k, max(gh - 2, 0), max(gw - 2, 0)), np.int16)
-        self.centre = np.empty_like(self.lap)  # 4 x the centre pixel
         self.flat = np.empty((k, self.lap[0].size), np.float32)
 
     def measure(self, tiles: np.ndarray) -> np.ndarray:
         """``(k,) float32`` focus of ``(k, h, w, 3) uint8`` tiles."""
         k = len(tiles)
-        g, lap, centre, flat = self.green[:k], self.lap[:k], self.centre[:k], self.flat[:k]
+        g, lap, flat = self.green[:k], self.lap[:k], self.flat[:k]
         np.copyto(g, tiles[:, ::_FOCUS_STEP, ::_FOCUS_STEP, 1])
-        np.add(g[:, 1:-1, :-2], g[:, 1:-1, 2:], out=lap)
-        np.add(lap, g[:, :-2, 1:-1], out=lap)
-        np.add(lap, g[:, 2:, 1:-1], out=lap)
-        np.left_shift(g[:, 1:-1, 1:-1], 2, out=centre)
-        np.subtract(lap, centre, out=lap)
+        # 4 x centre - the 4 neighbours: the Laplacian's negative, which has the same variance
+        np.left_shift(g[:, 1:-1, 1:-1], 2, out=lap)
+        for neighbour in (g[:, 1:-1, :-2], g[:, 1:-1, 2:], g[:, :-2, 1:-1], g[:, 2:, 1:-1]):
+            np.subtract(lap, neighbour, out=lap)
         np.copyto(flat, lap.reshape(k, -1))
         m = max(flat.shape[1], 1)
-        mean = flat.sum(axis=1) / m  # about 0 (the Laplacian's sum telescopes to the border): float32 is plenty
+        mean = flat.sum(axis=1) / m  # about 0 (the sum telescopes to the border): float32 is plenty
         return np.einsum("ij,ij->i", flat, flat) / m - mean * mean
 
 

@@ -20,12 +20,21 @@ import httpx
 import pytest
 import yaml
 
+from browser import Browser, chromium
 from pipeline.store import SlideStore
 from pipeline.synthetic import make_demo_cohort
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+
+
+_DECODED_IMAGES = """(async () => {
+  const imgs = [...document.images].filter(i => i.src.startsWith('data:image/jpeg'));
+  await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+  return {n: imgs.length, decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+          alts: imgs.map(i => i.alt).sort()};
+})()"""
 
 
 def _free_port() -> int:
@@ -64,7 +73,7 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "PREFECT_RUNNER_POLL_FREQUENCY": "1", "HF_HUB_OFFLINE": "1"}
     manifest = make_demo_cohort(tmp_path / "cohort", n_patients=6, slides_per_patient=(1, 1), n_classes=2,
                                 width=1024, height=768, seed=21)
@@ -124,6 +133,23 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
         artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [
             "tile-and-train-summary"]}}}, timeout=10).json()
         assert artifacts and "6 tiled, 0 unchanged, 0 failed" in artifacts[0]["data"]
+        assert (run / "report.html").is_file()
+        # the run's QC pictures as the Prefect UI shows them: every picture decoded by a real browser
+        qc = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["tile-and-train-qc"]}}},
+                        timeout=10).json()
+        assert len(qc) == 1 and qc[0]["data"].count("data:image/jpeg;base64,") == 6
+        browser = Browser(chromium())
+        try:
+            session = browser.open(f"http://127.0.0.1:{port}/artifacts/artifact/{qc[0]['id']}")
+
+            def pictures() -> dict | None:  # the UI renders the artifact after its API call returns
+                state = browser.evaluate(session, _DECODED_IMAGES)
+                return state if state["n"] == 6 else None
+
+            shown = _wait("the QC pictures in the Prefect UI", pictures, 60)
+        finally:
+            browser.close()
+        assert shown["decoded"] == 6 and shown["alts"] == sorted(f"{r.patient_id} / {r.slide_id}" for r in records)
 
         # --params overrides the served defaults for one run: a timm encoder instead of the run's
         override = subprocess.run([str(BIN / "prefect"), "deployment", "run", "extract-features/default", "--watch",

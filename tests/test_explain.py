@@ -260,3 +260,21 @@ def test_attribute_scores_commit_on_an_object_store(setup, monkeypatch):
         assert not [k for k in fs.find(f"{bucket}/c.zarr") if "/_staging/" in k and not k.endswith("_staging/zarr.json")]
     finally:
         server.stop()
+
+
+def test_two_runs_with_the_same_folder_name_do_not_overwrite_each_other(setup, tiny_text_model, tmp_path):
+    store, run_dir, p, s = setup
+    first = explain_slide(store, run_dir, p, s, device="cpu")
+    other = tmp_path / run_dir.name  # another run, in a folder of the same name
+    train(store, other, tiny_config(tiny_text_model, steps=1), progress=False)
+    with pytest.raises(ExplainError, match=r"holds the scores of another run .*--name.*--force"):
+        explain_slide(store, other, p, s, device="cpu")
+    reader = SlideStore(store)
+    np.testing.assert_array_equal(reader.attribute_scores(p, s, first.run)[:], first.scores)  # untouched
+
+    named = explain_slide(store, load_explain_run(other, name="run-b"), p, s, device="cpu")
+    assert named.run == "run-b" and {first.run, "run-b"} <= set(reader.attribute_runs(p, s))
+    assert reader.attribute_scores(p, s, "run-b").attrs["run"] == str(other.resolve())
+    assert not np.array_equal(named.scores, first.scores)
+    with pytest.raises(ExplainError, match="attribute map name"):
+        load_explain_run(other, name="../x")
