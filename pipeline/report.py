@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["write_report", "render_report", "slide_table", "add_parser", "run", "slide_picture", "read_metrics"]
+__all__ = ["write_report", "render_report", "slide_table", "recorded_runs", "add_parser", "run", "slide_picture", "read_metrics"]
 
 MAX_PX = 1024
 _CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -296,6 +296,16 @@ def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, k:
     return out
 
 
+def recorded_runs(store) -> list[Path]:
+    """The training run folders named by the store's evaluations (``run_dir``) that exist here."""
+    out: list[Path] = []
+    for doc in store.evaluations().values():
+        d = doc.get("run_dir") if isinstance(doc, dict) else None
+        if isinstance(d, str) and Path(d).is_dir() and Path(d) not in out:
+            out.append(Path(d))
+    return out
+
+
 def _split_of(run_dirs: Sequence[Path]) -> dict[str, str]:
     for d in run_dirs:
         try:
@@ -446,7 +456,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("store", help="store folder or URL")
     r.add_argument("--out", type=Path, required=True, help="HTML file to write (e.g. report.html)")
     r.add_argument("--run", type=Path, action="append", default=[], metavar="RUN_DIR",
-                   help="a training run folder: its loss curve and knn-*.json (repeatable)")
+                   help="a training run folder: its loss curve and knn-*.json (repeatable; default: the runs "
+                        "the store's kNN evaluations name, when they exist here)")
     r.add_argument("--title", help="report title (default: the store path)")
     r.add_argument("--max-px", type=int, default=MAX_PX, help=f"longest side of embedded pictures (default {MAX_PX})")
     r.set_defaults(func=run)
@@ -469,8 +480,9 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"{d}: not a run folder")
     if args.max_px < 16:
         return fail("--max-px must be at least 16")
+    runs = args.run or recorded_runs(store)
     try:
-        out = write_report(store, args.out, args.run, title=args.title, max_px=args.max_px)
+        out = write_report(store, args.out, runs, title=args.title, max_px=args.max_px)
     except OSError as e:
         return fail(f"{args.out}: {e}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

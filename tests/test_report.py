@@ -192,6 +192,13 @@ def test_report_command(cohort, tmp_path, capsys):
     assert run(args) == 0 and out.is_file() and "wrote" in capsys.readouterr().out
     assert args.func is run
 
+    # without --run, the run folder named by the store's kNN evaluation gives the training curve
+    default = parser.parse_args(["report", str(cohort["store"]), "--out", str(tmp_path / "d.html"), "--max-px", "64"])
+    assert run(default) == 0
+    text = (tmp_path / "d.html").read_text()
+    assert "<h2>Training</h2>" in text and f'data-run="{cohort["run"].name}"' in text
+    capsys.readouterr()
+
     bad = parser.parse_args(["report", str(tmp_path / "missing.zarr"), "--out", str(out)])
     assert run(bad) == 2
     assert capsys.readouterr().err.startswith("hlss report: error: ")
