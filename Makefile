@@ -28,8 +28,13 @@ demo: setup
 	$(VENV)/bin/hlss info $(DEMO_DIR)/cohort.zarr
 	@echo; echo "kNN of the demo encoder at initialisation (held-out patients of the manifest), for comparison:"
 	$(VENV)/bin/hlss knn --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run --initial --k 20
+	@echo; echo "Attribute maps of the first slide, then the cohort report with them:"
+	$(VENV)/bin/hlss explain --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run \
+		--slide $$(sed -n 2p $(DEMO_DIR)/slides/manifest.csv | cut -d, -f3) --out $(DEMO_DIR)/explain
+	$(VENV)/bin/hlss report $(DEMO_DIR)/cohort.zarr --out $(DEMO_DIR)/report.html
 	@echo
-	@echo "Results: store $(DEMO_DIR)/cohort.zarr (tiles, features/hlss-demo, evaluations/knn-hlss-demo), run $(DEMO_DIR)/run."
+	@echo "Results: store $(DEMO_DIR)/cohort.zarr (tiles, features/hlss-demo, evaluations/knn-hlss-demo), run $(DEMO_DIR)/run,"
+	@echo "report $(DEMO_DIR)/report.html (open it in a browser), heatmaps in $(DEMO_DIR)/explain."
 	@echo "Run 'make demo' again: unchanged slides are neither tiled nor extracted, and the finished run is reused."
 
 test: setup test-data
