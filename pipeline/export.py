@@ -35,21 +35,20 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
+
+from .files import atomic_write, atomic_write_bytes, remove_temporaries
 
 __all__ = ["FORMATS", "ExportError", "ExportReport", "export_mil", "add_parser", "run"]
 
 FORMATS = ("clam-h5", "pt", "both")
 H5_DIR, PT_DIR, CSV_NAME = "h5_files", "pt_files", "dataset.csv"
 EXIT_OK, EXIT_SOME_SKIPPED, EXIT_USAGE = 0, 1, 2
-_TMP_TAG = ".hlss-export-"
 
 
 class ExportError(ValueError):
@@ -145,7 +144,7 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
         out.mkdir(parents=True, exist_ok=True)
         for d in dirs:
             (out / d).mkdir(exist_ok=True)
-            _remove_temporaries(out / d)
+            remove_temporaries(out / d)
     except OSError as e:
         raise ExportError(f"{out}: cannot write the export here ({e.strerror or e})") from e
 
@@ -200,7 +199,7 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
     writer.writeheader()
     writer.writerows(rows)
     report.csv_path = out / CSV_NAME
-    _atomic_bytes(report.csv_path, buf.getvalue().encode())
+    atomic_write_bytes(report.csv_path, buf.getvalue().encode())
     return report
 
 
@@ -254,20 +253,6 @@ def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
             obj.attrs[k] = v
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{_TMP_TAG}{uuid.uuid4().hex[:12]}-{path.name}.tmp")
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: readers see the old file or the whole new one."""
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_h5(path: Path, feats: np.ndarray, coords: np.ndarray, coords_attrs: dict[str, Any],
               file_attrs: dict[str, Any]) -> None:
     import h5py
@@ -280,23 +265,13 @@ def _write_h5(path: Path, feats: np.ndarray, coords: np.ndarray, coords_attrs: d
             _set_attrs(fd, file_attrs)
             _set_attrs(f, file_attrs)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _write_pt(path: Path, feats: np.ndarray) -> None:
     import torch
 
-    _atomic(path, lambda tmp: torch.save(torch.from_numpy(feats), tmp))
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda tmp: tmp.write_bytes(data))
-
-
-def _remove_temporaries(folder: Path) -> None:
-    """Temporary files left by a killed export (renamed into place otherwise)."""
-    for p in folder.glob(f"{_TMP_TAG}*.tmp"):
-        p.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(torch.from_numpy(feats), tmp))
 
 
 # -- command line -----------------------------------------------------------------------------

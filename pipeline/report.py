@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .files import atomic_write_bytes
+
 __all__ = ["write_report", "render_report", "slide_table", "recorded_runs", "add_parser", "run", "slide_picture", "read_metrics"]
 
 MAX_PX = 1024
@@ -442,9 +444,7 @@ def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | N
     out = Path(out)
     text = render_report(store, run_dirs, title=title, max_px=max_px)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_bytes(out, text.encode("utf-8"))
     return out
 
 

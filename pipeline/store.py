@@ -73,6 +73,7 @@ import numpy as np
 import psutil
 import zarr
 
+from .files import atomic_write_bytes
 from .ids import validate_id
 from .location import ObjectLocation, StoreError, is_remote, local_path
 
@@ -245,7 +246,7 @@ class StoreWriter:
         meta = staged.path / "zarr.json"
         doc = json.loads(meta.read_text())
         doc.get("attributes", {}).pop("owner", None)
-        _atomic_write(meta, json.dumps(doc, indent=2))
+        atomic_write_bytes(meta, json.dumps(doc, indent=2).encode())
         known = {k: v for k, v in patient_attrs.items() if v is not None}
         _ensure_group(self.path / "patients" / patient_id, known)
         _ensure_group(self.path / "patients" / patient_id / "slides")
@@ -358,8 +359,9 @@ class StoreWriter:
         _ensure_group(self.path / "evaluations")
         group = self.path / "evaluations" / name
         group.mkdir(exist_ok=True)
-        _atomic_write(group / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
-                                                       "attributes": {"result": result}}, indent=2, default=str))
+        atomic_write_bytes(group / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+                                                            "attributes": {"result": result}}, indent=2,
+                                                           default=str).encode())
 
     def _slide_dir(self, patient_id: str, slide_id: str) -> Path:
         return self.path / "patients" / patient_id / "slides" / slide_id
@@ -550,13 +552,7 @@ def _ensure_group(path: Path, attrs: dict[str, Any] | None = None) -> None:
     if meta.exists() and all(current.get(k) == v for k, v in (attrs or {}).items()):
         return
     current.update(attrs or {})
-    _atomic_write(meta, json.dumps(doc, indent=2))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(meta, json.dumps(doc, indent=2).encode())
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def test_rerun_overwrites_and_drops_slides_whose_features_are_gone(exported_stor
     first = _put_features(store, *slides[0], "f", seed=8)
     p1, s1 = slides[1]
     shutil.rmtree(store / "patients" / p1 / "slides" / s1 / "features" / "f")
-    stray = out / "h5_files" / f".hlss-export-dead-{slides[0][1]}.h5.tmp"  # left by a killed run
+    stray = out / "h5_files" / f".hlss-tmp-dead-{slides[0][1]}.h5.tmp"  # left by a killed run
     stray.write_bytes(b"junk")
 
     report = export_mil(store, "f", "clam-h5", out)
