@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .qc import tile_rects
+from .qc import picture_size, tile_rects
 from .store import SlideStore
 
 __all__ = ["top_attributes", "colormap", "render_heatmap"]
@@ -68,7 +68,8 @@ def render_heatmap(store: str | Path | SlideStore, patient: str, slide: str, col
     """The slide thumbnail with each tile's footprint filled by its score's colour (viridis, blended
     with ``alpha``), over a white caption band: ``title``, a colour bar and its min / max.
 
-    Returns a ``PIL.Image`` of width = thumbnail width, height = thumbnail height + caption band.
+    Returns a ``PIL.Image`` of the QC picture's size (:func:`pipeline.qc.picture_size` of the
+    thumbnail) plus a caption band below.
     NaN scores leave their tiles unpainted; ``vmin``/``vmax`` default to the scores' range.
     """
     from PIL import Image, ImageDraw, ImageFont
@@ -95,6 +96,11 @@ def render_heatmap(store: str | Path | SlideStore, patient: str, slide: str, col
             if np.isfinite(v):
                 pic[y0:y1 + 1, x0:x1 + 1] = (1 - alpha) * thumb[y0:y1 + 1, x0:x1 + 1] + alpha * col
     pic = np.rint(pic).clip(0, 255).astype(np.uint8)
+    dw, dh = picture_size(w, h)
+    if (dw, dh) != (w, h):  # the same size as the slide's QC picture
+        resample = Image.Resampling.NEAREST if dw > w else Image.Resampling.BILINEAR
+        pic = np.asarray(Image.fromarray(pic).resize((dw, dh), resample))
+        w, h = dw, dh
 
     font = ImageFont.load_default()
     chars = max(8, (w - 8) // 6)  # the default bitmap font is about 6 px per character

@@ -1,7 +1,7 @@
 """Quality control: a per-slide QC picture, per-tile QC measures, and a tile filter on them.
 
 **QC picture.** At tiling time :func:`render_qc` draws the slide's thumbnail (at most
-``QC_MAX_PX`` px on its longest side) with the tissue mask's outline in :data:`OUTLINE_RGB` and
+``QC_MAX_PX`` px on its longest side; small ones enlarged by a whole factor to ``QC_MIN_PX``) with the tissue mask's outline in :data:`OUTLINE_RGB` and
 every kept tile's footprint as a rectangle outline in :data:`TILE_RGB`, over a white caption band
 that names the slide and gives mpp0, target mpp, tile size, tile count and the tissue parameters.
 It is stored as the slide's ``qc`` array ``(h, w, 3) uint8`` (slides that fail on content, no
@@ -28,7 +28,7 @@ place of every 8 x 8 JPEG block), the focus on every second pixel in each direct
 resolution: a quarter of the cost, still far apart for sharp and blurred tiles). They are measured
 on the tiles as read, before (lossy) encoding for the store, right after each few tiles are
 gathered (while they are in the CPU caches), in uint8 / int16 / float32 buffers each thread keeps
-between calls: about 0.1-0.15 ms per 256 px tile on one core, a few % of tiling
+between calls: about 0.1-0.16 ms per 256 px tile on one core, 5-6 % of single-threaded tiling
 (``benchmarks/tile_qc_cost.py``).
 """
 
@@ -46,14 +46,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "QC_FIELDS", "QC_MAX_PX", "OUTLINE_RGB", "TILE_RGB", "TileFilter", "tile_measures", "tile_rects", "render_qc",
-    "encode_png", "export_qc", "add_parser", "run",
+    "QC_FIELDS", "QC_MAX_PX", "QC_MIN_PX", "OUTLINE_RGB", "TILE_RGB", "TileFilter", "tile_measures", "tile_rects",
+    "picture_size", "render_qc", "encode_png", "export_qc", "add_parser", "run",
 ]
 
 log = logging.getLogger(__name__)
 
 QC_FIELDS = ("focus", "pen", "brightness", "saturation")
 QC_MAX_PX = 2048
+QC_MIN_PX = 512
 OUTLINE_RGB = (0, 255, 0)  # tissue mask outline (pure green: not an H&E colour)
 TILE_RGB = (255, 0, 255)  # kept tile footprints (pure magenta)
 _LINE_PX = 14
@@ -115,20 +116,27 @@ class _FocusBuffers:
     def __init__(self, k: int, h: int, w: int) -> None:
         gh, gw = -(-h // _FOCUS_STEP), -(-w // _FOCUS_STEP)
         self.green = np.empty((k, gh, gw), np.int16)  # half-resolution green
-        self.lap = np.empty((k, max(gh - 2, 0), max(gw - 2, 0)), np.int16)
-        self.flat = np.empty((k, self.lap[0].size), np.float32)
+        self.lap = np.empty((k, gh, gw), np.int16)  # the Laplacian; only its interior is meaningful
+        self.flat = np.empty((k, max(gh - 2, 0) * max(gw - 2, 0)), np.float32)
 
     def measure(self, tiles: np.ndarray) -> np.ndarray:
         """``(k,) float32`` focus of ``(k, h, w, 3) uint8`` tiles."""
         k = len(tiles)
         g, lap, flat = self.green[:k], self.lap[:k], self.flat[:k]
+        m = flat.shape[1]
+        if m == 0:
+            return np.zeros(k, np.float32)
         np.copyto(g, tiles[:, ::_FOCUS_STEP, ::_FOCUS_STEP, 1])
-        # 4 x centre - the 4 neighbours: the Laplacian's negative, which has the same variance
-        np.left_shift(g[:, 1:-1, 1:-1], 2, out=lap)
-        for neighbour in (g[:, 1:-1, :-2], g[:, 1:-1, 2:], g[:, :-2, 1:-1], g[:, 2:, 1:-1]):
-            np.subtract(lap, neighbour, out=lap)
-        np.copyto(flat, lap.reshape(k, -1))
-        m = max(flat.shape[1], 1)
+        # 4 x centre - the 4 neighbours (the Laplacian's negative: the same variance), on the whole
+        # chunk as one flat run, which numpy does faster than row by row; values that wrap around
+        # a row or a tile's edge land on the border, which is dropped
+        gw = g.shape[2]
+        src, dst = g.reshape(-1), lap.reshape(-1)
+        lo, hi = gw + 1, src.size - gw - 1
+        np.left_shift(src[lo:hi], 2, out=dst[lo:hi])
+        for step in (-1, 1, -gw, gw):
+            np.subtract(dst[lo:hi], src[lo + step:hi + step], out=dst[lo:hi])
+        np.copyto(flat, lap[:, 1:-1, 1:-1].reshape(k, -1))
         mean = flat.sum(axis=1) / m  # about 0 (the sum telescopes to the border): float32 is plenty
         return np.einsum("ij,ij->i", flat, flat) / m - mean * mean
 
@@ -309,6 +317,18 @@ def tile_rects(coords: np.ndarray, footprint: Sequence[float] | float, scale: Se
                      np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1)], axis=1)
 
 
+def picture_size(w: int, h: int, max_px: int = QC_MAX_PX, min_px: int = QC_MIN_PX) -> tuple[int, int]:
+    """(width, height) of a picture drawn over a ``w`` x ``h`` px thumbnail: scaled down to at most
+    ``max_px`` on its longer side, or up by a whole factor to at least ``min_px`` (small biopsies),
+    so its tiles and caption stay legible."""
+    longest = max(w, h, 1)
+    if longest > max_px:
+        f = max_px / longest
+        return max(1, round(w * f)), max(1, round(h * f))
+    k = -(-min_px // longest) if longest < min_px else 1
+    return w * k, h * k
+
+
 def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], coords: np.ndarray,
               footprint: Sequence[float] | float, caption: Sequence[str],
               max_px: int = QC_MAX_PX) -> tuple[np.ndarray, dict[str, Any]]:
@@ -316,7 +336,7 @@ def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], c
 
     thumbnail: ``(h, w, 3) uint8``; mask: ``(h, w) bool`` on the same pixels; scale: level-0 px per
     thumbnail px ``(sx, sy)``; coords: ``(N, 2)`` level-0 top-left of the kept tiles; footprint:
-    tile side in level-0 px.
+    tile side in level-0 px. The slide part is :func:`picture_size` (thumbnail and mask resized).
 
     Returns ``(image (H, W, 3) uint8, info)``; ``info``: ``scale`` (level-0 px per picture px),
     ``size`` (width, height of the slide part), ``caption_px`` (caption band height, below it),
@@ -329,12 +349,11 @@ def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], c
     thumbnail = np.asarray(thumbnail, np.uint8)
     mask = np.asarray(mask, bool)
     h, w = thumbnail.shape[:2]
-    f = min(1.0, max_px / max(h, w, 1))
-    dw, dh = max(1, round(w * f)), max(1, round(h * f))
+    dw, dh = picture_size(w, h, max_px)
     img = Image.fromarray(thumbnail)
     mimg = Image.fromarray(mask.astype(np.uint8) * 255)
     if (dw, dh) != (w, h):
-        img = img.resize((dw, dh), Image.Resampling.BILINEAR)
+        img = img.resize((dw, dh), Image.Resampling.BILINEAR if dw < w else Image.Resampling.NEAREST)
         mimg = mimg.resize((dw, dh), Image.Resampling.NEAREST)
     dmask = np.asarray(mimg) > 127
     sx, sy = float(scale[0]) * w / dw, float(scale[1]) * h / dh  # level-0 px per picture px

@@ -126,9 +126,11 @@ def test_heatmap_paints_each_tile_footprint_with_its_colour(setup):
     thumb = reader.thumbnail(p, s)
     n = reader.slide_attrs(p, s)["n_tiles"]
     values = np.linspace(-1, 1, n)
-    img = np.asarray(render_heatmap(store, p, s, values, "title", alpha=1.0))
     h, w = thumb.shape[:2]
-    assert img.shape[1] == w and img.shape[0] > h
+    k = -(-512 // max(h, w))  # small thumbnails are enlarged by a whole factor, like the QC picture
+    drawn = np.asarray(render_heatmap(store, p, s, values, "title", alpha=1.0))
+    assert k > 1 and drawn.shape[1] == w * k and drawn.shape[0] > h * k
+    img = drawn[:h * k:k, ::k]  # back to thumbnail pixels (nearest-neighbour enlargement)
     a = reader.slide_attrs(p, s)
     rects = tile_rects(reader.coords(p, s), a["footprint_px"], reader.group(p, s)["thumbnail"].attrs["scale"], w, h)
     colours = colormap(values, -1, 1)
@@ -138,7 +140,7 @@ def test_heatmap_paints_each_tile_footprint_with_its_colour(setup):
         np.testing.assert_array_equal(img[(y0 + y1) // 2, (x0 + x1) // 2], col)
     assert covered.any() and (~covered).any()
     np.testing.assert_array_equal(img[:h][~covered], thumb[~covered])  # outside the tiles: the thumbnail
-    blended = np.asarray(render_heatmap(store, p, s, values, "title", alpha=0.5))
+    blended = np.asarray(render_heatmap(store, p, s, values, "title", alpha=0.5))[:h * k:k, ::k]
     (x0, y0, x1, y1), col = rects[0], colours[0]
     y, x = (y0 + y1) // 2, (x0 + x1) // 2
     np.testing.assert_allclose(blended[y, x], 0.5 * thumb[y, x] + 0.5 * col.astype(float), atol=1)

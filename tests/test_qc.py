@@ -18,7 +18,7 @@ from hlss_model.data import CohortIndex, draw_patient
 from pipeline import qc as qc_mod
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
-from pipeline.qc import OUTLINE_RGB, QC_FIELDS, TILE_RGB, TileFilter, export_qc, render_qc, tile_measures
+from pipeline.qc import OUTLINE_RGB, QC_FIELDS, TILE_RGB, TileFilter, export_qc, picture_size, render_qc, tile_measures
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore, StoreError
 
@@ -57,11 +57,14 @@ def test_qc_picture_outlines_the_mask_and_draws_every_kept_tile(qc_store):
     p, s = _slide(st)
     img, thumb, mask = st.qc_image(p, s), st.thumbnail(p, s), st.tissue_mask(p, s)
     attrs, a = st.slide_attrs(p, s), dict(st.group(p, s)["qc"].attrs)
-    h, w = thumb.shape[:2]
-    assert img.dtype == np.uint8 and img.shape[1] == w  # thumbnail under 2048 px: not resized
+    th, tw = thumb.shape[:2]
+    k = -(-512 // max(th, tw))  # a small thumbnail is enlarged by a whole factor to 512 px or more
+    assert max(th, tw) < 512 and k > 1
+    h, w = th * k, tw * k
+    assert img.dtype == np.uint8 and img.shape[1] == w and a["size"] == [w, h]
     assert img.shape[0] == h + a["caption_px"] > h  # a caption band below the slide
-    # every green pixel is a tissue-boundary pixel of the stored mask, and every boundary pixel is green
-    boundary = find_boundaries(mask, mode="inner")
+    # every green pixel is a tissue-boundary pixel of the (enlarged) stored mask, and every boundary pixel is green
+    boundary = find_boundaries(np.kron(mask, np.ones((k, k), bool)), mode="inner")
     green = _is(img[:h], OUTLINE_RGB)
     assert boundary.sum() > 50
     np.testing.assert_array_equal(green, boundary)
@@ -93,6 +96,12 @@ def _rect_outlines(rects: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         out[y0, x0:x1 + 1] = out[y1, x0:x1 + 1] = True
         out[y0:y1 + 1, x0] = out[y0:y1 + 1, x1] = True
     return out
+
+
+def test_picture_size_shrinks_large_and_enlarges_small_thumbnails():
+    assert picture_size(5000, 300) == (2048, 123)
+    assert picture_size(100, 60) == (600, 360)  # x6: the smallest whole factor reaching 512 px
+    assert picture_size(1000, 800) == (1000, 800)
 
 
 def test_render_qc_downscales_large_thumbnails():
