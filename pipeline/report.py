@@ -2,8 +2,10 @@
 
 The report holds a summary header (counts, store path, schema), a table of patients and slides
 (label, split, status, tiles, mean tissue fraction, mpp0, error), one QC figure per slide, the
-training curves of the given run folders (inline SVG, loss vs step) and the kNN tables recorded in
-the store and in the run folders (``knn-*.json``). Images are embedded as ``data:image/png;base64``
+training curves of the given run folders (inline SVG, loss vs step), the language-attribute maps
+``hlss explain`` stored (top attributes per slide and patient, a heatmap of each level's top
+attribute) and the kNN tables recorded in the store and in the run folders (``knn-*.json``; a run
+folder's copy of a table the store holds is shown once). Images are embedded as ``data:image/png;base64``
 URIs and there is no script and no external resource, so the file opens offline in any browser,
 with no server.
 
@@ -416,8 +418,9 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
                      "tiles, and a heatmap of the top attribute of each level over the thumbnail.</p>", *maps]
 
     knn = [_knn_table(n, doc, "store") for n, doc in sorted(store.evaluations().items()) if n.startswith("knn")]
+    in_store = list(store.evaluations().values())
     for d in run_dirs:
-        knn.extend(_knn_table(n, doc, f"run {d}") for n, doc in _run_knn_docs(d).items())
+        knn.extend(_knn_table(n, doc, f"run {d}") for n, doc in _run_knn_docs(d).items() if doc not in in_store)
     if any(knn):
         sections += ["<h2>kNN evaluation</h2>", *knn]
 

@@ -167,8 +167,8 @@ def test_report_renders_in_headless_chromium(cohort, tmp_path):
     n_rows = len((cohort["run"] / "metrics.jsonl").read_text().splitlines())
     assert page["curves"] == [{"run": cohort["run"].name, "n": n_rows}] and n_rows == 3
 
-    # the kNN tables (store's and run folder's) with the evaluation's numbers
-    assert [t["name"] for t in page["knn"]] == ["knn-r10", "knn-r10"]
+    # the kNN table with the evaluation's numbers (the run folder's identical copy is not repeated)
+    assert [t["name"] for t in page["knn"]] == ["knn-r10"]
     for table in page["knn"]:
         for level, row in zip(cohort["knn"]["levels"], table["rows"]):
             r = cohort["knn"]["levels"][level]
