@@ -8,7 +8,8 @@ Each tiling flow run attaches, next to its markdown summary (:mod:`flows.summary
   (at most :data:`MAX_PICTURES`, :data:`PICTURE_PX` px JPEGs embedded as data URIs, so the UI needs no
   file access), or a line saying that none was;
 * ``<flow>-report``: a link artifact to the HTML report written into the run folder
-  (:func:`pipeline.report.write_report`), when the flow has one.
+  (:func:`pipeline.report.write_report`, pictures as files in ``report_files/`` beside it, redrawn
+  only for slides that changed: a nightly rerun redraws what it retiled), when the flow has one.
 
 The report and the artifacts are a view of the store: failing to draw them is logged as an error and
 noted in the run's summary, and never fails a run whose slides were tiled and saved.
@@ -32,7 +33,7 @@ __all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts",
 
 MAX_PICTURES = 24
 PICTURE_PX = 256
-REPORT_PX = 512  # pictures in the flows' HTML report: ~0.1-0.3 MB per slide
+REPORT_PX = 512  # pictures in the flows' HTML report: ~0.1-0.3 MB per slide, as files
 
 
 def _jpeg_uri(image: np.ndarray, max_px: int) -> str:
@@ -85,7 +86,7 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
         if report is None:
             return None
         run_dirs = [report.parent] if (report.parent / "metrics.jsonl").is_file() else []
-        written = write_report(reader, report, run_dirs, max_px=REPORT_PX)
+        written = write_report(reader, report, run_dirs, max_px=REPORT_PX, pictures="files")
         create_link_artifact(written.resolve().as_uri(), link_text=f"cohort report ({written})",
                              key=f"{flow}-report", description="static HTML: open it in a browser")
         logger.info("cohort report: %s", written)

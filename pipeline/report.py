@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
 import math
 import sys
 import time
+import urllib.parse
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
 from .files import atomic_write_bytes
 
-__all__ = ["write_report", "render_report", "slide_table", "recorded_runs", "add_parser", "run", "slide_picture", "read_metrics"]
+__all__ = ["Pictures", "write_report", "render_report", "slide_table", "recorded_runs", "add_parser", "run",
+           "slide_picture", "read_metrics"]
 
 MAX_PX = 1024
 _CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -114,6 +117,65 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class Pictures:
+    """Where the report's pictures go: embedded as data URIs (``folder`` None), or PNG files in
+    ``folder`` (next to the report, linked by relative paths), each re-encoded only when its
+    ``version`` changed since the last report, so a nightly report of a big cohort redraws only the
+    slides that changed. ``finish`` records the versions and removes pictures no longer shown."""
+
+    INDEX = "index.json"
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.index: dict[str, dict[str, Any]] = {}
+        self.used: set[str] = set()
+        if folder is not None:
+            try:
+                self.index = json.loads((folder / self.INDEX).read_text())
+            except (OSError, json.JSONDecodeError):
+                self.index = {}
+
+    def get(self, key: str, version: str, make) -> tuple[str, int, int, str] | None:
+        """``(src, width, height, source)`` of picture ``key`` (a relative path without suffix);
+        ``make()`` returns ``(png bytes, source)`` or None when there is no picture."""
+        if self.folder is None:
+            made = make()
+            if made is None:
+                return None
+            w, h = _png_size(made[0])
+            return _data_uri(made[0]), w, h, made[1]
+        path = self.folder / f"{key}.png"
+        entry = self.index.get(key)
+        self.used.add(key)
+        if entry and entry.get("version") == version and entry.get("none"):
+            return None  # known to have no picture
+        if not (entry and entry.get("version") == version and path.is_file()):
+            made = make()
+            if made is None:
+                self.index[key] = {"version": version, "none": True}
+                path.unlink(missing_ok=True)
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, made[0])
+            w, h = _png_size(made[0])
+            entry = self.index[key] = {"version": version, "w": w, "h": h, "source": made[1]}
+        src = urllib.parse.quote(f"{self.folder.name}/{key}.png")
+        return src, int(entry["w"]), int(entry["h"]), str(entry["source"])
+
+    def finish(self) -> None:
+        if self.folder is None:
+            return
+        for key in set(self.index) - self.used:
+            (self.folder / f"{key}.png").unlink(missing_ok=True)
+            del self.index[key]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.folder / self.INDEX, json.dumps(self.index, indent=1, sort_keys=True).encode())
+
+
+def _version(*parts: Any) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=10).hexdigest()
 
 
 # -- run folders ----------------------------------------------------------------------------------
@@ -253,7 +315,8 @@ def _top_table(top: dict[str, list[tuple[str, float]]], kind: str, key: str, run
             f"<th>rank</th><th>attribute</th><th>mean cosine</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
-def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, k: int = 3) -> list[str]:
+def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, pictures: Pictures,
+                        k: int = 3) -> list[str]:
     """Per patient and per slide with stored attribute scores: top-``k`` tables and one heatmap per level."""
     from .attribute_maps import render_heatmap, top_attributes
 
@@ -280,10 +343,15 @@ def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, k:
                     if not items:
                         continue
                     col = next(j for j, (lv, n) in enumerate(zip(levels, names)) if lv == level and n == items[0][0])
-                    img = render_heatmap(store, p, s, scores[:, col], f"{s} - {level}: {items[0][0]} (run {run_name})")
-                    png = _png_bytes(_downscale(np.asarray(img), max(16, max_px // 2)))
-                    w, h = _png_size(png)
-                    figs.append(f'<figure><img src="{_data_uri(png)}" width="{w}" height="{h}" '
+                    title = f"{s} - {level}: {items[0][0]} (run {run_name})"
+
+                    def heatmap(col=col, title=title):
+                        img = render_heatmap(store, p, s, scores[:, col], title)
+                        return _png_bytes(_downscale(np.asarray(img), max(16, max_px // 2))), "attributes"
+
+                    version = _version(dict(arr.attrs), title, max_px)
+                    src, w, h, _ = pictures.get(f"attributes/{run_name}/{p}/{s}/{level}", version, heatmap)
+                    figs.append(f'<figure><img src="{src}" width="{w}" height="{h}" '
                                 f'alt="{_e(s)} {_e(level)} {_e(items[0][0])}" data-source="attributes" '
                                 f'data-slide="{_e(s)}" data-level="{_e(level)}"><figcaption>{_e(level)}: '
                                 f"{_e(items[0][0])}</figcaption></figure>")
@@ -341,8 +409,10 @@ def slide_table(store, summary: dict[str, Any] | None = None,
     return out
 
 
-def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None, max_px: int = MAX_PX) -> str:
-    """The report's HTML text (see :func:`write_report`)."""
+def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None, max_px: int = MAX_PX,
+                  pictures: Pictures | None = None) -> str:
+    """The report's HTML text (see :func:`write_report`); pictures embedded unless ``pictures`` says."""
+    pictures = pictures or Pictures()
     run_dirs = [Path(d) for d in run_dirs]
     summary = store.summary()
     info = summary.get("store") or {}
@@ -359,11 +429,12 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
                     f'<td>{_e(row.get("label") or "")}</td><td>{_e(split or "")}</td><td>{_e(row["status"])}</td>'
                     f'<td class="num tiles">{row["n_tiles"]}</td><td class=num>{tissue}</td>'
                     f'<td class=num>{mpp0}</td><td class=error>{_e(row.get("error") or "")}</td></tr>')
-        pic = slide_picture(store, p, s, max_px=max_px)
+        pic = pictures.get(f"slides/{p}/{s}", _version(store.slide_attrs(p, s), max_px),
+                           lambda p=p, s=s: slide_picture(store, p, s, max_px=max_px))
         caption = [f"{p} / {s}: {row['status']}, {row['n_tiles']} tiles, mean tissue fraction {tissue}, mpp0 {mpp0}"]
         if pic is None:
             caption.append("no picture (the slide was not tiled)")
-        elif pic[1] == "qc":
+        elif pic[3] == "qc":
             caption.append("QC picture: green tissue mask outline, magenta kept tiles")
         else:
             caption.append("thumbnail with the tissue mask outline in green (no QC picture in this store)")
@@ -371,11 +442,11 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
             caption.append(f"error: {row['error']}")
         img = ""
         if pic is not None:
-            w, h = _png_size(pic[0])
+            src, w, h, source = pic
             zoom = max(1.0, min(480 / max(w, 1), 900 / max(h, 1)))  # small pictures shown bigger, pixelated
             style = f' style="width:{round(w * zoom)}px;image-rendering:pixelated"' if zoom > 1 else ""
-            img = (f'<img src="{_data_uri(pic[0])}" width="{w}" height="{h}"{style} alt="{_e(p)} / {_e(s)}" '
-                   f'data-source="{pic[1]}">')
+            img = (f'<img src="{src}" width="{w}" height="{h}"{style} alt="{_e(p)} / {_e(s)}" '
+                   f'data-source="{source}">')
         figures.append(f'<figure id="slide-{_e(p)}-{_e(s)}">{img}<figcaption>{_e(chr(10).join(caption))}'
                        f'</figcaption></figure>')
 
@@ -410,7 +481,7 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
                             f"{_e(', '.join(str(d) for d in run_dirs))}</figcaption></figure>")
         sections.extend(f"<p class=meta>{_e(n)}</p>" for n in notes)
 
-    maps = _attribute_sections(store, summary["slides"], max_px)
+    maps = _attribute_sections(store, summary["slides"], max_px, pictures)
     if maps:
         sections += ["<h2>Language-attribute maps</h2>",
                      "<p class=meta>Per tile, the cosine between its HLSS embedding and each attribute's text "
@@ -431,22 +502,31 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
 
 
 def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | None = None,
-                 max_px: int = MAX_PX) -> Path:
-    """Write a single self-contained HTML report of ``store`` (a :class:`~pipeline.store.SlideStore`
-    or its path/URL) to ``out`` and return ``out``.
+                 max_px: int = MAX_PX, pictures: Literal["embed", "files"] = "embed") -> Path:
+    """Write the HTML report of ``store`` (a :class:`~pipeline.store.SlideStore` or its path/URL) to
+    ``out`` and return ``out``.
 
     Every slide's QC picture (the thumbnail with the tissue outline for stores without QC pictures)
-    is embedded as a base64 PNG at most ``max_px`` (1024) px on its longer side: about 1-2 MB per
-    slide, so a 100-slide cohort makes a report of 100-200 MB; lower ``max_px`` for big cohorts.
+    is a PNG at most ``max_px`` (1024) px on its longer side, about 1-2 MB per slide. ``pictures``:
+
+    * ``"embed"``: in the HTML file as base64 data URIs: one self-contained file (a 100-slide cohort
+      makes 100-200 MB; lower ``max_px`` for big cohorts);
+    * ``"files"``: PNG files in ``<out stem>_files/`` next to it, redrawn only for slides (and
+      attribute maps) that changed since the last report there: for big cohorts and nightly reruns.
+
     Training curves (``run_dirs``' metrics.jsonl) are inline SVG; there is no script.
     """
     from .store import SlideStore
 
+    if pictures not in ("embed", "files"):
+        raise ValueError(f"pictures must be 'embed' or 'files', not {pictures!r}")
     if not hasattr(store, "summary"):
         store = SlideStore(store)
     out = Path(out)
-    text = render_report(store, run_dirs, title=title, max_px=max_px)
     out.parent.mkdir(parents=True, exist_ok=True)
+    sink = Pictures(out.with_name(out.stem + "_files") if pictures == "files" else None)
+    text = render_report(store, run_dirs, title=title, max_px=max_px, pictures=sink)
+    sink.finish()
     atomic_write_bytes(out, text.encode("utf-8"))
     return out
 
@@ -462,7 +542,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a training run folder: its loss curve and knn-*.json (repeatable; default: the runs "
                         "the store's kNN evaluations name, when they exist here)")
     r.add_argument("--title", help="report title (default: the store path)")
-    r.add_argument("--max-px", type=int, default=MAX_PX, help=f"longest side of embedded pictures (default {MAX_PX})")
+    r.add_argument("--max-px", type=int, default=MAX_PX, help=f"longest side of the pictures (default {MAX_PX})")
+    r.add_argument("--pictures", choices=("embed", "files"), default="embed",
+                   help="embed the pictures in the HTML file (default), or write them as PNG files next to it, "
+                        "redrawn only when their slide changed (big cohorts, nightly reports)")
     r.set_defaults(func=run)
     return r
 
@@ -485,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("--max-px must be at least 16")
     runs = args.run or recorded_runs(store)
     try:
-        out = write_report(store, args.out, runs, title=args.title, max_px=args.max_px)
+        out = write_report(store, args.out, runs, title=args.title, max_px=args.max_px, pictures=args.pictures)
     except OSError as e:
         return fail(f"{args.out}: {e}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

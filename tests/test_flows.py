@@ -97,6 +97,7 @@ def test_tile_and_train_then_rerun_does_no_work(harness, tmp_path, train_yaml):
     assert (tmp_path / "run" / "report.html").as_uri() in by_key["tile-and-train-report"].data
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.count("<tr data-patient=") == 6 and "polyline" in html and "kNN evaluation" in html
+    assert len(list((tmp_path / "run" / "report_files" / "slides").rglob("*.png"))) == 6
 
     before = _mtimes(tmp_path / "store")
     second = tile_and_train(**params)

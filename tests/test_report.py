@@ -108,13 +108,21 @@ def test_report_renders_in_headless_chromium(cohort, tmp_path):
     assert "<script" not in html_text.lower()
     assert "test &lt;cohort&gt; &amp; co" in html_text
 
+    files = write_report(cohort["store"], tmp_path / "files" / "report.html", [cohort["run"]], pictures="files")
     browser = Browser(exe)
     try:
         session = browser.open(out.resolve().as_uri())
         page = browser.evaluate(session, _PAGE_STATE)
         shot = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"])
+        linked = browser.evaluate(browser.open(files.resolve().as_uri()), _PAGE_STATE)
     finally:
         browser.close()
+
+    # with the pictures as files next to the report: the same pictures, loaded from there
+    assert len(linked["images"]) == len(page["images"]) > 0 and linked["external"]
+    for img, same in zip(linked["images"], page["images"]):
+        assert not img["data"] and img["complete"] and (img["w"], img["h"]) == (same["w"], same["h"]), img
+    assert all(u.startswith("report_files/") for u in linked["external"])
 
     store = SlideStore(cohort["store"])
     records = list(store.records())
@@ -179,6 +187,52 @@ def test_report_renders_in_headless_chromium(cohort, tmp_path):
 
     pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"))
     assert pixels.size > 0 and (pixels < 128).mean() > 0.005 and pixels.std() > 10
+
+
+def test_picture_files_are_redrawn_only_when_their_slide_changed(cohort, tmp_path, monkeypatch):
+    import pipeline.report as report
+
+    out = tmp_path / "r.html"
+    write_report(cohort["store"], out, [cohort["run"]], max_px=128, pictures="files")
+    folder = tmp_path / "r_files"
+    index = json.loads((folder / "index.json").read_text())
+    pngs = sorted(folder.rglob("*.png"))
+    shown = {k for k, v in index.items() if not v.get("none")}  # the failed slide has no picture
+    assert len(pngs) == len(shown) == len(index) - 1 and {k.split("/")[0] for k in shown} == {"slides", "attributes"}
+    html_text = out.read_text()
+    assert "data:image/png" not in html_text and all(f'src="r_files/{k}.png"' in html_text for k in shown)
+
+    calls = []
+    drawn = report.slide_picture
+    monkeypatch.setattr(report, "slide_picture", lambda *a, **k: calls.append(a[1:3]) or drawn(*a, **k))
+    before = {p: p.stat().st_mtime_ns for p in pngs}
+    write_report(cohort["store"], out, [cohort["run"]], max_px=128, pictures="files")
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in pngs} == before  # nothing changed: nothing redrawn
+
+    # a slide whose attributes change (as a retile does) is redrawn, and only that one
+    p, s = cohort["fallback"]
+    pngs[0].unlink()  # and a lost file comes back
+    slide_json = cohort["store"] / "patients" / p / "slides" / s / "zarr.json"
+    doc = json.loads(slide_json.read_text())
+    saved = json.dumps(doc)
+    doc["attributes"]["committed_note"] = "changed"
+    slide_json.write_text(json.dumps(doc))
+    try:
+        write_report(cohort["store"], out, [cohort["run"]], max_px=128, pictures="files")
+    finally:
+        slide_json.write_text(saved)
+    lost = str(pngs[0].relative_to(folder).with_suffix(""))
+    assert sorted(calls) == sorted({(p, s)} | ({tuple(lost.split("/")[1:3])} if lost.startswith("slides/") else set()))
+    assert pngs[0].is_file()
+
+    # a slide gone from the store takes its picture with it
+    (folder / "slides" / "gone").mkdir()
+    (folder / "slides" / "gone" / "x.png").write_bytes(b"")
+    index["slides/gone/x"] = {"version": "v", "w": 1, "h": 1, "source": "qc"}
+    (folder / "index.json").write_text(json.dumps(index))
+    write_report(cohort["store"], out, [cohort["run"]], max_px=128, pictures="files")
+    assert not (folder / "slides" / "gone" / "x.png").exists()
+    assert "slides/gone/x" not in json.loads((folder / "index.json").read_text())
 
 
 def test_report_command(cohort, tmp_path, capsys):
