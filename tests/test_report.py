@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from browser import INSTALL, Browser, chromium
+from test_training import tiny_config
 from pipeline.cli import build_parser
 from pipeline.report import add_parser, run, write_report
 from pipeline.store import SlideStore, StoreWriter
@@ -55,7 +56,6 @@ def cohort(train_store, tmp_path_factory, tiny_text_model):
     from pipeline.config import TilingParams
     from pipeline.encoders import timm_encoder
     from pipeline.runner import tile_cohort
-    from hlss_model.config import TrainConfig
 
     tmp = tmp_path_factory.mktemp("report")
     store = tmp / "store.zarr"
@@ -74,15 +74,7 @@ def cohort(train_store, tmp_path_factory, tiny_text_model):
         shutil.rmtree(qc_dir)
 
     run_dir = tmp / "run"
-    cfg = TrainConfig.from_dict({
-        "method": "hlss", "steps": 3, "seed": 7, "checkpoint_every": 3, "log_every": 1, "device": "cpu",
-        "channels_last": False,
-        "sampler": {"batch_size": 4, "slides_per_patient": 2, "tiles_per_slide": 2, "views_per_tile": 2,
-                    "num_workers": 0},
-        "model": {"backbone": "resnet10t", "text_encoder": str(tiny_text_model)},
-        "optim": {"lr": 1e-3, "warmup_steps": 1},
-        "augment": {"out_size": 32},
-    })
+    cfg = tiny_config(tiny_text_model, steps=3, checkpoint_every=3)
     train(train_store, run_dir, cfg, progress=False)
     # encoding a few tiles per slide on the fly is much cheaper than extracting every tile's features
     report = knn_from_store(store, encoder=timm_encoder("resnet10t", name="r10"), k=5, max_tiles_per_slide=8,
