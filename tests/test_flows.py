@@ -87,6 +87,7 @@ def test_tile_and_train_then_rerun_does_no_work(harness, tmp_path, train_yaml):
     md = by_key["tile-and-train-summary"].data
     assert "6 tiled, 0 unchanged, 0 failed" in md and "| patient |" in md and "kNN" in md
     assert "report.html" in md and first["report"] == str(tmp_path / "run" / "report.html")
+    assert "artifacts_error" not in first
     # the report's slide table, this run's QC pictures and a link to the report, as artifacts
     table = json.loads(by_key["tile-and-train-slides"].data)
     assert sorted((r["patient"], r["slide"], r["n_tiles"]) for r in table) == sorted(

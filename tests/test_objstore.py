@@ -368,6 +368,7 @@ def test_reprocess_flow_on_an_object_store(cohort, s3_endpoint):
         first = reprocess(**params)
         again = reprocess(**params)
     assert first["slides"]["complete"] == 3 and len(first["extraction"]["extracted"]) == 3
+    assert "artifacts_error" not in first and first["report"] is None  # slide table and QC artifacts from s3://
     assert again["slides"]["complete"] == 0 and again["extraction"]["extracted"] == []
     reader = SlideStore(url)
     for rec in reader.records(status="complete"):
