@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from .executor import SlideExecutor
-from .settings import ExtractionSettings, FlowConfigError, check_paths
+from .settings import ExtractionSettings, FlowConfigError, Workers, check_paths
 from .steps import extract_step, register_executor, release_executor
 from .summary import run_summary, summary_markdown
 from .work import EncoderSpec
@@ -22,7 +22,7 @@ def extract_features_flow(
     store: str,
     run_dir: str | None = None,
     extraction: ExtractionSettings = ExtractionSettings(),
-    workers: int = 1,
+    workers: Workers = 1,
     scheduler_address: str | None = None,
 ) -> dict[str, Any]:
     """Write ``features/<name>`` for every complete slide of ``store`` with the encoder of ``run_dir``

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
-from .settings import ExtractionSettings, TilingSettings, check_paths
+from .settings import ExtractionSettings, Threads, TilingSettings, Workers, check_paths
 from .steps import extract_step, register_executor, release_executor, run_state, tile_phase
 from .summary import run_summary, slide_rows, summary_markdown
 from .work import EncoderSpec
@@ -26,8 +26,8 @@ def reprocess(
     run_dir: str | None = None,
     tiling: TilingSettings = TilingSettings(),
     extraction: ExtractionSettings = ExtractionSettings(),
-    workers: int = 1,
-    threads: int = 1,
+    workers: Workers = 1,
+    threads: Threads = 1,
     scheduler_address: str | None = None,
 ) -> dict[str, Any]:
     """Scan ``source``; tile slides that are new, whose file changed (size or content fingerprint;

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -74,6 +74,10 @@ class TrainingSettings(_Model):
     method: Literal["hlss", "hidisc"] | None = None
     device: str | None = Field(None, description="auto, cpu, cuda, cuda:N")
     resume: bool = Field(False, description="continue an unfinished (or extended) run in run_dir")
+
+
+Workers = Annotated[int, Field(ge=1, description="slides tiled at once (processes, or Dask worker slots)")]
+Threads = Annotated[int, Field(ge=1, description="cores per tiling worker")]
 
 
 class ExtractionSettings(_Model):

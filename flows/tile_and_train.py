@@ -11,7 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
-from .settings import EvaluationSettings, ExtractionSettings, TilingSettings, TrainingSettings, check_paths
+from .settings import (EvaluationSettings, ExtractionSettings, Threads, TilingSettings, TrainingSettings, Workers,
+                       check_paths)
 from .steps import (extract_step, knn_step, register_executor, release_executor, tile_phase, train_step,
                     training_curve)
 from .summary import run_summary, slide_rows, summary_markdown
@@ -29,8 +30,8 @@ def tile_and_train(
     training: TrainingSettings = TrainingSettings(),
     extraction: ExtractionSettings = ExtractionSettings(),
     evaluation: EvaluationSettings = EvaluationSettings(),
-    workers: int = 1,
-    threads: int = 1,
+    workers: Workers = 1,
+    threads: Threads = 1,
     scheduler_address: str | None = None,
     force_tiling: bool = False,
 ) -> dict[str, Any]:

@@ -324,6 +324,16 @@ def test_bad_tiling_value_is_caught_before_work(harness, tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_worker_counts_are_validated_as_parameters(harness, tmp_path):
+    from flows.reprocess import reprocess
+    from flows.tile_and_train import tile_and_train
+
+    assert tile_and_train.parameters.properties["workers"]["minimum"] == 1
+    state = reprocess(source=str(tmp_path), store=str(tmp_path / "store"), workers=0, return_state=True)
+    assert state.is_failed() and "workers" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "store").exists()
+
+
 def test_paths_are_checked_with_clear_messages(tmp_path):
     with pytest.raises(FlowConfigError, match="no such folder"):
         check_paths(source=str(tmp_path / "nowhere"))
