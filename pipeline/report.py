@@ -174,6 +174,11 @@ class Pictures:
         atomic_write_bytes(self.folder / self.INDEX, json.dumps(self.index, indent=1, sort_keys=True).encode())
 
 
+def _anchor(kind: str, *ids: str) -> str:
+    """An element id for a slide's section (ids are store keys: no spaces, '/' cannot occur in one)."""
+    return kind + ":" + "/".join(ids)
+
+
 def _version(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=10).hexdigest()
 
@@ -355,7 +360,7 @@ def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, pi
                                 f'alt="{_e(s)} {_e(level)} {_e(items[0][0])}" data-source="attributes" '
                                 f'data-slide="{_e(s)}" data-level="{_e(level)}"><figcaption>{_e(level)}: '
                                 f"{_e(items[0][0])}</figcaption></figure>")
-                parts.append(f"<h4>slide {_e(s)}, run {_e(run_name)}</h4>"
+                parts.append(f'<h4 id="{_e(_anchor("maps", p, s, run_name))}">slide {_e(s)}, run {_e(run_name)}</h4>'
                              + _top_table(top, "slide", s, run_name) + "".join(figs))
         if not parts:
             continue
@@ -425,7 +430,8 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
         tissue = "-" if row["tissue_fraction"] is None else f"{row['tissue_fraction']:.3f}"
         mpp0 = f"{row['mpp0']:.4g}" if isinstance(row.get("mpp0"), (int, float)) else "-"
         cls = ' class="failed"' if row["status"] == "failed" else ""
-        rows.append(f'<tr{cls} data-patient="{_e(p)}" data-slide="{_e(s)}"><td>{_e(p)}</td><td>{_e(s)}</td>'
+        rows.append(f'<tr{cls} data-patient="{_e(p)}" data-slide="{_e(s)}"><td>{_e(p)}</td>'
+                    f'<td><a href="#{_e(_anchor("qc", p, s))}">{_e(s)}</a></td>'
                     f'<td>{_e(row.get("label") or "")}</td><td>{_e(split or "")}</td><td>{_e(row["status"])}</td>'
                     f'<td class="num tiles">{row["n_tiles"]}</td><td class=num>{tissue}</td>'
                     f'<td class=num>{mpp0}</td><td class=error>{_e(row.get("error") or "")}</td></tr>')
@@ -447,7 +453,7 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
             style = f' style="width:{round(w * zoom)}px;image-rendering:pixelated"' if zoom > 1 else ""
             img = (f'<img src="{src}" width="{w}" height="{h}"{style} alt="{_e(p)} / {_e(s)}" '
                    f'data-source="{source}">')
-        figures.append(f'<figure id="slide-{_e(p)}-{_e(s)}">{img}<figcaption>{_e(chr(10).join(caption))}'
+        figures.append(f'<figure id="{_e(_anchor("qc", p, s))}">{img}<figcaption>{_e(chr(10).join(caption))}'
                        f'</figcaption></figure>')
 
     params = "".join(f"<li><code>{_e(json.dumps(x, sort_keys=True, default=str))}</code></li>"

@@ -39,9 +39,12 @@ _PAGE_STATE = """(async () => {
   const attributes = Object.fromEntries([...document.querySelectorAll('table.attributes')].map(t => [
     t.dataset.slide ? 'slide:' + t.dataset.slide : 'patient:' + t.dataset.patient,
     {run: t.dataset.run, rows: [...t.tBodies[0].rows].map(r => [...r.cells].map(c => c.innerText.trim()))}]));
+  const anchors = [...document.querySelectorAll('#slides a[href^="#"]')];
+  const links = {n: anchors.length,
+    broken: anchors.filter(a => !document.getElementById(decodeURIComponent(a.hash.slice(1)))).map(a => a.hash)};
   const external = [...document.querySelectorAll('[src],[href]')].map(e => e.getAttribute('src') || e.getAttribute('href'))
     .filter(u => !u.startsWith('data:') && !u.startsWith('#'));
-  return {title: document.title, rows, images, curves, knn, attributes, external, scripts: document.scripts.length,
+  return {title: document.title, rows, images, curves, knn, attributes, links, external, scripts: document.scripts.length,
           text: document.body.innerText};
 })()"""
 
@@ -132,6 +135,9 @@ def test_report_renders_in_headless_chromium(cohort, tmp_path):
             assert "failed" in by_slide[rec.patient_id, rec.slide_id]["cls"]
         else:
             assert float(cells[6]) == pytest.approx(float(np.mean(store.tissue(rec.patient_id, rec.slide_id))), abs=1e-3)
+
+    # each slide's name in the table links to its QC figure
+    assert page["links"] == {"n": len(records), "broken": []}
 
     # every picture loaded and decoded by the browser (no broken image); one QC picture per tiled slide
     for img in page["images"]:
