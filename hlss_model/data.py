@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -146,6 +146,7 @@ class PatientDataset(Dataset):
         self.index, self.slides, self.tiles, self.views = index, slides, tiles, views
         self.augment = HEAugment(augment)
         self._store: SlideStore | None = None
+        self._arrays: dict[int, Any] = {}  # slide number -> its tiles array, opened once per process
         self._pid = -1
 
     def __len__(self) -> int:
@@ -155,17 +156,26 @@ class PatientDataset(Dataset):
         # Each DataLoader worker opens the store itself; zarr handles do not cross fork/spawn.
         if self._store is None or self._pid != os.getpid():
             self._store, self._pid = SlideStore(self.index.store_path), os.getpid()
+            self._arrays = {}
         return self._store
+
+    def _tiles(self, slide: int):
+        """The tiles array of global slide ``slide``: its metadata is read once (a request per read on
+        an object store), not once per item."""
+        store = self._open()
+        arr = self._arrays.get(slide)
+        if arr is None:
+            arr = self._arrays[slide] = store.tiles(*self.index.slide_keys[slide])
+        return arr
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         patient, item_seed = key
         rng = np.random.default_rng(item_seed)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         slides, rows = draw_patient(self.index, patient, self.slides, self.tiles, rng)
-        store = self._open()
         views = []
         for g, slide_rows in zip(slides, rows):
-            arr = store.tiles(*self.index.slide_keys[g])
+            arr = self._tiles(int(g))
             order = np.argsort(slide_rows)
             block = arr.get_orthogonal_selection((slide_rows[order],))[np.argsort(order)]
             for tile in block:

@@ -293,3 +293,16 @@ def test_training_needs_only_the_store_and_clips_gradients(train_store, tmp_path
         train(store, tmp_path / "r", cfg, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all("grad_norm" in x and np.isfinite(x["grad_norm"]) for x in lines)
+
+
+def test_items_open_each_slide_array_once(train_store, monkeypatch):
+    """Array metadata is read once per slide and process (on an object store, every read is a request)."""
+    calls = []
+    real = SlideStore.tiles
+    monkeypatch.setattr(SlideStore, "tiles", lambda self, p, s: calls.append((p, s)) or real(self, p, s))
+    index = CohortIndex.from_store(train_store)
+    ds = PatientDataset(index, slides=2, tiles=2, views=1, augment=AugmentParams(out_size=32))
+    for seed in range(4):
+        for patient in range(index.n_patients):
+            ds[(patient, seed)]
+    assert calls and len(calls) == len(set(calls))
