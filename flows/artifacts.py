@@ -26,7 +26,7 @@ import numpy as np
 from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from pipeline.report import slide_table, write_report
+from pipeline.report import run_split, slide_table, write_report
 from pipeline.store import SlideStore
 
 __all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown"]
@@ -73,7 +73,9 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
     logger = get_run_logger()
     try:
         reader = SlideStore(store)
-        table = slide_table(reader)
+        run_dirs = [report.parent] if report is not None and (report.parent / "metrics.jsonl").is_file() else []
+        cohort = reader.summary()
+        table = slide_table(reader, cohort, run_split(run_dirs))  # the report's table, read once for both
         create_table_artifact(
             [{k: r.get(k) for k in ("patient", "slide", "label", "split", "status", "n_tiles", "tissue_fraction",
                                     "mpp0", "error")} for r in table],
@@ -85,8 +87,8 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
                                  description="QC pictures of the slides tiled or failed in this run")
         if report is None:
             return None
-        run_dirs = [report.parent] if (report.parent / "metrics.jsonl").is_file() else []
-        written = write_report(reader, report, run_dirs, max_px=REPORT_PX, pictures="files")
+        written = write_report(reader, report, run_dirs, max_px=REPORT_PX, pictures="files", summary=cohort,
+                               table=table)
         create_link_artifact(written.resolve().as_uri(), link_text=f"cohort report ({written})",
                              key=f"{flow}-report", description="static HTML: open it in a browser")
         logger.info("cohort report: %s", written)

@@ -178,22 +178,15 @@ def _open(store: str | Path | SlideStore) -> SlideStore:
     return store if isinstance(store, SlideStore) else SlideStore(store)
 
 
-def _stored(reader: SlideStore, patient: str, slide: str, er: ExplainRun, version: str) -> np.ndarray | None:
-    if er.name not in reader.attribute_runs(patient, slide):
-        return None
-    arr = reader.attribute_scores(patient, slide, er.name)
-    a = arr.attrs
-    if (a.get("weights_fingerprint") != er.fingerprint or a.get("tiles_version") != version
-            or list(a.get("names", [])) != er.names or list(a.get("levels", [])) != er.levels):
-        return None
-    return arr[:]
+def _stored(reader: SlideStore, patient: str, slide: str, name: str):
+    """The complete scores array ``attributes/<name>`` of a slide, or None."""
+    return reader.attribute_scores(patient, slide, name) if name in reader.attribute_runs(patient, slide) else None
 
 
-def _owner(reader: SlideStore, patient: str, slide: str, name: str) -> str | None:
-    """The run folder whose scores are stored as ``attributes/<name>`` (None when there are none)."""
-    if name not in reader.attribute_runs(patient, slide):
-        return None
-    return reader.attribute_scores(patient, slide, name).attrs.get("run")
+def _reusable(attrs, er: ExplainRun, version: str) -> bool:
+    """Whether stored scores are this run's, for these tiles and these attribute columns."""
+    return (attrs.get("weights_fingerprint") == er.fingerprint and attrs.get("tiles_version") == version
+            and list(attrs.get("names", [])) == er.names and list(attrs.get("levels", [])) == er.levels)
 
 
 def explain_slide(store: str | Path | SlideStore, run: str | Path | ExplainRun, patient: str, slide: str, *,
@@ -211,10 +204,10 @@ def explain_slide(store: str | Path | SlideStore, run: str | Path | ExplainRun, 
         raise ExplainError(f"{patient}/{slide}: slide is {attrs.get('status')!r}, not complete")
     version = tiles_version(attrs)
     if not force:
-        stored = _stored(reader, patient, slide, er, version)
-        if stored is not None:
-            return AttributeMap(patient, slide, er.name, stored, list(er.levels), list(er.names), reused=True)
-        owner = _owner(reader, patient, slide, er.name)
+        stored = _stored(reader, patient, slide, er.name)
+        if stored is not None and _reusable(stored.attrs, er, version):
+            return AttributeMap(patient, slide, er.name, stored[:], list(er.levels), list(er.names), reused=True)
+        owner = stored.attrs.get("run") if stored is not None else None
         if owner is not None and owner != str(er.path):
             raise ExplainError(f"{patient}/{slide}: attributes/{er.name} holds the scores of another run ({owner}); "
                                f"name this one differently (--name), or replace them (--force)")

@@ -20,7 +20,6 @@ import argparse
 import base64
 import hashlib
 import html
-import io
 import json
 import math
 import sys
@@ -32,9 +31,10 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from .files import atomic_write_bytes
+from .qc import encode_png
 
-__all__ = ["Pictures", "write_report", "render_report", "slide_table", "recorded_runs", "add_parser", "run",
-           "slide_picture", "read_metrics"]
+__all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "add_parser",
+           "run", "slide_picture", "read_metrics"]
 
 MAX_PX = 1024
 _CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -56,7 +56,8 @@ svg text{font-size:11px;font-family:inherit}
 # -- pictures -------------------------------------------------------------------------------------
 
 
-def _downscale(image: np.ndarray, max_px: int):
+def _png(image: np.ndarray, max_px: int) -> bytes:
+    """PNG bytes of an RGB or grey image, downscaled to at most ``max_px`` on its longer side."""
     from PIL import Image
 
     img = Image.fromarray(np.ascontiguousarray(np.asarray(image, np.uint8)))
@@ -64,13 +65,7 @@ def _downscale(image: np.ndarray, max_px: int):
         img = img.convert("RGB")
     if max(img.size) > max_px:
         img.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
-    return img
-
-
-def _png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+    return encode_png(np.asarray(img))
 
 
 def _outlined_thumbnail(thumbnail: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -93,10 +88,9 @@ def _outlined_thumbnail(thumbnail: np.ndarray, mask: np.ndarray | None) -> np.nd
 def slide_picture(store, patient_id: str, slide_id: str, max_px: int = MAX_PX) -> tuple[bytes, str] | None:
     """PNG bytes of a slide's QC picture (or, for stores without one, its thumbnail with the tissue
     outline) at most ``max_px`` on its longer side, and where it came from; None without either."""
-    has_qc = getattr(store, "has_qc", None)
     try:
-        if has_qc is not None and has_qc(patient_id, slide_id):
-            return _png_bytes(_downscale(store.qc_image(patient_id, slide_id), max_px)), "qc"
+        if store.has_qc(patient_id, slide_id):
+            return _png(store.qc_image(patient_id, slide_id), max_px), "qc"
     except (KeyError, OSError, ValueError):
         pass
     try:
@@ -107,7 +101,7 @@ def slide_picture(store, patient_id: str, slide_id: str, max_px: int = MAX_PX) -
         mask = store.tissue_mask(patient_id, slide_id)
     except (KeyError, OSError, ValueError):
         mask = None
-    return _png_bytes(_downscale(_outlined_thumbnail(thumb, mask), max_px)), "thumbnail"
+    return _png(_outlined_thumbnail(thumb, mask), max_px), "thumbnail"
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -149,9 +143,10 @@ class Pictures:
         path = self.folder / f"{key}.png"
         entry = self.index.get(key)
         self.used.add(key)
-        if entry and entry.get("version") == version and entry.get("none"):
+        fresh = entry is not None and entry.get("version") == version
+        if fresh and entry.get("none"):
             return None  # known to have no picture
-        if not (entry and entry.get("version") == version and path.is_file()):
+        if not (fresh and path.is_file()):
             made = make()
             if made is None:
                 self.index[key] = {"version": version, "none": True}
@@ -326,9 +321,11 @@ def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, pi
     from .attribute_maps import render_heatmap, top_attributes
 
     by_patient: dict[str, list[str]] = {}
+    n_tiles: dict[tuple[str, str], int] = {}
     for row in slides:
         if row["status"] == "complete":
             by_patient.setdefault(row["patient"], []).append(row["slide"])
+            n_tiles[row["patient"], row["slide"]] = row["n_tiles"]
     out = []
     for p, slide_ids in by_patient.items():
         pooled: dict[str, list] = {}
@@ -337,9 +334,9 @@ def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, pi
             for run_name in store.attribute_runs(p, s):
                 arr = store.attribute_scores(p, s, run_name)
                 scores, names, levels = arr[:], list(arr.attrs["names"]), list(arr.attrs["levels"])
-                if len(scores) != len(store.coords(p, s)):  # written for an earlier tiling of the slide
+                if len(scores) != n_tiles[p, s]:  # written for an earlier tiling of the slide
                     parts.append(f"<p class=meta>slide {_e(s)}, run {_e(run_name)}: {len(scores)} scores for "
-                                 f"{len(store.coords(p, s))} tiles; rerun <code>hlss explain</code></p>")
+                                 f"{n_tiles[p, s]} tiles; rerun <code>hlss explain</code></p>")
                     continue
                 pooled.setdefault(run_name, [names, levels, []])[2].append(scores)
                 top = top_attributes(scores, names, levels, k)
@@ -352,7 +349,7 @@ def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, pi
 
                     def heatmap(col=col, title=title):
                         img = render_heatmap(store, p, s, scores[:, col], title)
-                        return _png_bytes(_downscale(np.asarray(img), max(16, max_px // 2))), "attributes"
+                        return _png(np.asarray(img), max(16, max_px // 2)), "attributes"
 
                     version = _version(dict(arr.attrs), title, max_px)
                     src, w, h, _ = pictures.get(f"attributes/{run_name}/{p}/{s}/{level}", version, heatmap)
@@ -383,7 +380,8 @@ def recorded_runs(store) -> list[Path]:
     return out
 
 
-def _split_of(run_dirs: Sequence[Path]) -> dict[str, str]:
+def run_split(run_dirs: Sequence[Path]) -> dict[str, str]:
+    """Patient -> split of the first run folder whose run.json records one (empty when none does)."""
     for d in run_dirs:
         try:
             split = json.loads((Path(d) / "run.json").read_text()).get("split")
@@ -400,6 +398,7 @@ def slide_table(store, summary: dict[str, Any] | None = None,
     else from ``split``: patient -> split) and ``tissue_fraction`` (mean over the kept tiles; None when
     the slide has no tiles)."""
     summary = summary if summary is not None else store.summary()
+    splits: dict[str, Any] = {}
     out = []
     for row in summary["slides"]:
         p, s = row["patient"], row["slide"]
@@ -409,23 +408,28 @@ def slide_table(store, summary: dict[str, Any] | None = None,
                 tissue = float(np.mean(store.tissue(p, s)))
             except (KeyError, OSError, ValueError):
                 pass
-        out.append({**row, "split": store.patient_attrs(p).get("split") or (split or {}).get(p),
-                    "tissue_fraction": tissue})
+        if p not in splits:
+            splits[p] = store.patient_attrs(p).get("split") or (split or {}).get(p)
+        out.append({**row, "split": splits[p], "tissue_fraction": tissue})
     return out
 
 
 def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None, max_px: int = MAX_PX,
-                  pictures: Pictures | None = None) -> str:
-    """The report's HTML text (see :func:`write_report`); pictures embedded unless ``pictures`` says."""
+                  pictures: Pictures | None = None, summary: dict[str, Any] | None = None,
+                  table: list[dict[str, Any]] | None = None) -> str:
+    """The report's HTML text (see :func:`write_report`); pictures embedded unless ``pictures`` says.
+    ``summary`` (``store.summary()``) and ``table`` (:func:`slide_table` with the runs' split) are
+    computed here unless the caller already has them."""
     pictures = pictures or Pictures()
     run_dirs = [Path(d) for d in run_dirs]
-    summary = store.summary()
+    summary = summary if summary is not None else store.summary()
     info = summary.get("store") or {}
     title = title or f"Cohort report: {store.path}"
-    run_split = _split_of(run_dirs)
+    if table is None:
+        table = slide_table(store, summary, run_split(run_dirs))
 
     rows, figures = [], []
-    for row in slide_table(store, summary, run_split):
+    for row in table:
         p, s, split = row["patient"], row["slide"], row["split"]
         tissue = "-" if row["tissue_fraction"] is None else f"{row['tissue_fraction']:.3f}"
         mpp0 = f"{row['mpp0']:.4g}" if isinstance(row.get("mpp0"), (int, float)) else "-"
@@ -508,7 +512,8 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
 
 
 def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | None = None,
-                 max_px: int = MAX_PX, pictures: Literal["embed", "files"] = "embed") -> Path:
+                 max_px: int = MAX_PX, pictures: Literal["embed", "files"] = "embed",
+                 summary: dict[str, Any] | None = None, table: list[dict[str, Any]] | None = None) -> Path:
     """Write the HTML report of ``store`` (a :class:`~pipeline.store.SlideStore` or its path/URL) to
     ``out`` and return ``out``.
 
@@ -520,7 +525,8 @@ def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | N
     * ``"files"``: PNG files in ``<out stem>_files/`` next to it, redrawn only for slides (and
       attribute maps) that changed since the last report there: for big cohorts and nightly reruns.
 
-    Training curves (``run_dirs``' metrics.jsonl) are inline SVG; there is no script.
+    Training curves (``run_dirs``' metrics.jsonl) are inline SVG; there is no script. ``summary``
+    and ``table``: as in :func:`render_report`.
     """
     from .store import SlideStore
 
@@ -531,7 +537,7 @@ def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | N
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sink = Pictures(out.with_name(out.stem + "_files") if pictures == "files" else None)
-    text = render_report(store, run_dirs, title=title, max_px=max_px, pictures=sink)
+    text = render_report(store, run_dirs, title=title, max_px=max_px, pictures=sink, summary=summary, table=table)
     sink.finish()
     atomic_write_bytes(out, text.encode("utf-8"))
     return out

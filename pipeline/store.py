@@ -730,8 +730,11 @@ class SlideStore:
     def summary(self) -> dict[str, Any]:
         """Patients, slides, tile counts, failures and the distinct tiling parameters, as plain data."""
         rows, params = [], []
+        labels: dict[str, Any] = {}  # one read of each patient's attributes, not one per slide
         for rec in self.records(status=None):
             a = rec.attrs
+            if rec.patient_id not in labels:
+                labels[rec.patient_id] = self.patient_attrs(rec.patient_id).get("label")
             rows.append({
                 "patient": rec.patient_id,
                 "slide": rec.slide_id,
@@ -740,7 +743,7 @@ class SlideStore:
                 "mpp0": (a.get("mpp0") or [None])[0],
                 "mpp_source": a.get("mpp_source"),
                 "level": a.get("level"),
-                "label": self.patient_attrs(rec.patient_id).get("label"),
+                "label": labels[rec.patient_id],
                 "error": a.get("error"),
             })
             if rec.status == "complete":
