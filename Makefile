@@ -7,7 +7,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-data bench clean
+.PHONY: setup demo test test-data test-browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,11 @@ demo: setup
 	@echo "report $(DEMO_DIR)/report.html (open it in a browser), heatmaps in $(DEMO_DIR)/explain."
 	@echo "Run 'make demo' again: unchanged slides are neither tiled nor extracted, and the finished run is reused."
 
-test: setup test-data
+# the browser tests drive a headless Chromium: installed here when missing (see the script)
+test-browser:
+	sh tests/ensure_browser.sh
+
+test: setup test-data test-browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup test-data

@@ -20,7 +20,7 @@ import pytest
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-INSTALL = "apt-get install -y chromium chromium-driver  (Debian/Ubuntu; .ci/run does it in CI)"
+INSTALL = "apt-get install -y chromium chromium-driver  (Debian/Ubuntu; `make test` does it as root: tests/ensure_browser.sh)"
 
 
 def chromium() -> str:
