@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -118,6 +119,9 @@ def tile_slide(
     except _SlideFailure as e:
         result.error = f"{spec.path}: {e}"
         keep_staged = True
+    except OSError as e:
+        result.error = f"{spec.path}: {_os_error(e)}"
+        log.debug("tiling %s failed", spec.path, exc_info=True)
     except Exception as e:  # a decoder or I/O error deep in a backend: still this slide's problem only
         result.error = f"{spec.path}: {type(e).__name__}: {e}"
         log.debug("tiling %s failed", spec.path, exc_info=True)
@@ -129,8 +133,24 @@ def tile_slide(
         staged.group.update_attributes(attrs)
         writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
         return result
-    _record_failure(writer, spec, params, result, staged, keep_staged)
+    try:
+        _record_failure(writer, spec, params, result, staged, keep_staged)
+    except OSError as e:  # e.g. the disk is still full: report the failure all the same
+        result.error += f" (the failure could not be recorded in the store either: {_os_error(e)})"
+        if staged is not None:
+            writer.discard(staged)
     return result
+
+
+_STORE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _os_error(e: OSError) -> str:
+    """An I/O error in words; a full disk, quota or file size limit says what to do."""
+    if e.errno in _STORE_FULL:
+        return (f"writing failed: {e.strerror} ({errno.errorcode[e.errno]}): the disk is full or a quota or "
+                "file size limit was hit; nothing of this slide was committed: free space and rerun")
+    return f"{type(e).__name__}: {e}"
 
 
 def record_failure(writer: StoreWriter, spec: SlideSpec, params: TilingParams, error: str) -> SlideResult:
