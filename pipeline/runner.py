@@ -2,7 +2,9 @@
 
 Each slide runs in a worker process (``workers`` of them, spawned), so a slide that crashes its
 reader (a segfault in a C decoder on a corrupt file) costs that slide only: the pool is rebuilt and
-the slides it was holding are retried once, then reported as failed.
+the slides it was holding are retried once, then reported as failed. A slide past its time budget
+(``TilingParams.slide_timeout_s``) stops itself between reads; one stuck inside a read has its worker
+killed, and only that slide fails.
 """
 
 from __future__ import annotations

@@ -112,6 +112,14 @@ def test_tile_table_whose_tiles_share_a_few_bytes(tmp_path):
         open_slide(path)
 
 
+def test_a_strip_too_large_to_decode(tmp_path):
+    path = tmp_path / "strip.tif"  # one 8200 x 8200 strip: 67 Mpx decoded whole for any region
+    tifffile.imwrite(path, np.zeros((8200, 8200), np.uint8), compression="zlib", rowsperstrip=8200)
+    with pytest.raises(SlideError, match=r"level 0 \(8,200 x 8,200 px\) is stored in strips of 67,240,000 px; "
+                                         r"at most 67,108,864 px per strip are read"):
+        open_slide(path, "tiffslide")
+
+
 def test_real_slides_pass_the_layout_checks(real_slide, openslide_fixtures):
     for path, reader in [(real_slide, "tiffslide"), (real_slide, "openslide"),
                          (openslide_fixtures / "small.svs", "auto"), (openslide_fixtures / "boxes.tiff", "auto"),
