@@ -171,3 +171,15 @@ def test_cli_refuses_a_negative_slide_timeout(make_slide, tmp_path, capsys):
                  "--slide-timeout", "-5"]) == 2
     assert "slide timeout -5" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_the_flows_tiling_settings_carry_the_budget(tmp_path):
+    from flows.settings import TilingSettings
+    from pipeline.cohort import SlideSpec
+    from pipeline.store import StoreWriter
+    from pipeline.tiler import tile_slide
+
+    params = TilingSettings(slide_timeout_s=1).params()
+    path = slow_slide(tmp_path / "slow.tif")
+    result = tile_slide(SlideSpec(path=path, patient_id="p", slide_id="slow"), StoreWriter(tmp_path / "s.zarr"), params)
+    assert result.status == "failed" and "exceeded the time budget of 1 s while reading the thumbnail" in result.error
