@@ -16,17 +16,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.store import SlideStore
-from pipeline.synthetic import HETissueRenderer, write_slide
 from store_snapshot import assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "pipeline.cli"]
-
-
-def slide(path: Path, seed: int = 0, width: int = 2048, height: int = 1536) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    renderer = HETissueRenderer(width, height, tissue_class=0, stain_seed=0, seed=seed)
-    return write_slide(path, width, height, renderer, mpp=0.5)
 
 
 def start_tiling(folder: Path, store: Path, *args: str, **popen) -> subprocess.Popen:
@@ -56,15 +49,15 @@ def staging_leftovers(store: Path) -> list[str]:
     return sorted(p.name for p in (store / "_staging").iterdir() if p.is_dir())
 
 
-def test_stuck_worker_is_killed_after_its_budget_and_the_rest_goes_on(tmp_path):
+def test_stuck_worker_is_killed_after_its_budget_and_the_rest_goes_on(make_slide, tmp_path):
     """A worker that stops responding mid-slide (SIGSTOP: as stuck as a read inside a C decoder) is
     killed after the budget plus its grace; that slide fails alone, the other slide is tiled."""
     folder, store = tmp_path / "slides", tmp_path / "s.zarr"
-    slide(folder / "z.svs", seed=3, width=1024, height=1024)
+    make_slide("z.svs", folder=folder, seed=3, width=1024, height=1024)
     assert tile(folder, store).returncode == 0
     before = snapshot(store)
-    slide(folder / "a.svs", seed=1)
-    slide(folder / "b.svs", seed=2)
+    make_slide("a.svs", folder=folder, seed=1)
+    make_slide("b.svs", folder=folder, seed=2)
     proc = start_tiling(folder, store, "--slide-timeout", "3")
     pid = staged_worker(store, proc)
     os.kill(pid, signal.SIGSTOP)
@@ -113,14 +106,15 @@ def _fill(folder: Path, leave: int) -> Path:
 
 
 @pytest.mark.parametrize("how", ["file-size-limit", "full-tmpfs"])
-def test_disk_full_fails_the_slide_keeps_the_previous_version_and_the_rerun_completes(tmp_path, how, request):
+def test_disk_full_fails_the_slide_keeps_the_previous_version_and_the_rerun_completes(make_slide, tmp_path, how,
+                                                                                    request):
     folder = tmp_path / "slides"
     store = (request.getfixturevalue("small_tmpfs") if how == "full-tmpfs" else tmp_path) / "s.zarr"
-    slide(folder / "a.svs", seed=1)
+    make_slide("a.svs", folder=folder, seed=1)
     assert tile(folder, store).returncode == 0
     old = SlideStore(store).slide_attrs("a", "a")
     before = snapshot(store)
-    slide(folder / "a.svs", seed=5)  # changed: to be retiled over its previous version
+    make_slide("a.svs", folder=folder, seed=5)  # changed: to be retiled over its previous version
     if how == "full-tmpfs":
         filler = _fill(store.parent, leave=48_000)
         proc = tile(folder, store)
@@ -142,14 +136,14 @@ def test_disk_full_fails_the_slide_keeps_the_previous_version_and_the_rerun_comp
     assert staging_leftovers(store) == []
 
 
-def test_run_killed_mid_slide_keeps_the_store_readable_and_the_rerun_completes(tmp_path):
+def test_run_killed_mid_slide_keeps_the_store_readable_and_the_rerun_completes(make_slide, tmp_path):
     folder, store = tmp_path / "slides", tmp_path / "s.zarr"
-    slide(folder / "a.svs", seed=1, width=3072, height=2048)
-    slide(folder / "b.svs", seed=2, width=1024, height=1024)
+    make_slide("a.svs", folder=folder, seed=1, width=3072, height=2048)
+    make_slide("b.svs", folder=folder, seed=2, width=1024, height=1024)
     assert tile(folder, store).returncode == 0
     old = SlideStore(store).slide_attrs("a", "a")
     before = snapshot(store)
-    slide(folder / "a.svs", seed=7, width=3072, height=2048)
+    make_slide("a.svs", folder=folder, seed=7, width=3072, height=2048)
     proc = start_tiling(folder, store, start_new_session=True)
     staged_worker(store, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its workers, mid-slide
