@@ -140,6 +140,23 @@ def test_time_budget_stops_the_thumbnail_between_reads(tmp_path):
     TimeBudget(path, 0).check("never")  # 0: no budget
 
 
+def test_time_budget_stops_the_tile_reads_between_blocks(make_slide):
+    from pipeline.grid import tile_grid
+    from pipeline.tiles import iter_tile_blocks, plan_reads
+
+    path = make_slide("s.svs", width=3000, height=2500)
+    with open_slide(path) as s:
+        g = tile_grid(s.dimensions, (0.5, 0.5), 0.5, 256)
+        plan = plan_reads(g.coords, g.footprint, 0, (1.0, 1.0), 256, block_px=1024)
+        budget = TimeBudget(path, 0.3)
+        blocks = iter_tile_blocks(s, g.coords, plan, budget)
+        first, _ = next(blocks)
+        time.sleep(0.4)
+        with pytest.raises(SlideTimeout, match=rf"exceeded the time budget of 0.3 s while reading tiles \(level 0, "
+                                               rf"{len(first)} of {len(g.coords)} read\)"):
+            next(blocks)
+
+
 def test_slow_slide_over_its_budget_fails_alone_and_keeps_the_store(make_slide, tmp_path):
     folder, store = tmp_path / "slides", tmp_path / "s.zarr"
     make_slide("good.svs", folder=folder)
