@@ -49,6 +49,7 @@ def staging_leftovers(store: Path) -> list[str]:
     return sorted(p.name for p in (store / "_staging").iterdir() if p.is_dir())
 
 
+@pytest.mark.slow
 def test_stuck_worker_is_killed_after_its_budget_and_the_rest_goes_on(make_slide, tmp_path):
     """A worker that stops responding mid-slide (SIGSTOP: as stuck as a read inside a C decoder) is
     killed after the budget plus its grace; that slide fails alone, the other slide is tiled."""
