@@ -56,12 +56,15 @@ class TilingSettings(_Model):
     mask_mpp: float = Field(8.0, description="µm per px of the tissue mask")
     reader: Literal["auto", "tiffslide", "openslide"] = "auto"
     compression: str | None = Field(None, description="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
+    slide_timeout_s: float = Field(TilingParams.slide_timeout_s, ge=0,
+                                   description="seconds a slide may take before it fails alone (0: no limit)")
 
     def params(self) -> TilingParams:
         try:
             compression = TileCompression.from_name(self.compression) if self.compression else TileCompression()
             return TilingParams(target_mpp=self.target_mpp, tile_size=self.tile_size, min_tissue=self.min_tissue,
-                                mask_mpp=self.mask_mpp, reader=self.reader, compression=compression)
+                                mask_mpp=self.mask_mpp, reader=self.reader, compression=compression,
+                                slide_timeout_s=self.slide_timeout_s)
         except ValueError as e:
             raise FlowConfigError(f"tiling: {e}") from e
 

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mask-mpp", type=float, default=8.0, help="µm per px of the tissue mask (default 8)")
     t.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default="auto")
     t.add_argument("--compression", default=None, help="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
+    t.add_argument("--slide-timeout", type=float, metavar="SECONDS",
+                   help="a slide still tiling after this many seconds fails alone and its worker is stopped "
+                        "(default 1800; 0: no limit)")
     t.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes, one core each)")
     t.add_argument("--threads", type=int, default=1,
                    help="cores per worker (default 1); 2 tiles a single slide about 1.2x faster")
@@ -173,6 +176,7 @@ def _tile(args) -> int:
         params = TilingParams(
             target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue,
             mask_mpp=args.mask_mpp, reader=args.reader,
+            slide_timeout_s=TilingParams.slide_timeout_s if args.slide_timeout is None else args.slide_timeout,
             compression=TileCompression.from_name(args.compression) if args.compression else TileCompression(),
         )
     except ValueError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from .codecs import TileCompression
@@ -23,6 +24,8 @@ class TilingParams:
     mask_mpp:     µm per pixel of the thumbnail the tissue mask is computed on.
     reader:       "auto" (tiffslide, then openslide), "tiffslide" or "openslide".
     shard_tiles:  tiles per Zarr shard (one file per shard on disk; one tile per chunk).
+    slide_timeout_s: wall-clock seconds one slide may take (open, thumbnail, tiles, write) before it
+                  fails alone; 0 disables the budget. Does not change what is written.
     """
 
     target_mpp: float = 0.5
@@ -31,6 +34,7 @@ class TilingParams:
     mask_mpp: float = 8.0
     reader: str = "auto"
     shard_tiles: int = 256
+    slide_timeout_s: float = 1800.0
     compression: TileCompression = field(default_factory=TileCompression)
     tissue: TissueParams = field(default_factory=TissueParams)
 
@@ -47,9 +51,11 @@ class TilingParams:
             raise ValueError(f"reader {self.reader!r} is not one of {', '.join(READERS)}")
         if not 1 <= self.shard_tiles <= 4096:
             raise ValueError(f"shard_tiles {self.shard_tiles} is outside 1-4096")
+        if not (math.isfinite(self.slide_timeout_s) and self.slide_timeout_s >= 0):
+            raise ValueError(f"slide timeout {self.slide_timeout_s} s must be a number of seconds >= 0 (0: no limit)")
 
     def output_params(self) -> dict:
-        """The parameters that decide what is written (the reader and shard layout do not)."""
+        """The parameters that decide what is written (the reader, shard layout and time budget do not)."""
         return {
             "target_mpp": self.target_mpp,
             "tile_size": self.tile_size,

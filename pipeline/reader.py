@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,22 @@ __all__ = [
     "open_slide",
     "resolve_mpp",
     "read_thumbnail",
+    "check_dimensions",
+    "SlideTimeout",
+    "TimeBudget",
+    "MAX_SIDE",
+    "MAX_CHUNK_PX",
+    "MAX_PX_PER_BYTE",
 ]
 
 READERS = ("auto", "tiffslide", "openslide")
 MPP_RANGE = (0.02, 20.0)  # µm/px a microscope scan can plausibly have; 72 dpi TIFF defaults are 352.8
+MAX_SIDE = 1 << 20  # px on a side of any level: 105 mm at 0.1 µm/px, longer than a 75 mm glass slide
+MAX_CHUNK_PX = 1 << 26  # px in one TIFF tile or strip: a 64 Mpx chunk is already 192 MiB decoded
+# px per byte of stored image data. Baseline JPEG spends at least 1 bit per 8x8 block (512 px/byte
+# for one channel), deflate at most 1032:1; blank 512-4096 px tiles measured up to 24,000 px/byte
+# (WebP), 10,000 (zstd, JPEG 2000). A table of many tiles sharing a few bytes stays far above it.
+MAX_PX_PER_BYTE = 1 << 16
 ReaderName = Literal["auto", "tiffslide", "openslide"]
 
 
@@ -40,6 +53,33 @@ class SlideError(RuntimeError):
     def __init__(self, path: str | Path, message: str):
         self.path = str(path)
         super().__init__(f"{path}: {message}")
+
+
+class SlideTimeout(SlideError):
+    """A slide used up its time budget (``TilingParams.slide_timeout_s``)."""
+
+
+class TimeBudget:
+    """Wall-clock seconds one slide may take, counted from creation; ``seconds=0`` means no limit.
+
+    :meth:`check` is called between region reads: a read stuck inside a decoder is not interrupted
+    here (the runner kills that worker process instead, see :mod:`pipeline.runner`).
+    """
+
+    def __init__(self, path: str | Path, seconds: float) -> None:
+        self.path, self.seconds = path, seconds
+        self._deadline = time.monotonic() + seconds if seconds else math.inf
+
+    def check(self, doing: str) -> None:
+        """Raise :class:`SlideTimeout` once the budget is spent; ``doing`` says where ("reading tiles (...)")."""
+        if time.monotonic() > self._deadline:
+            raise SlideTimeout(self.path, timeout_message(self.seconds, doing))
+
+
+def timeout_message(seconds: float, doing: str) -> str:
+    """What a slide over its budget reports (without the file name)."""
+    return (f"exceeded the time budget of {seconds:g} s while {doing}; raise --slide-timeout "
+            "(tiling.slide_timeout_s in the flows; 0 disables the budget)")
 
 
 class SlideReader:
@@ -145,6 +185,11 @@ def open_slide(path: str | Path, reader: ReaderName = "auto") -> SlideReader:
             errors.append(f"{name}: {type(e).__name__}: {e}".strip())
             continue
         try:
+            check_dimensions(slide)
+        except SlideError:
+            slide.close()
+            raise
+        try:
             # opening is lazy: decode one pixel so a codec the backend lacks shows up here, not mid-slide
             slide.read_level(slide.level_count - 1, 0, 0, 1, 1)
             return slide
@@ -172,32 +217,120 @@ def _open_tiffslide(path: Path) -> SlideReader:
         warnings.simplefilter("ignore")
         handle = tiffslide.TiffSlide(path)
     try:
-        _check_not_truncated(path, handle.ts_tifffile)
+        _check_tiff_layout(path, handle.ts_tifffile)
     except SlideError:
         handle.close()
         raise
     return TiffSlideReader(path, handle)
 
 
-def _check_not_truncated(path: Path, tif) -> None:
-    """A TIFF whose image data points past the end of the file was cut short (an interrupted copy)."""
+def _check_tiff_layout(path: Path, tif) -> None:
+    """Check every pyramid level's claimed size and tile table against the file, before any pixel is read.
+
+    For each level of the first series: its sides are at most :data:`MAX_SIDE`; its tile (or strip)
+    table has the entries its dimensions need; every tile lies inside the file; its chunks are small
+    enough to decode (:data:`MAX_CHUNK_PX`); and its pixels fit in its image data at
+    :data:`MAX_PX_PER_BYTE`. A header claiming more than the file holds would otherwise make the
+    thumbnail alone take hours (about 262,000 region reads for a 1,000,000 px square).
+    """
     size = path.stat().st_size
     for series in tif.series[:1]:
         for level, page in enumerate(lv.pages[0] if hasattr(lv, "pages") else lv for lv in series.levels):
-            offsets, counts = getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ())
-            end = max((o + c for o, c in zip(offsets, counts, strict=False)), default=0)
-            if end > size:
-                raise SlideError(
-                    path,
-                    f"truncated: level {level} needs {end:,} bytes but the file has {size:,}; "
-                    "copy or download it again",
-                )
+            _check_level_layout(path, level, page, size, ndpi=bool(getattr(tif, "is_ndpi", False)))
+
+
+def _check_level_layout(path: Path, level: int, page, file_size: int, ndpi: bool) -> None:
+    """One TIFF page (``tifffile.TiffPage``) of pyramid ``level``; raises SlideError naming what is wrong."""
+    w, h = int(page.imagewidth), int(page.imagelength)
+    _check_sides(path, level, w, h)
+    offsets = np.asarray(getattr(page, "dataoffsets", ()), np.int64)
+    counts = np.asarray(getattr(page, "databytecounts", ()), np.int64)
+    chunk_shape = tuple(int(c) for c in getattr(page, "chunks", ()))
+    kind = "tile" if page.is_tiled else "strip"
+    need = math.prod(int(c) for c in page.chunked) if getattr(page, "chunked", None) else len(counts)
+    # tifffile maps an NDPI level's single JPEG onto virtual tiles: no table to compare there
+    if not ndpi and (len(counts) != need or len(offsets) != need):
+        raise SlideError(
+            path,
+            f"level {level} claims {w:,} x {h:,} px, which needs {need:,} {kind}s of "
+            f"{'x'.join(map(str, chunk_shape[:2][::-1]))} px, but its {kind} table has {len(offsets):,} offsets "
+            f"and {len(counts):,} byte counts; the header is corrupt (or was edited)",
+        )
+    ends = offsets + counts if len(offsets) == len(counts) else counts
+    if len(ends) and int(ends.max()) > file_size:
+        bad = int(np.argmax(ends > file_size))
+        raise SlideError(
+            path,
+            f"truncated: level {level} needs {int(ends.max()):,} bytes but the file has {file_size:,} "
+            f"(its {kind} {bad} of {len(ends):,} ends at byte {int(ends[bad]):,}); "
+            "the file was cut short or its tile table is corrupt: copy or download it again",
+        )
+    if ndpi:
+        return
+    chunk_px = math.prod(chunk_shape[:2]) if len(chunk_shape) >= 2 else w * h
+    if chunk_px > MAX_CHUNK_PX:
+        raise SlideError(
+            path,
+            f"level {level} ({w:,} x {h:,} px) is stored in {kind}s of {chunk_px:,} px; at most {MAX_CHUNK_PX:,} "
+            f"px per {kind} are read (each would be decoded whole for any region)",
+        )
+    filled = counts > 0  # a 0-byte tile is a sparse (blank) tile: nothing to decode
+    data = int(np.unique(np.stack([offsets[filled], counts[filled]]), axis=1)[1].sum()) if filled.any() else 0
+    pixels = min(int(filled.sum()) * chunk_px, w * h)
+    if pixels > MAX_PX_PER_BYTE * max(data, 1):
+        raise SlideError(
+            path,
+            f"level {level} claims {w:,} x {h:,} px ({pixels:,} in non-empty {kind}s) but holds only {data:,} "
+            f"bytes of image data: {pixels / max(data, 1):,.0f} px per byte, more than any slide compression "
+            f"gives (at most {MAX_PX_PER_BYTE:,} are accepted); the header is corrupt (or was edited)",
+        )
+
+
+def _check_sides(path: Path, level: int, w: int, h: int) -> None:
+    """A level's claimed size (px) is positive and at most :data:`MAX_SIDE` on a side."""
+    if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
+        raise SlideError(
+            path,
+            f"level {level} claims {w:,} x {h:,} px; a slide level must be 1 to {MAX_SIDE:,} px on a side "
+            f"({MAX_SIDE * 0.1 / 1000:.0f} mm at 0.1 µm/px, longer than a glass slide); the header is corrupt",
+        )
+
+
+def check_dimensions(slide: "SlideReader") -> None:
+    """The checks possible for any format (also DICOM, MRXS): every level's sides, and levels that
+    shrink. Tile tables of non-TIFF formats are left to openslide; the time budget bounds the rest."""
+    previous = None
+    for level, (w, h) in enumerate(slide.level_dimensions):
+        _check_sides(slide.path, level, w, h)
+        if previous is not None and (w > previous[0] or h > previous[1]):
+            raise SlideError(
+                slide.path,
+                f"level {level} ({w:,} x {h:,} px) is larger than level {level - 1} ({previous[0]:,} x "
+                f"{previous[1]:,} px); pyramid levels must shrink: the header is corrupt",
+            )
+        previous = (w, h)
 
 
 def _open_openslide(path: Path) -> SlideReader:
     import openslide
 
+    _check_tiff_file(path)
     return OpenSlideReader(path, openslide.OpenSlide(str(path)))
+
+
+def _check_tiff_file(path: Path) -> None:
+    """:func:`_check_tiff_layout` for a file openslide reads, when it is a TIFF (SVS, NDPI, SCN, BIF...).
+
+    Other formats (MRXS, DICOM, VMS...) have no TIFF tile table: only :func:`check_dimensions` applies.
+    """
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # not a TIFF: openslide's own format parser decides
+        return
+    with tif:
+        _check_tiff_layout(path, tif)
 
 
 _OPENERS = {"tiffslide": _open_tiffslide, "openslide": _open_openslide}
@@ -242,7 +375,8 @@ def resolve_mpp(slide: SlideReader, override: float | None = None) -> MppInfo:
     )
 
 
-def read_thumbnail(slide: SlideReader, scale: float, block: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
+def read_thumbnail(slide: SlideReader, scale: float, block: int = 2048,
+                   budget: TimeBudget | None = None) -> tuple[np.ndarray, tuple[float, float]]:
     """A low-resolution view of the whole slide, read block by block so memory is bounded by ``block``.
 
     ``scale`` is the wanted level-0 px per thumbnail px. Reads the coarsest level that is not
@@ -250,6 +384,7 @@ def read_thumbnail(slide: SlideReader, scale: float, block: int = 2048) -> tuple
     pixel along each axis (an area filter), so the view is never finer than asked (its memory is
     bounded by ``scale``) and at most one level pixel per thumbnail pixel coarser.
     Returns ``((h, w, 3) uint8, (sx, sy))`` with ``(sx, sy)`` the exact level-0 px per thumbnail px.
+    ``budget`` is checked before every block read.
     """
     level = max(
         (lv for lv in range(slide.level_count) if slide.level_downsamples[lv] <= scale * 1.001),
@@ -261,8 +396,12 @@ def read_thumbnail(slide: SlideReader, scale: float, block: int = 2048) -> tuple
     out_w, out_h = max(1, lw // factor), max(1, lh // factor)
     step = max(factor, (block // factor) * factor)
     out = np.empty((out_h, out_w, 3), np.uint8)
+    n_blocks = math.ceil(out_h * factor / step) * math.ceil(out_w * factor / step)
     for by in range(0, out_h * factor, step):
         for bx in range(0, out_w * factor, step):
+            if budget is not None:
+                done = (by // step) * math.ceil(out_w * factor / step) + bx // step
+                budget.check(f"reading the thumbnail (level {level}, block {done:,} of {n_blocks:,})")
             w, h = min(step, out_w * factor - bx), min(step, out_h * factor - by)
             region = slide.read_region((round(bx * lsx), round(by * lsy)), level, (w, h))
             if factor > 1:

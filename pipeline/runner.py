@@ -2,14 +2,18 @@
 
 Each slide runs in a worker process (``workers`` of them, spawned), so a slide that crashes its
 reader (a segfault in a C decoder on a corrupt file) costs that slide only: the pool is rebuilt and
-the slides it was holding are retried once, then reported as failed.
+the slides it was holding are retried once, then reported as failed. A slide past its time budget
+(``TilingParams.slide_timeout_s``) stops itself between reads; one stuck inside a read has its worker
+killed, and only that slide fails.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -20,6 +24,7 @@ from typing import Callable
 from .cohort import Cohort, SlideSpec, discover_cohort
 from .config import TilingParams
 from .location import scrub
+from .reader import timeout_message
 from .store import StoreWriter
 from .tiler import SlideResult, needs_tiling, record_failure, tile_slide
 
@@ -84,10 +89,13 @@ def _init_worker(q: "mp.Queue", threads: int) -> None:
     limit_worker_threads(threads)
 
 
-def _run_one(spec: SlideSpec, store: str, params: TilingParams) -> SlideResult:
+def _run_one(key: int, spec: SlideSpec, store: str, params: TilingParams) -> SlideResult:
+    """Tile ``spec`` in a worker; the progress queue gets ``("start", key, pid)``, then ``("tiles", key, n)``."""
     writer = StoreWriter(store)
     q = _progress_queue
-    return tile_slide(spec, writer, params, progress=(lambda n: q.put(n)) if q is not None else None,
+    if q is not None:
+        q.put(("start", key, os.getpid()))
+    return tile_slide(spec, writer, params, progress=(lambda n: q.put(("tiles", key, n))) if q is not None else None,
                       overlap=_threads > 1)
 
 
@@ -153,50 +161,119 @@ def _needs_tiling_all(writer: StoreWriter, specs: list[SlideSpec], params: Tilin
 
 
 def _run_pool(todo, store, params, workers, threads, on_slide, on_tiles) -> list[SlideResult]:
-    """Run slides in ``workers`` spawned processes; slides caught in a crashed pool are retried alone."""
+    """Run slides in ``workers`` spawned processes; slides caught in a crashed pool are retried alone.
+
+    A slide still running :func:`kill_after` seconds after its worker started it has its worker killed
+    (a read stuck in a decoder cannot be stopped from inside) and fails alone; the other slides of that
+    pool were not at fault and run again, as many at once as before.
+    """
     ctx = mp.get_context("spawn")
-    progress_q = ctx.Queue()
     results: list[SlideResult] = []
+    keys = {id(spec): key for key, spec in enumerate(todo)}
+    broke = False
 
     def finish(result: SlideResult) -> None:
         results.append(result)
         if on_slide:
             on_slide(result)
 
-    def run(specs: list[SlideSpec], n_workers: int) -> list[SlideSpec]:
-        """Run ``specs``; return those whose worker pool broke under them."""
+    def run(specs: list[SlideSpec], n_workers: int) -> tuple[list[SlideSpec], bool]:
+        """Run ``specs``; return those whose worker pool broke under them, and whether a timeout broke it."""
+        nonlocal broke
         broken: list[SlideSpec] = []
+        watch = _Watch(params.slide_timeout_s)
+        # a queue per pool: a worker killed while writing to it may leave its lock held
+        progress_q = ctx.Queue()
         with ProcessPoolExecutor(
             max_workers=n_workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_q, threads)
         ) as pool:
-            futures: dict[Future, SlideSpec] = {pool.submit(_run_one, s, store, params): s for s in specs}
+            futures: dict[Future, SlideSpec] = {
+                pool.submit(_run_one, keys[id(s)], s, store, params): s for s in specs}
             while futures:
                 done, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(progress_q, on_tiles)
+                _drain(progress_q, on_tiles, watch)
+                watch.kill_overdue()
                 for fut in done:
                     spec = futures.pop(fut)
+                    watch.finished(keys[id(spec)])
                     try:
                         finish(fut.result())
                     except BrokenProcessPool:
-                        broken.append(spec)
+                        if keys[id(spec)] in watch.killed:
+                            error = f"{spec.path}: {watch.killed[keys[id(spec)]]}"
+                            finish(record_failure(StoreWriter(store), spec, params, error))
+                        else:
+                            broken.append(spec)
                     except Exception as e:  # pool-side errors (e.g. pickling): this slide only
                         finish(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed",
                                            error=scrub(f"{spec.path}: {type(e).__name__}: {e}")))
-        _drain(progress_q, on_tiles)
-        return broken
+        _drain(progress_q, on_tiles, watch)
+        broke = broke or bool(broken or watch.killed)
+        return broken, bool(watch.killed)
 
-    for spec in run(todo, min(workers, len(todo))):
-        if run([spec], 1):
+    pending, timed_out = run(todo, min(workers, len(todo)))
+    while timed_out and pending:  # killed by us: the others did nothing wrong
+        pending, timed_out = run(pending, min(workers, len(pending)))
+    for spec in pending:
+        again, _ = run([spec], 1)
+        if again:
             error = f"{spec.path}: the worker process crashed while reading this slide; the file is probably corrupt"
             finish(record_failure(StoreWriter(store), spec, params, error))
+    if broke:  # a killed or crashed worker leaves its staged slide behind
+        StoreWriter(store).clean_staging()
     return results
 
 
-def _drain(q, on_tiles) -> None:
+def kill_after(budget_s: float) -> float:
+    """Seconds after a slide's start at which its worker is killed: the budget plus a grace period
+    (10 %, 2-60 s) for the worker to stop by itself between reads and record why; inf without a budget."""
+    return budget_s + min(60.0, max(2.0, 0.1 * budget_s)) if budget_s else math.inf
+
+
+class _Watch:
+    """Which worker process runs which slide since when, from the workers' progress messages."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self.limit_s = kill_after(budget_s)
+        self.running: dict[int, tuple[int, float, int | None]] = {}  # key -> (pid, start, tiles written or None)
+        self.killed: dict[int, str] = {}  # key -> why
+        self._finished: set[int] = set()
+
+    def finished(self, key: int) -> None:
+        """The slide's result is in: its worker may go on to another slide."""
+        self._finished.add(key)
+        self.running.pop(key, None)
+
+    def note(self, kind: str, key: int, value: int) -> None:
+        if key in self._finished:
+            return
+        if kind == "start":
+            self.running[key] = (value, time.monotonic(), None)
+        elif key in self.running:
+            pid, start, tiles = self.running[key]
+            self.running[key] = (pid, start, (tiles or 0) + value)
+
+    def kill_overdue(self) -> None:
+        now = time.monotonic()
+        for key, (pid, start, tiles) in list(self.running.items()):
+            if key in self.killed or now - start <= self.limit_s:
+                continue
+            doing = "reading the slide before its tiles" if tiles is None else f"reading tiles ({tiles:,} written)"
+            self.killed[key] = (f"{timeout_message(self.budget_s, doing)}; it did not stop by itself (a read "
+                                "stuck in the decoder?), so its worker process was killed")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it finished meanwhile
+                pass
+
+
+def _drain(q, on_tiles, watch: _Watch) -> None:
     while True:
         try:
-            n = q.get_nowait()
+            kind, key, n = q.get_nowait()
         except queue.Empty:
             return
-        if on_tiles:
+        watch.note(kind, key, n)
+        if kind == "tiles" and on_tiles and n:
             on_tiles(n)

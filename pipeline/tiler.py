@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -22,7 +23,7 @@ from .config import TilingParams
 from .grid import TileGrid, pick_level, tile_grid
 from .qc import QC_FIELDS, qc_caption, render_qc, tile_measures
 from .location import scrub
-from .reader import MppInfo, SlideError, SlideReader, open_slide, read_thumbnail, resolve_mpp
+from .reader import MppInfo, SlideError, SlideReader, TimeBudget, open_slide, read_thumbnail, resolve_mpp
 from .source import same_source, source_info
 from .store import StagedSlide, StoreWriter
 from .tiles import ReadPlan, iter_tile_blocks, plan_reads
@@ -98,6 +99,7 @@ def tile_slide(
     (the runner turns it on for workers with more than one thread).
     """
     t0 = time.perf_counter()
+    budget = TimeBudget(spec.path, params.slide_timeout_s)
     result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed")
     staged: StagedSlide | None = None
     keep_staged = False  # a content failure keeps the thumbnail and mask already staged, for QC
@@ -107,7 +109,7 @@ def tile_slide(
         with open_slide(spec.path, params.reader) as slide:  # type: ignore[arg-type]
             timings["open_s"] = time.perf_counter() - t0
             staged = writer.stage()
-            attrs = _write_slide(slide, spec, params, staged.group, timings, progress, overlap)
+            attrs = _write_slide(slide, spec, params, staged.group, timings, progress, overlap, budget)
         attrs.update(status="complete", source=src)
         result.n_tiles = attrs["n_tiles"]
         result.warning = attrs.get("mpp_warning")
@@ -117,6 +119,9 @@ def tile_slide(
     except _SlideFailure as e:
         result.error = f"{spec.path}: {e}"
         keep_staged = True
+    except OSError as e:
+        result.error = f"{spec.path}: {_os_error(e)}"
+        log.debug("tiling %s failed", spec.path, exc_info=True)
     except Exception as e:  # a decoder or I/O error deep in a backend: still this slide's problem only
         result.error = f"{spec.path}: {type(e).__name__}: {e}"
         log.debug("tiling %s failed", spec.path, exc_info=True)
@@ -128,8 +133,24 @@ def tile_slide(
         staged.group.update_attributes(attrs)
         writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
         return result
-    _record_failure(writer, spec, params, result, staged, keep_staged)
+    try:
+        _record_failure(writer, spec, params, result, staged, keep_staged)
+    except OSError as e:  # e.g. the disk is still full: report the failure all the same
+        result.error += f" (the failure could not be recorded in the store either: {_os_error(e)})"
+        if staged is not None:
+            writer.discard(staged)
     return result
+
+
+_STORE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _os_error(e: OSError) -> str:
+    """An I/O error in words; a full disk, quota or file size limit says what to do."""
+    if e.errno in _STORE_FULL:
+        return (f"writing failed: {e.strerror} ({errno.errorcode[e.errno]}): the disk is full or a quota or "
+                "file size limit was hit; nothing of this slide was committed: free space and rerun")
+    return f"{type(e).__name__}: {e}"
 
 
 def record_failure(writer: StoreWriter, spec: SlideSpec, params: TilingParams, error: str) -> SlideResult:
@@ -196,15 +217,18 @@ class SlidePlan:
         return self.tissue_idx[self.reads.order] if self.reads is not None else self.tissue_idx
 
 
-def plan_slide(slide: SlideReader, params: TilingParams, mpp_override: float | None = None) -> SlidePlan:
+def plan_slide(slide: SlideReader, params: TilingParams, mpp_override: float | None = None,
+               budget: TimeBudget | None = None) -> SlidePlan:
     """Resolve mpp, detect tissue on a thumbnail at about ``mask_mpp`` µm/px, lay the grid, pick the
-    tissue tiles and the pyramid level to read them from. Reads only the thumbnail."""
+    tissue tiles and the pyramid level to read them from. Reads only the thumbnail (checking
+    ``budget`` between its block reads)."""
     mpp = resolve_mpp(slide, mpp_override)
     if mpp.warning:
         log.warning("%s: %s", slide.path, mpp.warning)
     mpp0 = (mpp.x, mpp.y)
     w0, h0 = slide.dimensions
-    thumb, tscale = read_thumbnail(slide, max(params.mask_mpp / min(mpp0), max(w0, h0) / _MAX_THUMB_PX, 1.0))
+    thumb, tscale = read_thumbnail(slide, max(params.mask_mpp / min(mpp0), max(w0, h0) / _MAX_THUMB_PX, 1.0),
+                                   budget=budget)
     mask = detect_tissue(thumb, tscale, mpp0, params.tissue)
     grid = tile_grid(slide.dimensions, mpp0, params.target_mpp, params.tile_size)
     fractions = mask.tile_fractions(grid.coords, grid.footprint) if len(grid.coords) else np.zeros(0, np.float32)
@@ -225,9 +249,10 @@ def _write_slide(
     timings: dict[str, float],
     progress: Callable[[int], None] | None,
     overlap: bool,
+    budget: TimeBudget | None = None,
 ) -> dict:
     t = time.perf_counter()
-    p = plan_slide(slide, params, spec.mpp)
+    p = plan_slide(slide, params, spec.mpp, budget)
     timings["tissue_s"] = time.perf_counter() - t
     mpp, grid = p.mpp, p.grid
     w0, h0 = slide.dimensions
@@ -271,7 +296,7 @@ def _write_slide(
     )
     qc = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
     _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap,
-                qc=qc, ink_hues=params.tissue.ink_hues, dark_value=params.tissue.dark_value)
+                qc=qc, ink_hues=params.tissue.ink_hues, dark_value=params.tissue.dark_value, budget=budget)
     timings["tiles_s"] = time.perf_counter() - t
     t = time.perf_counter()
     qc_group = group.create_group("tile_qc")
@@ -342,6 +367,7 @@ def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) ->
 
 def _shards(slide, coords, plan, shard: int,
             measure: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+            budget: TimeBudget | None = None,
             ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Tiles in ``plan`` order, gathered into arrays of ``shard`` tiles (the last may be shorter).
 
@@ -358,7 +384,7 @@ def _shards(slide, coords, plan, shard: int,
     buf, qc = fresh()
     piece = _QC_PIECE if measure is not None else shard
     filled = 0
-    for _, block in iter_tile_blocks(slide, coords, plan):
+    for _, block in iter_tile_blocks(slide, coords, plan, budget):
         pos = 0
         while pos < len(block):
             take = min(shard - filled, len(block) - pos, piece)
@@ -377,18 +403,22 @@ def _shards(slide, coords, plan, shard: int,
 
 
 def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress, overlap: bool,
-                qc: dict[str, np.ndarray] | None = None, ink_hues=None, dark_value: float = 0.25) -> None:
+                qc: dict[str, np.ndarray] | None = None, ink_hues=None, dark_value: float = 0.25,
+                budget: TimeBudget | None = None) -> None:
     """Write every tile of ``plan`` into ``tiles``, one whole shard per write; with ``qc``
     (``{name: (N,) float32}`` for :data:`~pipeline.qc.QC_FIELDS`), fill it with each tile's QC measures.
 
     The measures are taken as the tiles are gathered (see :func:`_shards`): with ``overlap``, in the
     reading thread, beside this one's encoding and writing. With ``overlap`` a thread reads the next
     shards while this one encodes and writes; memory stays bounded: at most ``_QUEUE_BATCHES`` shards
-    wait in the queue, plus one being filled.
+    wait in the queue, plus one being filled. ``budget`` is checked before every block read;
+    ``progress(0)`` first tells that tile reading has begun.
     """
     written = 0
+    if progress is not None:
+        progress(0)
     measure = (lambda b: tile_measures(b, ink_hues, dark_value)) if qc is not None else None
-    batches = _shards(slide, coords, plan, shard, measure)
+    batches = _shards(slide, coords, plan, shard, measure, budget)
     for batch, measures in _prefetch(batches) if overlap else batches:
         if qc is not None:
             for k, v in measures.items():

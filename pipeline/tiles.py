@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .reader import SlideError, SlideReader
+from .reader import SlideError, SlideReader, TimeBudget
 
 __all__ = ["ReadPlan", "plan_reads", "iter_tile_blocks"]
 
@@ -70,11 +70,12 @@ def plan_reads(
     return ReadPlan(level, level_scale, (fw, fh), tile_size, resample, order, list(zip(starts.tolist(), stops.tolist())))
 
 
-def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
+                     budget: TimeBudget | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(indices, tiles)`` block by block, in ``plan.order``.
 
     ``indices`` (n,) int64 index into ``coords``; ``tiles`` is ``(n, T, T, 3) uint8``.
-    Memory: one block region and its tiles at a time.
+    Memory: one block region and its tiles at a time. ``budget`` is checked before every block read.
     """
     lsx, lsy = plan.level_scale
     fw, fh = plan.footprint
@@ -88,6 +89,8 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> 
     # row and column of the slide's JPEG tiles for a few pixels
     margin = 0 if exact else _RESAMPLE_MARGIN * f
     for start, stop in plan.blocks:
+        if budget is not None:
+            budget.check(f"reading tiles (level {plan.level}, {start:,} of {len(plan.order):,} read)")
         idx = plan.order[start:stop]
         lx = coords[idx, 0] / lsx
         ly = coords[idx, 1] / lsy
