@@ -124,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     from hlss_model.explain import add_parser as add_explain_parser
 
     from .report import add_parser as add_report_parser
+    from .verify import add_parser as add_verify_parser
 
     add_export_parser(sub)
     add_qc_parser(sub)
     add_explain_parser(sub)
     add_report_parser(sub)
+    add_verify_parser(sub)
     return p
 
 
@@ -413,6 +415,8 @@ _COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train":
              "knn": _knn, "serve": _serve, "deploy": _serve, "run": _run,
              "export-mil": lambda args: args.func(args), "qc": lambda args: _qc(args),
              "explain": lambda args: _explain(args), "report": lambda args: args.func(args)}
+
+_COMMANDS["verify"] = lambda args: args.func(args)
 
 if __name__ == "__main__":
     sys.exit(main())

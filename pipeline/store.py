@@ -100,7 +100,8 @@ from .location import ObjectLocation, StoreError, is_remote, local_path
 log = logging.getLogger(__name__)
 
 __all__ = ["SCHEMA_VERSION", "READABLE_SCHEMAS", "StoreError", "StoreDamageError", "StoreWriter", "StagedSlide",
-           "SlideStore", "SlideRecord", "CheckedArray", "create_array", "has_checksums", "tiles_version"]
+           "SlideStore", "SlideRecord", "CheckedArray", "bad_chunks", "chunk_grid", "create_array", "damage_reason",
+           "has_checksums", "tiles_version"]
 
 SCHEMA_VERSION = 2
 """Schema of the stores created now (see the module docstring)."""
@@ -218,7 +219,7 @@ class StoreDamageError(StoreError):
         super().__init__(f"{where}: {what} is damaged: {problem} ({path})")
 
 
-def _problem(e: BaseException) -> str:
+def damage_reason(e: BaseException) -> str:
     """A short account of why a node or chunk could not be read."""
     text = str(e)
     if isinstance(e, ValueError) and "checksum do not match" in text:
@@ -275,10 +276,10 @@ class CheckedArray:
         bad = next(iter(bad_chunks(self.array, rows, limit=1)), None)
         p, s = self._ids
         if bad is None:
-            return StoreDamageError(p, s, self._name, self._store.where(self.array.path), _problem(error))
+            return StoreDamageError(p, s, self._name, self._store.where(self.array.path), damage_reason(error))
         chunk, key, err = bad
         return StoreDamageError(p, s, self._name, self._store.where(f"{self.array.path}/{key}"),
-                                f"chunk {chunk}: {_problem(err)}")
+                                f"chunk {chunk}: {damage_reason(err)}")
 
 
 def _rows(selection: Any, n: int) -> np.ndarray | None:
@@ -293,11 +294,11 @@ def _rows(selection: Any, n: int) -> np.ndarray | None:
     return None
 
 
-def _block_coords(array: zarr.Array) -> Iterator[tuple[int, ...]]:
+def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """The coordinates of every chunk of an array of ``shape`` cut in ``chunks``, in C order."""
     import itertools
 
-    grid = [range(-(-s // c)) for s, c in zip(array.shape, array.chunks)]
-    return itertools.product(*grid)
+    return itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks)))
 
 
 def bad_chunks(array: zarr.Array, rows: np.ndarray | None = None,
@@ -311,7 +312,7 @@ def bad_chunks(array: zarr.Array, rows: np.ndarray | None = None,
     wanted = None if rows is None or not array.ndim else set((np.asarray(rows) // array.chunks[0]).tolist())
     outer = array.shards or array.chunks
     found = 0
-    for coords in _block_coords(array):
+    for coords in chunk_grid(array.shape, array.chunks):
         if wanted is not None and coords[0] not in wanted:
             continue
         box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, array.chunks))
@@ -809,7 +810,7 @@ class SlideStore:
             error: BaseException = FileNotFoundError(key)  # a folder without its zarr.json
         except Exception as e:
             error = e
-        raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/zarr.json"), _problem(error))
+        raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/zarr.json"), damage_reason(error))
 
     def patients(self) -> list[str]:
         """Every patient id, its metadata readable or not (see :meth:`patient_attrs`)."""
