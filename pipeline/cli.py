@@ -235,8 +235,9 @@ def _info(args) -> int:
         return EXIT_OK
     print(f"store {store.path}  (schema {summary['store']['schema_version']}, "
           f"hlss-pipeline {summary['store']['package_version']}, created {summary['store']['created']})")
+    damaged = f", {summary['n_damaged']} damaged" if summary["n_damaged"] else ""
     print(f"{summary['n_patients']} patients, {summary['n_slides']} slides "
-          f"({summary['n_complete']} complete, {summary['n_failed']} failed), {summary['n_tiles']} tiles")
+          f"({summary['n_complete']} complete, {summary['n_failed']} failed{damaged}), {summary['n_tiles']} tiles")
     pw = max([7, *(len(r["patient"]) for r in summary["slides"])]) + 2
     sw = max([5, *(len(r["slide"]) for r in summary["slides"])]) + 2
     print(f"{'patient':<{pw}}{'slide':<{sw}}{'status':<10}{'tiles':>7}{'mpp0':>8}{'level':>6}  label")
@@ -247,15 +248,26 @@ def _info(args) -> int:
               f"{level:>6}  {row['label'] or ''}")
     for row in summary["slides"]:
         if row["error"]:
-            print(f"  FAILED {row['slide']}: {row['error']}")
+            print(f"  {'DAMAGED' if row['status'] == 'damaged' else 'FAILED'} {row['slide']}: {row['error']}")
     for params in summary["parameters"]:
         print("parameters: " + json.dumps(params, sort_keys=True))
-    return EXIT_OK
+    return _damaged_exit(summary["n_damaged"], store.path)
+
+
+def _damaged_exit(n_damaged: int, store) -> int:
+    """Exit 1 (with the hint to verify) when ``n_damaged`` slides were listed as damaged, else 0."""
+    if not n_damaged:
+        return EXIT_OK
+    print(f"hlss: {n_damaged} damaged slides (listed above); `hlss verify {store}` checks every chunk, "
+          "--repair retiles them", file=sys.stderr)
+    return 1
 
 
 def _train(args) -> int:
     from hlss_model.config import ConfigError, TrainConfig
     from hlss_model.train import train
+
+    from .store import StoreError
 
     try:
         cfg = TrainConfig.from_yaml(args.config) if args.config else (None if args.resume else TrainConfig())
@@ -268,6 +280,9 @@ def _train(args) -> int:
         result = train(args.store, args.out, cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise _UsageError(str(e)) from e
+    except StoreError as e:  # e.g. a damaged tile chunk (hlss_model.data.TrainingDataError)
+        print(f"hlss train: error: {e}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
         print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
               f"{result.images_per_s:.1f} images/s; run: {result.out}")
@@ -383,7 +398,7 @@ def _knn(args) -> int:
     print(report.table())
     if args.json is not None:
         args.json.write_text(report.to_json(indent=2))
-    return EXIT_OK
+    return _damaged_exit(len(report.damaged), args.store)
 
 
 def _qc(args) -> int:

@@ -822,15 +822,17 @@ class SlideStore:
     def slides(self, patient_id: str, status: str | None = "complete") -> list[str]:
         """Slide ids of a patient; only those with ``status`` unless it is None (which lists damaged
         slides too: use :meth:`records` to tell them)."""
-        return [r.slide_id for r in self._patient_records(patient_id, status)]
+        return [r.slide_id for r in self.patient_records(patient_id, status)
+                if status is None or r.damage is None]
 
     def records(self, status: str | None = None) -> Iterator[SlideRecord]:
         """Every committed slide (of ``status`` when given), patient by patient; a slide whose metadata
         (or its patient's) cannot be read comes whatever ``status`` asks, with ``damage`` set."""
         for p in self.patients():
-            yield from self._patient_records(p, status)
+            yield from self.patient_records(p, status)
 
-    def _patient_records(self, patient_id: str, status: str | None) -> Iterator[SlideRecord]:
+    def patient_records(self, patient_id: str, status: str | None = None) -> Iterator[SlideRecord]:
+        """The records of one patient's slides, as :meth:`records` gives them."""
         names = self.children(f"patients/{patient_id}/slides")
         try:
             self.patient_attrs(patient_id)

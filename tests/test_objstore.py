@@ -345,7 +345,7 @@ def test_file_urls_are_local_folders(tmp_path):
     assert not writer.is_remote and writer.path == tmp_path / "s.zarr"
     assert (tmp_path / "s.zarr" / "zarr.json").exists()
     assert SlideStore(f"file://{tmp_path}/s.zarr").patients() == []
-    assert json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]["hlss"]["schema_version"] == 1
+    assert json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]["hlss"]["schema_version"] == 2
     assert os.fspath(writer.path)
 
 
