@@ -21,7 +21,7 @@ import zarr
 
 from pipeline.cli import main
 from pipeline.store import SlideStore, StoreDamageError, has_checksums
-from tests.store_snapshot import assert_unchanged, snapshot
+from store_snapshot import assert_unchanged, snapshot
 
 # the demo cohort of the base store (seed 3): patient -> slides; split: P1 test, P2 and P3 train
 P1, P2, P3 = "TCGA-HL-0001", "TCGA-HL-0002", "TCGA-HL-0003"

@@ -14,8 +14,8 @@ from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
 from pipeline.synthetic import make_demo_cohort
 from pipeline.verify import verify_store
-from tests.store_snapshot import assert_unchanged, snapshot
-from tests.test_integrity import ALL, P1, P2, P3, S1, S2A, S2B, S3A, S3B, flip, names_damage, slide_dir
+from store_snapshot import assert_unchanged, snapshot
+from test_integrity import ALL, P1, P2, P3, S1, S2A, S2B, S3A, S3B, flip, names_damage, slide_dir
 
 PARAMS = TilingParams(target_mpp=1.0, tile_size=64, shard_tiles=8)
 
