@@ -964,10 +964,16 @@ class SlideStore:
         return self._complete_array(patient_id, slide_id, "attributes", run_name, "attribute scores")
 
     def evaluations(self) -> dict[str, dict[str, Any]]:
-        """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`)."""
-        if "evaluations" not in self.root:
-            return {}
-        return {n: dict(g.attrs).get("result", {}) for n, g in self.root["evaluations"].groups()}
+        """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`); one whose ``zarr.json``
+        cannot be read is left out with a warning naming its file."""
+        out = {}
+        for name in self.children("evaluations"):
+            try:
+                out[name] = dict(self.root[f"evaluations/{name}"].attrs).get("result", {})
+            except Exception as e:  # a record of a past run: never a reason to fail the reader
+                log.warning("evaluation %s is unreadable: %s (%s)", name, damage_reason(e),
+                            self.where(f"evaluations/{name}/zarr.json"))
+        return out
 
     def summary(self) -> dict[str, Any]:
         """Patients, slides, tile counts, failures, damaged slides and the distinct tiling parameters,

@@ -314,3 +314,18 @@ def test_a_schema_1_store_still_reads_verifies_and_is_written_to(make_slide, tmp
         SlideStore(store).coords("P1", "S1")
     assert names_damage(str(err.value), "P1", "S1", "coords", chunk)
     assert np.asarray(SlideStore(store).coords("P0", "S0")).shape[1] == 2
+
+
+def test_a_damaged_evaluation_record_is_left_out_with_a_warning(store, tmp_path, capsys, caplog):
+    from pipeline.store import StoreWriter
+
+    StoreWriter(store).write_evaluation("knn-a", {"levels": {}})
+    StoreWriter(store).write_evaluation("knn-b", {"levels": {}})
+    meta = store / "evaluations" / "knn-b" / "zarr.json"
+    truncate(meta)
+    before = snapshot(store)
+    with caplog.at_level(logging.WARNING):
+        assert list(SlideStore(store).evaluations()) == ["knn-a"]
+    assert any("knn-b" in r.getMessage() and str(meta) in r.getMessage() for r in caplog.records)
+    assert main(["report", str(store), "--out", str(tmp_path / "r.html")]) == 0
+    assert_unchanged(before, snapshot(store))
