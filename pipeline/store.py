@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -296,8 +297,6 @@ def _rows(selection: Any, n: int) -> np.ndarray | None:
 
 def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
     """The coordinates of every chunk of an array of ``shape`` cut in ``chunks``, in C order."""
-    import itertools
-
     return itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks)))
 
 
