@@ -232,7 +232,7 @@ def _info(args) -> int:
     summary = store.summary()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
-        return EXIT_OK
+        return _damaged_exit(summary["n_damaged"], store.path)
     print(f"store {store.path}  (schema {summary['store']['schema_version']}, "
           f"hlss-pipeline {summary['store']['package_version']}, created {summary['store']['created']})")
     damaged = f", {summary['n_damaged']} damaged" if summary["n_damaged"] else ""
