@@ -329,3 +329,31 @@ def test_a_damaged_evaluation_record_is_left_out_with_a_warning(store, tmp_path,
     assert any("knn-b" in r.getMessage() and str(meta) in r.getMessage() for r in caplog.records)
     assert main(["report", str(store), "--out", str(tmp_path / "r.html")]) == 0
     assert_unchanged(before, snapshot(store))
+
+
+@pytest.mark.slow
+def test_hlss_train_stops_on_a_damaged_chunk_with_one_message(train_store, tiny_text_model, tmp_path, capsys):
+    """Through a DataLoader worker process (num_workers 1): exit 1 and one line naming the damage."""
+    import yaml
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(train_store, store)
+    shards = [f for f in store.glob("patients/*/slides/*/tiles/c/**/*") if f.is_file()]
+    for shard in shards:
+        flip(shard, shard.stat().st_size - 2)  # every shard index: no tile reads
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "hlss", "steps": 2, "seed": 7, "checkpoint_every": 2, "log_every": 1, "device": "cpu",
+        "channels_last": False,
+        "sampler": {"batch_size": 4, "slides_per_patient": 1, "tiles_per_slide": 2, "views_per_tile": 2,
+                    "num_workers": 1},
+        "model": {"backbone": "resnet10t", "text_encoder": str(tiny_text_model)},
+        "augment": {"out_size": 32}}))
+    before = snapshot(store)
+    rc = main(["train", "--store", str(store), "--out", str(tmp_path / "run"), "--config", str(config), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    line = next(x for x in err.splitlines() if x.startswith("hlss train: error:"))
+    assert "array 'tiles' is damaged" in line and "training stopped" in line
+    assert any(str(s) in line for s in shards) and "Traceback" not in err and "DataLoader worker" not in err
+    assert_unchanged(before, snapshot(store))
