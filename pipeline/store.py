@@ -836,7 +836,7 @@ class SlideStore:
         try:
             self.patient_attrs(patient_id)
         except StoreDamageError as damage:
-            yield from (SlideRecord(patient_id, s, {}, damage) for s in names or ["*"])
+            yield from (SlideRecord(patient_id, s, {}, damage) for s in names)  # no slides: nothing lost
             return
         for s in names:
             try:
