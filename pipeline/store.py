@@ -247,6 +247,8 @@ class CheckedArray:
         self.array, self._store, self._ids, self._name = array, store, (patient_id, slide_id), name
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr in ("array", "_store", "_ids", "_name"):  # e.g. while unpickling
+            raise AttributeError(attr)
         value = getattr(self.array, attr)
         if attr in self._READS:
             return lambda selection, *a, **k: self._read(value, selection, *a, **k)
@@ -254,9 +256,6 @@ class CheckedArray:
 
     def __getitem__(self, selection: Any) -> Any:
         return self._read(self.array.__getitem__, selection)
-
-    def __len__(self) -> int:
-        return len(self.array)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         data = self[...]
