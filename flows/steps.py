@@ -24,7 +24,7 @@ from pipeline.cohort import SlideSpec, discover_cohort
 from pipeline.config import TilingParams
 from pipeline.features import ExtractReport, resolve_device
 from pipeline.report import read_metrics
-from pipeline.store import SlideStore, StoreWriter
+from pipeline.store import SlideStore, StoreError, StoreWriter
 from pipeline.tiler import SlideResult, change_reason, record_failure
 
 from .executor import SlideExecutor
@@ -260,7 +260,7 @@ def extract_step(store: str, encoders: list[EncoderSpec], extraction: Extraction
     if not executor.scheduler_address or executor.slots == 1:
         return extract_task.submit(store, encoders, slides, extraction, executor_key).result()
     if slides is None:
-        reader = SlideStore(store)
+        reader = SlideStore(store)  # damaged slides come too: extraction reports each as failed, naming it
         slides = [(r.patient_id, r.slide_id) for r in reader.records(status="complete")]
     shards = [slides[i::executor.slots] for i in range(executor.slots)]
     futures = [extract_task.submit(store, encoders, shard, extraction, executor_key, f"{i + 1}/{len(shards)}")
@@ -293,9 +293,11 @@ def knn_step(store: str, feature: str, run_dir: str | None, evaluation: Evaluati
         report = knn_from_store(store, features=feature, split=split, k=evaluation.k,
                                 temperature=evaluation.temperature,
                                 max_tiles_per_slide=evaluation.max_tiles_per_slide)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, StoreError) as e:  # StoreDamageError names patient, slide, array, file
         logger.warning("kNN evaluation skipped: %s", e)
         return {"skipped": str(e)}
+    for damage in report.damaged:
+        logger.warning("kNN left out a damaged slide: %s", damage)
     logger.info("kNN on %s:\n%s", feature, report.table())
     doc = {**report.to_dict(), "feature": feature, "run_dir": run_dir,
            "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

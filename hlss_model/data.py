@@ -7,10 +7,17 @@ patient, a slide or a tile. Only the store's ``tiles`` arrays are read; no slide
 
 Every draw is a pure function of ``(seed, step, slot)``, so a run resumed at step k sees exactly
 the batches an uninterrupted run would, whatever the number of DataLoader workers.
+
+Damaged slides (see :class:`pipeline.store.StoreDamageError`): a slide whose metadata, patient
+metadata or ``tiles`` array metadata cannot be read is left out of the index with a warning naming
+it, as a failed slide is, and training goes on with the rest. A damaged tile chunk met during
+training stops it with a :class:`TrainingDataError` naming patient, slide, array and file (the tiles
+are not read ahead; ``hlss verify --repair`` retiles the slide).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +28,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.qc import TileFilter
-from pipeline.store import SlideStore
+from pipeline.store import SlideStore, StoreDamageError, StoreError
 
 from .augment import AugmentParams, HEAugment
 
-__all__ = ["CohortIndex", "PatientDataset", "HierarchicalBatchSampler", "make_loader", "collate_patients"]
+__all__ = ["CohortIndex", "PatientDataset", "HierarchicalBatchSampler", "TrainingDataError", "make_loader",
+           "collate_patients"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDataError(StoreError):
+    """A damaged tile chunk met while drawing a batch; the message names patient, slide, array and file."""
+
+    def __init__(self, message: str) -> None:
+        # from a DataLoader worker it comes back as "Caught ... Original Traceback ...: <message>"
+        last = message.strip().splitlines()[-1] if message.strip() else message
+        prefix = f"{type(self).__name__}: "
+        super().__init__(last.split(prefix, 1)[1] if prefix in last else message)
 
 
 @dataclass(frozen=True)
@@ -61,17 +81,27 @@ class CohortIndex:
         kept_rows: list[np.ndarray] = []
         wanted = None if patients is None else set(patients)
         pids, pslides, keys, ntiles, raw_labels, splits = [], [], [], [], [], []
-        for p in store.patients():
-            if wanted is not None and p not in wanted:
+        by_patient: dict[str, list[str]] = {}
+        for rec in store.records(status="complete"):
+            if wanted is not None and rec.patient_id not in wanted:
                 continue
+            if rec.damage is not None:
+                log.warning("left out of training: %s", rec.damage)
+                continue
+            by_patient.setdefault(rec.patient_id, []).append(rec.slide_id)
+        for p, slide_ids in by_patient.items():
             own = []
-            for s in store.slides(p):
-                n = int(store.slide_attrs(p, s).get("n_tiles", 0))
-                if n > 0 and filtering:
-                    rows = np.flatnonzero(store.tile_keep(p, s, tile_filter))
-                    n = len(rows)
-                    if n > 0:
-                        kept_rows.append(rows)
+            for s in slide_ids:
+                try:
+                    n = _usable_tiles(store, p, s)
+                    if n > 0 and filtering:
+                        rows = np.flatnonzero(store.tile_keep(p, s, tile_filter))
+                        n = len(rows)
+                        if n > 0:
+                            kept_rows.append(rows)
+                except StoreDamageError as e:
+                    log.warning("left out of training: %s", e)
+                    continue
                 if n > 0:
                     own.append(len(keys))
                     keys.append((p, s))
@@ -109,6 +139,17 @@ class CohortIndex:
         return CohortIndex(self.store_path, tuple(self.patient_ids[i] for i in keep), tuple(pslides), tuple(keys),
                            tuple(ntiles), tuple(self.labels[i] for i in keep), self.class_names,
                            tuple(self.splits[i] for i in keep), tuple(rows) if self.slide_rows is not None else None)
+
+
+def _usable_tiles(store: SlideStore, patient: str, slide: str) -> int:
+    """The slide's tile count, once its ``tiles`` array opens with that many rows (StoreDamageError if not)."""
+    n = int(store.slide_attrs(patient, slide).get("n_tiles", 0))
+    if n > 0:
+        tiles = store.tiles(patient, slide)
+        if tiles.shape[0] != n:
+            raise StoreDamageError(patient, slide, "tiles", store.where(f"{tiles.path}/zarr.json"),
+                                   f"{tiles.shape[0]} tiles, but the slide has n_tiles {n}")
+    return n
 
 
 def draw_patient(index: CohortIndex, patient: int, slides: int, tiles: int,
@@ -175,9 +216,12 @@ class PatientDataset(Dataset):
         slides, rows = draw_patient(self.index, patient, self.slides, self.tiles, rng)
         views = []
         for g, slide_rows in zip(slides, rows):
-            arr = self._tiles(int(g))
             order = np.argsort(slide_rows)
-            block = arr.get_orthogonal_selection((slide_rows[order],))[np.argsort(order)]
+            try:
+                block = self._tiles(int(g)).get_orthogonal_selection((slide_rows[order],))[np.argsort(order)]
+            except StoreDamageError as e:
+                raise TrainingDataError(f"{e}; training stopped: repair it (hlss verify --repair) or leave "
+                                        "the slide out") from None
             for tile in block:
                 views.append(torch.stack([self.augment(tile, gen) for _ in range(self.views)]))
         images = torch.stack(views).reshape(self.slides, self.tiles, self.views, *views[0].shape[1:])

@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.ids import InvalidIdError, sanitize_id
 from pipeline.attribute_maps import colormap, render_heatmap, top_attributes
-from pipeline.store import SlideStore, StoreWriter, tiles_version
+from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_version
 
 __all__ = ["ExplainError", "ExplainRun", "AttributeMap", "load_explain_run", "explain_slide", "explain_patient",
            "top_attributes", "colormap", "render_heatmap", "add_parser", "run"]
@@ -340,8 +340,17 @@ def run(args: argparse.Namespace) -> int:
         amap = explain_slide(reader, er, patient, args.slide, **kw)
         top = amap.top(args.top)
         chosen = _chosen(er, list(args.attribute), top)
-        others = [s for s in reader.slides(patient) if s != args.slide]
-        maps = [amap] + [explain_slide(reader, er, patient, s, **kw) for s in others]
+        maps, damaged = [amap], [r.damage for r in reader.patient_records(patient, "complete") if r.damage]
+        for s in reader.slides(patient):
+            if s == args.slide:
+                continue
+            try:
+                maps.append(explain_slide(reader, er, patient, s, **kw))
+            except StoreDamageError as e:  # another slide of the patient: left out of the patient's top list
+                damaged.append(e)
+    except StoreDamageError as e:
+        print(f"hlss explain: error: {e}; `hlss verify --repair` retiles the slide", file=sys.stderr)
+        return 1
     except (ExplainError, StoreError, InvalidIdError, FileNotFoundError, KeyError) as e:
         return fail(str(e).strip("'\""))
     except ValueError as e:  # e.g. CUDA asked for but absent
@@ -361,4 +370,6 @@ def run(args: argparse.Namespace) -> int:
                top_attributes(scores, er.names, er.levels, args.top))
     for path in written:
         print(f"wrote {path}")
-    return 0
+    for e in damaged:
+        print(f"  DAMAGED (left out of the patient's attributes) {e}", file=sys.stderr)
+    return 1 if damaged else 0

@@ -133,12 +133,14 @@ class KnnReport:
     temperature: float
     n_train_tiles: int
     n_test_tiles: int
+    damaged: list[str] = field(default_factory=list)  # damaged slides left out (messages name them)
 
     def table(self) -> str:
-        """Fixed-width table: level | n | accuracy | MCA, in percent."""
+        """Fixed-width table: level | n | accuracy | MCA, in percent; then the damaged slides left out."""
         lines = [f"{'level':<8} {'n':>8} {'accuracy':>9} {'MCA':>7}"]
         for name, r in self.levels.items():
             lines.append(f"{name:<8} {r.n:>8d} {100 * r.accuracy:>8.1f}% {100 * r.mean_class_accuracy:>6.1f}%")
+        lines += [f"  DAMAGED (left out) {d}" for d in self.damaged]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

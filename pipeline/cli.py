@@ -127,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     from hlss_model.explain import add_parser as add_explain_parser
 
     from .report import add_parser as add_report_parser
+    from .verify import add_parser as add_verify_parser
 
     add_export_parser(sub)
     add_qc_parser(sub)
     add_explain_parser(sub)
     add_report_parser(sub)
+    add_verify_parser(sub)
     return p
 
 
@@ -234,11 +236,12 @@ def _info(args) -> int:
     summary = store.summary()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
-        return EXIT_OK
+        return _damaged_exit(summary["n_damaged"], store.path)
     print(f"store {store.path}  (schema {summary['store']['schema_version']}, "
           f"hlss-pipeline {summary['store']['package_version']}, created {summary['store']['created']})")
+    damaged = f", {summary['n_damaged']} damaged" if summary["n_damaged"] else ""
     print(f"{summary['n_patients']} patients, {summary['n_slides']} slides "
-          f"({summary['n_complete']} complete, {summary['n_failed']} failed), {summary['n_tiles']} tiles")
+          f"({summary['n_complete']} complete, {summary['n_failed']} failed{damaged}), {summary['n_tiles']} tiles")
     pw = max([7, *(len(r["patient"]) for r in summary["slides"])]) + 2
     sw = max([5, *(len(r["slide"]) for r in summary["slides"])]) + 2
     print(f"{'patient':<{pw}}{'slide':<{sw}}{'status':<10}{'tiles':>7}{'mpp0':>8}{'level':>6}  label")
@@ -249,15 +252,26 @@ def _info(args) -> int:
               f"{level:>6}  {row['label'] or ''}")
     for row in summary["slides"]:
         if row["error"]:
-            print(f"  FAILED {row['slide']}: {row['error']}")
+            print(f"  {'DAMAGED' if row['status'] == 'damaged' else 'FAILED'} {row['slide']}: {row['error']}")
     for params in summary["parameters"]:
         print("parameters: " + json.dumps(params, sort_keys=True))
-    return EXIT_OK
+    return _damaged_exit(summary["n_damaged"], store.path)
+
+
+def _damaged_exit(n_damaged: int, store) -> int:
+    """Exit 1 (with the hint to verify) when ``n_damaged`` slides were listed as damaged, else 0."""
+    if not n_damaged:
+        return EXIT_OK
+    print(f"hlss: {n_damaged} damaged slides (listed above); `hlss verify {store}` checks every chunk, "
+          "--repair retiles them", file=sys.stderr)
+    return 1
 
 
 def _train(args) -> int:
     from hlss_model.config import ConfigError, TrainConfig
     from hlss_model.train import train
+
+    from .store import StoreError
 
     try:
         cfg = TrainConfig.from_yaml(args.config) if args.config else (None if args.resume else TrainConfig())
@@ -270,6 +284,9 @@ def _train(args) -> int:
         result = train(args.store, args.out, cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise _UsageError(str(e)) from e
+    except StoreError as e:  # e.g. a damaged tile chunk (hlss_model.data.TrainingDataError)
+        print(f"hlss train: error: {e}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
         print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
               f"{result.images_per_s:.1f} images/s; run: {result.out}")
@@ -385,7 +402,7 @@ def _knn(args) -> int:
     print(report.table())
     if args.json is not None:
         args.json.write_text(report.to_json(indent=2))
-    return EXIT_OK
+    return _damaged_exit(len(report.damaged), args.store)
 
 
 def _qc(args) -> int:
@@ -417,6 +434,8 @@ _COMMANDS = {"demo-cohort": _demo_cohort, "tile": _tile, "info": _info, "train":
              "knn": _knn, "serve": _serve, "deploy": _serve, "run": _run,
              "export-mil": lambda args: args.func(args), "qc": lambda args: _qc(args),
              "explain": lambda args: _explain(args), "report": lambda args: args.func(args)}
+
+_COMMANDS["verify"] = lambda args: args.func(args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,11 @@ Two things live here:
 * :class:`JpegCodec`, a zarr 3 *array-to-bytes* codec (name ``"hlss.jpeg"``) that stores a uint8
   chunk of RGB (or grayscale) tiles as one baseline JPEG image, encoded with libjpeg-turbo through
   :func:`imagecodecs.jpeg8_encode` (which releases the GIL). With the store's chunk shape
-  ``(1, T, T, 3)`` every chunk is exactly one tile and its bytes are a plain ``.jpg`` file. A chunk
+  ``(1, T, T, 3)`` every chunk is exactly one tile and its bytes are a plain ``.jpg`` file, followed
+  in the store by the 4 bytes of the ``crc32c`` codec that :func:`pipeline.store.create_array` puts
+  after it (JPEG decoders stop at the end-of-image marker, so the chunk still opens as a ``.jpg``;
+  zarr checks the checksum before this codec decodes, so a damaged tile is an error, not other
+  pixels). A chunk
   ``(n, T, T, 3)`` is encoded as one ``(n*T, T, 3)`` image (tiles stacked vertically, the layout
   neuroglancer uses for JPEG chunks); with ``T % 16 == 0`` no 8x8/16x16 JPEG block straddles two
   tiles, so each tile is coded independently.

@@ -103,7 +103,7 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
     the feature name and the names that exist), and :class:`pipeline.store.StoreError` for an
     unreadable store.
     """
-    from .store import SlideStore
+    from .store import SlideStore, StoreDamageError
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -120,6 +120,9 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
     for rec in st.records(status=None):
         key = (rec.patient_id, rec.slide_id)
         if wanted is not None and key not in wanted:
+            continue
+        if rec.damage is not None:
+            report.skipped.append((*key, str(rec.damage)))
             continue
         if rec.status != "complete":
             err = rec.attrs.get("error")
@@ -155,8 +158,13 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
             report.skipped.append((p, s, f"slide id also used by patient {owner[s]!r} (file names would clash)"))
             continue
         owner[s] = p
-        feats_arr = st.features(p, s, features)
-        coords = np.asarray(st.coords(p, s), dtype=np.int64)
+        try:
+            feats_arr = st.features(p, s, features)
+            coords = np.asarray(st.coords(p, s), dtype=np.int64)
+            feats = np.ascontiguousarray(feats_arr[:], dtype=np.float32)
+        except StoreDamageError as e:  # this slide only; the message names patient, slide, array, file
+            report.skipped.append((p, s, str(e)))
+            continue
         n = int(coords.shape[0])
         if n == 0:
             report.skipped.append((p, s, "no tiles"))
@@ -165,7 +173,6 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
             report.skipped.append((p, s, f"features {features!r} have shape {tuple(feats_arr.shape)}, "
                                          f"coords ({n}, 2): not aligned; re-extract"))
             continue
-        feats = np.ascontiguousarray(feats_arr[:], dtype=np.float32)
         feat_attrs = {k: v for k, v in dict(feats_arr.attrs).items() if k != "complete"}
         pattrs = st.patient_attrs(p)
         if fmt in ("clam-h5", "both"):

@@ -23,7 +23,7 @@ import torch
 from .encoders import Encoder
 from .location import scrub
 from .qc import TileFilter
-from .store import SlideStore, StoreWriter, tiles_version
+from .store import SlideStore, StoreDamageError, StoreWriter, tiles_version
 
 __all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows", "read_ahead"]
 
@@ -115,19 +115,21 @@ def _plan(reader: SlideStore, encoders: list[Encoder], force: bool, report: Extr
         p, s = rec.patient_id, rec.slide_id
         if slides is not None and (p, s) not in slides:
             continue
-        version = tiles_version(rec.attrs)
-        todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version, filt)]
         rows = None
-        if todo and rec.n_tiles and filt is not None:
-            try:
+        try:
+            if rec.damage is not None:
+                raise rec.damage
+            version = tiles_version(rec.attrs)
+            todo = [e for e in encoders if force or not _is_done(reader, p, s, e, version, filt)]
+            if todo and rec.n_tiles and filt is not None:
                 rows = np.flatnonzero(reader.tile_keep(p, s, tile_filter))
-            except Exception as e:  # e.g. an old slide without tile_qc: this slide fails, the rest go on
-                error = scrub(f"{type(e).__name__}: {e}")
-                log.error("%s/%s: feature extraction failed: %s", p, s, error)
-                report.failed.append((p, s, error))
-                if on_slide:
-                    on_slide(p, s, "failed")
-                continue
+        except Exception as e:  # damaged, or an old slide without tile_qc: this slide fails, the rest go on
+            error = scrub(str(e) if isinstance(e, StoreDamageError) else f"{type(e).__name__}: {e}")
+            log.error("%s/%s: feature extraction failed: %s", p, s, error)
+            report.failed.append((p, s, error))
+            if on_slide:
+                on_slide(p, s, "failed")
+            continue
         if not todo or rec.n_tiles == 0 or (rows is not None and len(rows) == 0):
             report.skipped.append((p, s))
             if on_slide:
@@ -214,7 +216,7 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
             report.extracted.append((job.patient, job.slide))
             status = "extracted"
         except Exception as e:  # one bad slide must not stop the cohort
-            error = scrub(f"{type(e).__name__}: {e}")
+            error = scrub(str(e) if isinstance(e, StoreDamageError) else f"{type(e).__name__}: {e}")
             log.error("%s/%s: feature extraction failed: %s", job.patient, job.slide, error)
             report.failed.append((job.patient, job.slide, error))
             for arr in job.staged.values():
@@ -278,17 +280,32 @@ def read_ahead(items: Iterator[tuple], read: Callable, pool: ThreadPoolExecutor,
 
 def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str]], batch_size: int = 256,
                 device: str = "auto", max_tiles_per_slide: int | None = None, seed: int = 0,
-                prefetch: int = 2) -> dict[tuple[str, str], np.ndarray]:
+                prefetch: int = 2, on_damage: Callable[[StoreDamageError], None] | None = None,
+                ) -> dict[tuple[str, str], np.ndarray]:
     """In-memory ``(n, D) float32`` features of each slide (for evaluation; nothing is written).
 
     ``max_tiles_per_slide`` takes the rows :func:`sample_rows` picks from larger slides.
+    ``on_damage``: called with the error of each slide whose tiles cannot be read, which is then
+    left out of the result (default: the error is raised).
     """
     reader = SlideStore(store)
     run = _Runner([encoder], device, None)
+    damaged: set[tuple[str, str]] = set()
+
+    def hit(key: tuple[str, str], e: StoreDamageError) -> None:
+        if on_damage is None:
+            raise e
+        if key not in damaged:
+            damaged.add(key)
+            on_damage(e)
 
     def batches() -> Iterator[tuple]:
         for key in slides:
-            tiles = reader.tiles(*key)
+            try:
+                tiles = reader.tiles(*key)
+            except StoreDamageError as e:
+                hit(key, e)
+                continue
             rows = sample_rows(tiles.shape[0], max_tiles_per_slide, seed)
             for start in range(0, tiles.shape[0] if rows is None else len(rows), batch_size):
                 yield key, tiles, rows, start
@@ -301,5 +318,12 @@ def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str
     parts: dict[tuple[str, str], list[np.ndarray]] = {key: [] for key in slides}
     with ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tile-read") as pool:
         for key, _, _, _, block in read_ahead(batches(), read, pool, prefetch):
-            parts[key].append(run(encoder, run.upload(block.result())))
-    return {key: np.concatenate(p) if p else np.zeros((0, encoder.dim), np.float32) for key, p in parts.items()}
+            try:
+                tiles = block.result()
+            except StoreDamageError as e:
+                hit(key, e)
+                continue
+            if key not in damaged:
+                parts[key].append(run(encoder, run.upload(tiles)))
+    return {key: np.concatenate(p) if p else np.zeros((0, encoder.dim), np.float32) for key, p in parts.items()
+            if key not in damaged}

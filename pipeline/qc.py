@@ -414,21 +414,29 @@ def export_qc(store, out_dir: str | Path, status: str | None = None) -> list[Pat
 
     ``store``: a :class:`~pipeline.store.SlideStore` or its path/URL. ``status``: only slides with
     that status (default: all, failed ones included). Slides tiled before QC pictures existed are
-    skipped with a warning.
+    skipped with a warning, damaged slides (metadata or picture unreadable) with an error naming them.
     """
-    from .store import SlideStore
+    from .store import SlideStore, StoreDamageError
 
     store = store if isinstance(store, SlideStore) else SlideStore(store)
     out = Path(out_dir)
     written: list[Path] = []
     for rec in store.records(status=status):
+        if rec.damage is not None:
+            log.error("no QC picture: %s", rec.damage)
+            continue
         if not store.has_qc(rec.patient_id, rec.slide_id):
             log.warning("%s/%s: no QC picture (tiled before QC pictures existed, or failed before its thumbnail)",
                         rec.patient_id, rec.slide_id)
             continue
+        try:
+            png = store.qc_png(rec.patient_id, rec.slide_id)
+        except StoreDamageError as e:  # this slide only
+            log.error("no QC picture: %s", e)
+            continue
         path = out / rec.patient_id / f"{rec.slide_id}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(store.qc_png(rec.patient_id, rec.slide_id))
+        path.write_bytes(png)
         written.append(path)
     return written
 

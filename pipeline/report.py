@@ -31,6 +31,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from .files import atomic_write_bytes
+from .location import StoreError
 from .qc import encode_png
 
 __all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "add_parser",
@@ -91,15 +92,15 @@ def slide_picture(store, patient_id: str, slide_id: str, max_px: int = MAX_PX) -
     try:
         if store.has_qc(patient_id, slide_id):
             return _png(store.qc_image(patient_id, slide_id), max_px), "qc"
-    except (KeyError, OSError, ValueError):
+    except (KeyError, OSError, ValueError, StoreError):  # StoreDamageError: the table row says so
         pass
     try:
         thumb = store.thumbnail(patient_id, slide_id)
-    except (KeyError, OSError, ValueError):
+    except (KeyError, OSError, ValueError, StoreError):
         return None
     try:
         mask = store.tissue_mask(patient_id, slide_id)
-    except (KeyError, OSError, ValueError):
+    except (KeyError, OSError, ValueError, StoreError):
         mask = None
     return _png(_outlined_thumbnail(thumb, mask), max_px), "thumbnail"
 
@@ -333,7 +334,11 @@ def _attribute_sections(store, slides: Sequence[dict[str, Any]], max_px: int, pi
         for s in slide_ids:
             for run_name in store.attribute_runs(p, s):
                 arr = store.attribute_scores(p, s, run_name)
-                scores, names, levels = arr[:], list(arr.attrs["names"]), list(arr.attrs["levels"])
+                try:
+                    scores, names, levels = arr[:], list(arr.attrs["names"]), list(arr.attrs["levels"])
+                except StoreError as e:  # StoreDamageError: named here, the rest of the report goes on
+                    parts.append(f"<p class=meta>slide {_e(s)}, run {_e(run_name)}: {_e(e)}</p>")
+                    continue
                 if len(scores) != n_tiles[p, s]:  # written for an earlier tiling of the slide
                     parts.append(f"<p class=meta>slide {_e(s)}, run {_e(run_name)}: {len(scores)} scores for "
                                  f"{n_tiles[p, s]} tiles; rerun <code>hlss explain</code></p>")
@@ -396,7 +401,8 @@ def slide_table(store, summary: dict[str, Any] | None = None,
                 split: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per slide of the store: the rows of ``store.summary()`` plus ``split`` (the patient's,
     else from ``split``: patient -> split) and ``tissue_fraction`` (mean over the kept tiles; None when
-    the slide has no tiles)."""
+    the slide has no tiles). A slide whose tissue fractions cannot be read becomes ``status``
+    "damaged" with the damage as its ``error``."""
     summary = summary if summary is not None else store.summary()
     splits: dict[str, Any] = {}
     out = []
@@ -408,8 +414,13 @@ def slide_table(store, summary: dict[str, Any] | None = None,
                 tissue = float(np.mean(store.tissue(p, s)))
             except (KeyError, OSError, ValueError):
                 pass
+            except StoreError as e:  # StoreDamageError
+                row = {**row, "status": "damaged", "error": str(e)}
         if p not in splits:
-            splits[p] = store.patient_attrs(p).get("split") or (split or {}).get(p)
+            try:
+                splits[p] = store.patient_attrs(p).get("split") or (split or {}).get(p)
+            except StoreError:  # damaged patient metadata: its rows say so
+                splits[p] = (split or {}).get(p)
         out.append({**row, "split": splits[p], "tissue_fraction": tissue})
     return out
 
@@ -433,17 +444,19 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
         p, s, split = row["patient"], row["slide"], row["split"]
         tissue = "-" if row["tissue_fraction"] is None else f"{row['tissue_fraction']:.3f}"
         mpp0 = f"{row['mpp0']:.4g}" if isinstance(row.get("mpp0"), (int, float)) else "-"
-        cls = ' class="failed"' if row["status"] == "failed" else ""
+        cls = ' class="failed"' if row["status"] in ("failed", "damaged") else ""
         rows.append(f'<tr{cls} data-patient="{_e(p)}" data-slide="{_e(s)}"><td>{_e(p)}</td>'
                     f'<td><a href="#{_e(_anchor("qc", p, s))}">{_e(s)}</a></td>'
                     f'<td>{_e(row.get("label") or "")}</td><td>{_e(split or "")}</td><td>{_e(row["status"])}</td>'
                     f'<td class="num tiles">{row["n_tiles"]}</td><td class=num>{tissue}</td>'
                     f'<td class=num>{mpp0}</td><td class=error>{_e(row.get("error") or "")}</td></tr>')
-        pic = pictures.get(f"slides/{p}/{s}", _version(store.slide_attrs(p, s), max_px),
-                           lambda p=p, s=s: slide_picture(store, p, s, max_px=max_px))
+        pic = None if row["status"] == "damaged" else pictures.get(
+            f"slides/{p}/{s}", _version(store.slide_attrs(p, s), max_px),
+            lambda p=p, s=s: slide_picture(store, p, s, max_px=max_px))
         caption = [f"{p} / {s}: {row['status']}, {row['n_tiles']} tiles, mean tissue fraction {tissue}, mpp0 {mpp0}"]
         if pic is None:
-            caption.append("no picture (the slide was not tiled)")
+            caption.append("no picture (the slide is damaged)" if row["status"] == "damaged"
+                           else "no picture (the slide was not tiled)")
         elif pic[3] == "qc":
             caption.append("QC picture: green tissue mask outline, magenta kept tiles")
         else:
@@ -466,7 +479,8 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
               f"hlss-pipeline {_e(info.get('package_version'))}; created {_e(info.get('created'))}; "
               f"report written {_e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}</p>"
               f'<p class="counts">{summary["n_patients"]} patients, {summary["n_slides"]} slides '
-              f'({summary["n_complete"]} complete, {summary["n_failed"]} failed), {summary["n_tiles"]} tiles</p>'
+              f'({summary["n_complete"]} complete, {summary["n_failed"]} failed, '
+              f'{sum(r["status"] == "damaged" for r in table)} damaged), {summary["n_tiles"]} tiles</p>'
               + (f"<p>tiling parameters:</p><ul>{params}</ul>" if params else ""))
 
     table = ('<table id="slides"><thead><tr><th>patient</th><th>slide</th><th>label</th><th>split</th>'
@@ -579,9 +593,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_px < 16:
         return fail("--max-px must be at least 16")
     runs = args.run or recorded_runs(store)
+    summary = store.summary()
+    table = slide_table(store, summary, run_split(runs))
     try:
-        out = write_report(store, args.out, runs, title=args.title, max_px=args.max_px, pictures=args.pictures)
+        out = write_report(store, args.out, runs, title=args.title, max_px=args.max_px, pictures=args.pictures,
+                           summary=summary, table=table)
     except OSError as e:
         return fail(f"{args.out}: {e}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    return 0
+    damaged = [row["error"] for row in table if row["status"] == "damaged"]
+    for error in damaged:
+        print(f"  DAMAGED {error}", file=sys.stderr)
+    return 1 if damaged else 0

@@ -27,6 +27,24 @@ Layout (the contract other modules and users rely on)::
                                            tiles_version, complete (see hlss_model.explain)
       _staging/                   slides being written (never read as results)
 
+Schema versions (``attrs["hlss"]["schema_version"]`` of the root):
+
+* **2** (stores created now): every array is made by :func:`create_array`, which puts zarr 3's
+  ``crc32c`` codec last on every stored chunk (for sharded arrays: on every inner chunk, and the
+  shard index keeps its own crc32c) and writes every chunk, even one equal to the fill value. A
+  flipped byte is a :class:`StoreDamageError` naming patient, slide, array and file, and a missing
+  chunk file is found by ``hlss verify`` (:mod:`pipeline.verify`).
+* **1** (stores made before): arrays without checksums (the shard index excepted), chunks equal to
+  the fill value not written. Still read and still written to: the store keeps its label 1, and
+  slides and feature arrays written into it from now on carry checksums like a schema-2 store's
+  (each array's ``zarr.json`` names its codecs, so readers need not know). ``hlss verify`` lists
+  the arrays without checksums; retiling (``hlss tile --force``) adds them.
+
+Whatever cannot be read (a ``zarr.json`` that is missing, truncated or invalid; a chunk that fails
+its checksum or does not decode) raises :class:`StoreDamageError` from the :class:`SlideStore`
+accessors, and :meth:`SlideStore.records` yields such a slide as a damaged record, so store-wide
+commands list it and go on with the rest.
+
 The store is a local or shared folder, or an object store (``s3://bucket/prefix`` and other fsspec
 URLs, see :mod:`pipeline.location` for credentials). Either way a slide is first written whole into
 ``_staging/<token>`` by one process, so writers never share a chunk or a shard, and a previous
@@ -58,6 +76,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -72,6 +91,8 @@ from typing import Any, Iterator
 import numpy as np
 import psutil
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from .files import atomic_write_bytes
 from .ids import validate_id
@@ -79,9 +100,14 @@ from .location import ObjectLocation, StoreError, is_remote, local_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "StoreError", "StoreWriter", "StagedSlide", "SlideStore", "SlideRecord", "tiles_version"]
+__all__ = ["SCHEMA_VERSION", "READABLE_SCHEMAS", "StoreError", "StoreDamageError", "StoreWriter", "StagedSlide",
+           "SlideStore", "SlideRecord", "CheckedArray", "bad_chunks", "chunk_grid", "create_array", "damage_reason",
+           "has_checksums", "tiles_version"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Schema of the stores created now (see the module docstring)."""
+READABLE_SCHEMAS = (1, 2)
+"""Schemas this version reads and writes."""
 STAGING = "_staging"
 _ARRAY_GROUPS = ("features", "attributes")  # slide subgroups written by StoreWriter.commit_features
 _STALE_FOREIGN_S = 24 * 3600
@@ -123,10 +149,9 @@ def _check_root_doc(where: Path | str, meta: dict) -> None:
     hlss = meta.get("attributes", {}).get("hlss")
     if meta.get("node_type") != "group" or not isinstance(hlss, dict):
         raise StoreError(f"{where}: a Zarr node but not an hlss store (no 'hlss' attributes)")
-    if hlss.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(
-            f"{where}: store schema version {hlss.get('schema_version')} is not supported (expected {SCHEMA_VERSION})"
-        )
+    if hlss.get("schema_version") not in READABLE_SCHEMAS:
+        raise StoreError(f"{where}: store schema version {hlss.get('schema_version')} is not supported "
+                         f"(this version reads {', '.join(map(str, READABLE_SCHEMAS))})")
 
 
 def _check_remote_root(loc: ObjectLocation, create: bool) -> dict | None:
@@ -146,6 +171,157 @@ def _check_remote_root(loc: ObjectLocation, create: bool) -> dict | None:
 
 def _group_doc(attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": dict(attrs or {})}
+
+
+def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype: Any,
+                 chunks: tuple[int, ...] | None = None, shards: tuple[int, ...] | None = None,
+                 fill_value: Any = None, filters: Any = None, serializer: Any = "auto",
+                 compressors: Any = "auto", attrs: dict[str, Any] | None = None) -> zarr.Array:
+    """Every array of the store is created here, so none misses its checksum.
+
+    ``compressors`` (bytes-to-bytes codecs; ``"auto"``: zarr's default Zstd level 0, None: none) get
+    :class:`zarr.codecs.Crc32cCodec` appended, so it is the last codec on every stored chunk (with
+    ``shards``: on every inner chunk, the shard index having its own crc32c). Every chunk is written,
+    even one equal to ``fill_value``, so a missing chunk file is damage, not a hole.
+    """
+    if compressors == "auto":
+        compressors = (ZstdCodec(level=0, checksum=False),)
+    elif compressors is None:
+        compressors = ()
+    elif not isinstance(compressors, (list, tuple)):
+        compressors = (compressors,)
+    arr = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or "auto", shards=shards,
+                             fill_value=fill_value, filters=filters, serializer=serializer,
+                             compressors=(*compressors, Crc32cCodec()), config={"write_empty_chunks": True})
+    if attrs:
+        arr.update_attributes(attrs)
+    return arr
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    """Whether every stored chunk of ``array`` ends in a crc32c checksum (made by :func:`create_array`)."""
+    codecs = array.metadata.codecs
+    inner = getattr(codecs[0], "codecs", None) if len(codecs) == 1 else None  # sharding_indexed
+    return isinstance((inner or codecs)[-1], Crc32cCodec)
+
+
+class StoreDamageError(StoreError):
+    """Part of a committed slide cannot be read: a ``zarr.json`` or a chunk is damaged.
+
+    ``patient_id``, ``slide_id`` (None: the patient's own metadata), ``array`` (None: the slide's or
+    patient's metadata; else its path in the slide, e.g. ``tiles`` or ``features/resnet``), ``path``
+    (the file or object), ``problem`` (what is wrong).
+    """
+
+    def __init__(self, patient_id: str, slide_id: str | None, array: str | None, path: str, problem: str) -> None:
+        self.patient_id, self.slide_id, self.array, self.path, self.problem = patient_id, slide_id, array, path, problem
+        where = f"patient {patient_id}" + (f", slide {slide_id}" if slide_id else "")
+        what = f"array {array!r}" if array else ("slide metadata" if slide_id else "patient metadata")
+        super().__init__(f"{where}: {what} is damaged: {problem} ({path})")
+
+
+def damage_reason(e: BaseException) -> str:
+    """A short account of why a node or chunk could not be read."""
+    text = str(e)
+    if isinstance(e, ValueError) and "checksum do not match" in text:
+        return "checksum mismatch (crc32c): the bytes changed after they were written"
+    if isinstance(e, json.JSONDecodeError):
+        return f"zarr.json is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+    if isinstance(e, (KeyError, FileNotFoundError)):
+        return "zarr.json is missing"
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+class CheckedArray:
+    """A :class:`zarr.Array` of a committed slide whose reads raise :class:`StoreDamageError`
+    (naming patient, slide, array, chunk and file) instead of zarr's or a codec's own error.
+
+    Everything else (``shape``, ``dtype``, ``attrs``, ``chunks``...) is the wrapped array's;
+    ``.array`` is the plain zarr array.
+    """
+
+    _READS = ("get_basic_selection", "get_orthogonal_selection", "get_coordinate_selection",
+              "get_mask_selection", "get_block_selection")
+
+    def __init__(self, array: zarr.Array, store: "SlideStore", patient_id: str, slide_id: str, name: str) -> None:
+        self.array, self._store, self._ids, self._name = array, store, (patient_id, slide_id), name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr in ("array", "_store", "_ids", "_name"):  # e.g. while unpickling
+            raise AttributeError(attr)
+        value = getattr(self.array, attr)
+        if attr in self._READS:
+            return lambda selection, *a, **k: self._read(value, selection, *a, **k)
+        return value
+
+    def __getitem__(self, selection: Any) -> Any:
+        return self._read(self.array.__getitem__, selection)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[...]
+        return data if dtype is None else data.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"CheckedArray({self.array!r})"
+
+    def _read(self, read: Any, selection: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return read(selection, *args, **kwargs)
+        except (IndexError, TypeError):  # a bad selection is the caller's, not damage
+            raise
+        except Exception as e:
+            raise self._damage(e, _rows(selection, self.array.shape[0] if self.array.ndim else 0)) from e
+
+    def _damage(self, error: BaseException, rows: np.ndarray | None) -> StoreDamageError:
+        bad = next(iter(bad_chunks(self.array, rows, limit=1)), None)
+        p, s = self._ids
+        if bad is None:
+            return StoreDamageError(p, s, self._name, self._store.where(self.array.path), damage_reason(error))
+        chunk, key, err = bad
+        return StoreDamageError(p, s, self._name, self._store.where(f"{self.array.path}/{key}"),
+                                f"chunk {chunk}: {damage_reason(err)}")
+
+
+def _rows(selection: Any, n: int) -> np.ndarray | None:
+    """The first-axis indices a selection reads (None: all or unknown)."""
+    first = selection[0] if isinstance(selection, tuple) and selection else selection
+    if isinstance(first, (int, np.integer)):
+        return np.array([int(first) % n if n else 0])
+    if isinstance(first, slice):
+        return np.arange(n)[first]
+    if isinstance(first, (list, np.ndarray)) and np.asarray(first).dtype.kind in "iu":
+        return np.asarray(first) % n if n else None
+    return None
+
+
+def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """The coordinates of every chunk of an array of ``shape`` cut in ``chunks``, in C order."""
+    return itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks)))
+
+
+def bad_chunks(array: zarr.Array, rows: np.ndarray | None = None,
+               limit: int | None = None) -> Iterator[tuple[tuple[int, ...], str, BaseException]]:
+    """``(chunk coords, storage key, error)`` of each (inner) chunk of ``array`` that cannot be read,
+    reading the chunks one by one; ``rows``: only the chunks holding these first-axis indices.
+
+    The storage key is the file or object, relative to the array, that holds the chunk: the chunk
+    itself, or its shard.
+    """
+    wanted = None if rows is None or not array.ndim else set((np.asarray(rows) // array.chunks[0]).tolist())
+    outer = array.shards or array.chunks
+    found = 0
+    for coords in chunk_grid(array.shape, array.chunks):
+        if wanted is not None and coords[0] not in wanted:
+            continue
+        box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, array.chunks))
+        try:
+            array[box]
+        except Exception as e:
+            shard = tuple(i * c // o for i, c, o in zip(coords, array.chunks, outer))
+            yield coords, array.metadata.encode_chunk_key(shard), e
+            found += 1
+            if limit is not None and found >= limit:
+                return
 
 
 @dataclass
@@ -276,8 +452,8 @@ class StoreWriter:
         ``fill_value``: what rows never written read as (NaN for tiles left out by a tile filter).
         """
         staged = self.stage()
-        return staged.group.create_array("values", shape=(n, dim), dtype=dtype,
-                                         chunks=(max(1, min(chunk_rows, n)), dim), fill_value=fill_value)
+        return create_array(staged.group, "values", shape=(n, dim), dtype=dtype,
+                            chunks=(max(1, min(chunk_rows, n)), dim), fill_value=fill_value)
 
     def commit_features(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
                         attrs: dict[str, Any], expect_tiles_version: str, group: str = "features") -> None:
@@ -557,15 +733,17 @@ def _ensure_group(path: Path, attrs: dict[str, Any] | None = None) -> None:
 
 @dataclass(frozen=True)
 class SlideRecord:
-    """One committed slide: its ids and attributes."""
+    """One committed slide: its ids and attributes; ``damage`` when its metadata cannot be read
+    (then ``attrs`` is empty and ``status`` is ``"damaged"``)."""
 
     patient_id: str
     slide_id: str
     attrs: dict[str, Any]
+    damage: StoreDamageError | None = None
 
     @property
     def status(self) -> str:
-        return self.attrs.get("status", "unknown")
+        return "damaged" if self.damage is not None else self.attrs.get("status", "unknown")
 
     @property
     def n_tiles(self) -> int:
@@ -576,9 +754,11 @@ class SlideStore:
     """Read access to a cohort store.
 
     >>> store = SlideStore("cohort.zarr")
-    >>> for p in store.patients():
-    ...     for s in store.slides(p):
-    ...         tiles = store.tiles(p, s)   # zarr.Array (N, T, T, 3) uint8; tiles[i] reads one tile
+    >>> for rec in store.records(status="complete"):   # damaged slides come too, rec.damage set
+    ...     tiles = store.tiles(rec.patient_id, rec.slide_id)   # (N, T, T, 3) uint8; tiles[i] reads one tile
+
+    Every accessor raises :class:`StoreDamageError` (patient, slide, array, file) for what cannot
+    be read, and KeyError for what is not there.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -603,63 +783,116 @@ class SlideStore:
     def info(self) -> dict[str, Any]:
         return dict(self.root.attrs["hlss"])
 
+    def where(self, key: str) -> str:
+        """The file (folder store) or URL (object store) of ``key``, a path relative to the store root."""
+        return f"{self.path}/{key.strip('/')}" if self.is_remote else str(Path(self.path) / key.strip("/"))
+
+    def children(self, key: str) -> list[str]:
+        """Names of the nodes under ``key`` as the storage lists them, readable metadata or not."""
+        if not self.is_remote:
+            folder = Path(self.path) / key
+            return sorted(c.name for c in folder.iterdir() if c.is_dir()) if folder.is_dir() else []
+
+        async def listing() -> list[str]:
+            return [n async for n in self.root.store.list_dir(key.strip("/"))]
+
+        return sorted(n for n in sync(listing()) if n != "zarr.json")
+
+    def node(self, key: str, patient_id: str, slide_id: str | None = None, array: str | None = None):
+        """The group or array at ``key``; KeyError if absent, :class:`StoreDamageError` if unreadable."""
+        try:
+            return self.root[key]
+        except KeyError:
+            if self.is_remote or not (Path(self.path) / key).is_dir():
+                raise
+            error: BaseException = FileNotFoundError(key)  # a folder without its zarr.json
+        except Exception as e:
+            error = e
+        raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/zarr.json"), damage_reason(error))
+
     def patients(self) -> list[str]:
-        return sorted(k for k, _ in self.root["patients"].groups())
+        """Every patient id, its metadata readable or not (see :meth:`patient_attrs`)."""
+        return self.children("patients")
 
     def patient_attrs(self, patient_id: str) -> dict[str, Any]:
-        return dict(self.root["patients"][patient_id].attrs)
+        return dict(self.node(f"patients/{patient_id}", patient_id).attrs)
 
     def slides(self, patient_id: str, status: str | None = "complete") -> list[str]:
-        """Slide ids of a patient; only those with ``status`` unless it is None."""
-        group = self.root["patients"][patient_id]
-        if "slides" not in group:
-            return []
-        out = []
-        for name, g in group["slides"].groups():
-            if status is None or g.attrs.get("status") == status:
-                out.append(name)
-        return sorted(out)
+        """Slide ids of a patient; only those with ``status`` unless it is None (which lists damaged
+        slides too: use :meth:`records` to tell them)."""
+        return [r.slide_id for r in self.patient_records(patient_id, status)
+                if status is None or r.damage is None]
 
     def records(self, status: str | None = None) -> Iterator[SlideRecord]:
-        """Every committed slide (of ``status`` when given), patient by patient."""
+        """Every committed slide (of ``status`` when given), patient by patient; a slide whose metadata
+        (or its patient's) cannot be read comes whatever ``status`` asks, with ``damage`` set."""
         for p in self.patients():
-            for s in self.slides(p, status=status):
-                yield SlideRecord(p, s, self.slide_attrs(p, s))
+            yield from self.patient_records(p, status)
+
+    def patient_records(self, patient_id: str, status: str | None = None) -> Iterator[SlideRecord]:
+        """The records of one patient's slides, as :meth:`records` gives them."""
+        names = self.children(f"patients/{patient_id}/slides")
+        try:
+            self.patient_attrs(patient_id)
+        except StoreDamageError as damage:
+            yield from (SlideRecord(patient_id, s, {}, damage) for s in names)  # no slides: nothing lost
+            return
+        for s in names:
+            try:
+                attrs = self.slide_attrs(patient_id, s)
+            except StoreDamageError as damage:
+                yield SlideRecord(patient_id, s, {}, damage)
+                continue
+            except KeyError:  # listed, so its zarr.json is what is missing
+                key = _slide_key(patient_id, s)
+                yield SlideRecord(patient_id, s, {}, StoreDamageError(patient_id, s, None, self.where(f"{key}/zarr.json"),
+                                                                   "zarr.json is missing"))
+                continue
+            if status is None or attrs.get("status") == status:
+                yield SlideRecord(patient_id, s, attrs)
 
     def group(self, patient_id: str, slide_id: str) -> zarr.Group:
-        return self.root[_slide_key(patient_id, slide_id)]  # one metadata read, not one per level
+        return self.node(_slide_key(patient_id, slide_id), patient_id, slide_id)  # one metadata read
 
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any]:
         return dict(self.group(patient_id, slide_id).attrs)
 
-    def tiles(self, patient_id: str, slide_id: str) -> zarr.Array:
+    def array(self, patient_id: str, slide_id: str, name: str) -> CheckedArray:
+        """Array ``name`` of a slide (``tiles``, ``features/<set>``...), lazy, its reads checked."""
+        arr = self.node(f"{_slide_key(patient_id, slide_id)}/{name}", patient_id, slide_id, name)
+        return CheckedArray(arr, self, patient_id, slide_id, name)
+
+    def _read(self, patient_id: str, slide_id: str, name: str) -> np.ndarray:
+        return self.array(patient_id, slide_id, name)[...]
+
+    def tiles(self, patient_id: str, slide_id: str) -> CheckedArray:
         """``(N, T, T, 3) uint8`` tiles (lazy: index it to read)."""
-        return self.root[f"{_slide_key(patient_id, slide_id)}/tiles"]
+        return self.array(patient_id, slide_id, "tiles")
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N, 2) int64`` level-0 (x, y) of each tile's top-left corner."""
-        return self.group(patient_id, slide_id)["coords"][:]
+        return self._read(patient_id, slide_id, "coords")
 
     def tissue(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N,) float32`` tissue fraction of each tile."""
-        return self.group(patient_id, slide_id)["tissue"][:]
+        return self._read(patient_id, slide_id, "tissue")
 
     def thumbnail(self, patient_id: str, slide_id: str) -> np.ndarray:
-        return self.group(patient_id, slide_id)["thumbnail"][:]
+        return self._read(patient_id, slide_id, "thumbnail")
 
     def tissue_mask(self, patient_id: str, slide_id: str) -> np.ndarray:
-        return self.group(patient_id, slide_id)["tissue_mask"][:]
+        return self._read(patient_id, slide_id, "tissue_mask")
 
     def has_qc(self, patient_id: str, slide_id: str) -> bool:
         """Whether the slide has a QC picture (slides tiled before they existed have none)."""
-        return "qc" in self.group(patient_id, slide_id)
+        return "qc" in self.children(_slide_key(patient_id, slide_id))
 
     def qc_image(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(H, W, 3) uint8`` QC picture (see :mod:`pipeline.qc`); KeyError if the slide has none."""
-        group = self.group(patient_id, slide_id)
-        if "qc" not in group:
-            raise KeyError(f"{patient_id}/{slide_id}: no QC picture (tiled before QC pictures existed? retile)")
-        return group["qc"][:]
+        try:
+            return self._read(patient_id, slide_id, "qc")
+        except KeyError:
+            raise KeyError(f"{patient_id}/{slide_id}: no QC picture (tiled before QC pictures existed? retile)") from None
 
     def qc_png(self, patient_id: str, slide_id: str) -> bytes:
         """The QC picture encoded as PNG."""
@@ -672,11 +905,11 @@ class SlideStore:
 
         Raises :class:`StoreError` for a slide tiled before they were recorded.
         """
-        group = self.group(patient_id, slide_id)
-        if "tile_qc" not in group:
+        names = self.children(f"{_slide_key(patient_id, slide_id)}/tile_qc")
+        if not names:
             raise StoreError(f"{patient_id}/{slide_id}: no per-tile QC measures (tiled by an older version); "
                              "retile (hlss tile --force) to filter on them")
-        return {name: arr[:] for name, arr in group["tile_qc"].arrays()}
+        return {name: self._read(patient_id, slide_id, f"tile_qc/{name}") for name in names}
 
     def tile_keep(self, patient_id: str, slide_id: str, tile_filter=None) -> np.ndarray:
         """``(N,) bool``: the tiles a :class:`pipeline.qc.TileFilter` keeps (all of them when it is None
@@ -693,10 +926,11 @@ class SlideStore:
         return tile_filter.keep(qc)
 
     def feature_names(self, patient_id: str, slide_id: str) -> list[str]:
-        """Names of the complete feature arrays of a slide."""
+        """Names of the complete feature arrays of a slide (a damaged one is left out with a warning;
+        :meth:`features` names its damage)."""
         return self._complete_names(patient_id, slide_id, "features")
 
-    def features(self, patient_id: str, slide_id: str, name: str) -> zarr.Array:
+    def features(self, patient_id: str, slide_id: str, name: str) -> CheckedArray:
         """``(N, D)`` features ``name`` of a slide, row i for tile i (KeyError if absent)."""
         return self._complete_array(patient_id, slide_id, "features", name, "features")
 
@@ -705,36 +939,52 @@ class SlideStore:
         return self._complete_names(patient_id, slide_id, "attributes")
 
     def _complete_names(self, patient_id: str, slide_id: str, kind: str) -> list[str]:
-        group = self.group(patient_id, slide_id)
-        if kind not in group:
-            return []
-        return sorted(n for n, a in group[kind].arrays() if a.attrs.get("complete"))
+        out = []
+        for name in self.children(f"{_slide_key(patient_id, slide_id)}/{kind}"):
+            try:
+                if self.array(patient_id, slide_id, f"{kind}/{name}").attrs.get("complete"):
+                    out.append(name)
+            except StoreDamageError as e:  # recomputed by the next extract/explain; verify lists it
+                log.warning("%s", e)
+            except KeyError:
+                continue
+        return out
 
-    def _complete_array(self, patient_id: str, slide_id: str, kind: str, name: str, what: str) -> zarr.Array:
-        arr = self.group(patient_id, slide_id)[kind][name]
+    def _complete_array(self, patient_id: str, slide_id: str, kind: str, name: str, what: str) -> CheckedArray:
+        arr = self.array(patient_id, slide_id, f"{kind}/{name}")
         if not arr.attrs.get("complete"):
             raise KeyError(f"{patient_id}/{slide_id}: {what} {name!r} are incomplete")
         return arr
 
-    def attribute_scores(self, patient_id: str, slide_id: str, run_name: str) -> zarr.Array:
+    def attribute_scores(self, patient_id: str, slide_id: str, run_name: str) -> CheckedArray:
         """``(N, A) float32`` attribute scores of run ``run_name``, row i for tile i; attrs ``levels`` and
         ``names`` give each column (KeyError if absent or incomplete)."""
         return self._complete_array(patient_id, slide_id, "attributes", run_name, "attribute scores")
 
     def evaluations(self) -> dict[str, dict[str, Any]]:
-        """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`)."""
-        if "evaluations" not in self.root:
-            return {}
-        return {n: dict(g.attrs).get("result", {}) for n, g in self.root["evaluations"].groups()}
+        """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`); one whose ``zarr.json``
+        cannot be read is left out with a warning naming its file."""
+        out = {}
+        for name in self.children("evaluations"):
+            try:
+                out[name] = dict(self.root[f"evaluations/{name}"].attrs).get("result", {})
+            except Exception as e:  # a record of a past run: never a reason to fail the reader
+                log.warning("evaluation %s is unreadable: %s (%s)", name, damage_reason(e),
+                            self.where(f"evaluations/{name}/zarr.json"))
+        return out
 
     def summary(self) -> dict[str, Any]:
-        """Patients, slides, tile counts, failures and the distinct tiling parameters, as plain data."""
+        """Patients, slides, tile counts, failures, damaged slides and the distinct tiling parameters,
+        as plain data (a damaged slide's row: status "damaged", its damage as ``error``)."""
         rows, params = [], []
         labels: dict[str, Any] = {}  # one read of each patient's attributes, not one per slide
         for rec in self.records(status=None):
             a = rec.attrs
             if rec.patient_id not in labels:
-                labels[rec.patient_id] = self.patient_attrs(rec.patient_id).get("label")
+                try:
+                    labels[rec.patient_id] = self.patient_attrs(rec.patient_id).get("label")
+                except StoreDamageError:
+                    labels[rec.patient_id] = None
             rows.append({
                 "patient": rec.patient_id,
                 "slide": rec.slide_id,
@@ -744,7 +994,7 @@ class SlideStore:
                 "mpp_source": a.get("mpp_source"),
                 "level": a.get("level"),
                 "label": labels[rec.patient_id],
-                "error": a.get("error"),
+                "error": str(rec.damage) if rec.damage is not None else a.get("error"),
             })
             if rec.status == "complete":
                 keys = ("target_mpp", "tile_size", "tile_um", "min_tissue", "mask_mpp", "compression", "tissue_params")
@@ -757,6 +1007,7 @@ class SlideStore:
             "n_slides": len(rows),
             "n_complete": sum(r["status"] == "complete" for r in rows),
             "n_failed": sum(r["status"] == "failed" for r in rows),
+            "n_damaged": sum(r["status"] == "damaged" for r in rows),
             "n_tiles": sum(r["n_tiles"] for r in rows if r["status"] == "complete"),
             "slides": rows,
             "parameters": params,

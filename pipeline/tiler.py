@@ -25,7 +25,7 @@ from .qc import QC_FIELDS, qc_caption, render_qc, tile_measures
 from .location import scrub
 from .reader import MppInfo, SlideError, SlideReader, TimeBudget, open_slide, read_thumbnail, resolve_mpp
 from .source import same_source, source_info
-from .store import StagedSlide, StoreWriter
+from .store import StagedSlide, StoreWriter, create_array
 from .tiles import ReadPlan, iter_tile_blocks, plan_reads
 from .tissue import TissueMask, detect_tissue
 
@@ -283,17 +283,10 @@ def _write_slide(
     _write_small(group, "coords", grid.coords[order].astype(np.int64), {"units": "level-0 px, tile top-left (x, y)"})
     _write_small(group, "tissue", p.fractions[order].astype(np.float32), {"units": "fraction of tile area"})
     shard = min(params.shard_tiles, n)
-    tiles = group.create_array(
-        "tiles",
-        shape=(n, T, T, 3),
-        dtype="uint8",
-        chunks=(1, T, T, 3),
-        shards=(shard, T, T, 3),
-        fill_value=0,
-        # every tile holds tissue: skip zarr's per-chunk "is it all fill value?" scan (a third of the write time)
-        config={"write_empty_chunks": True},
-        **params.compression.codecs_for(),
-    )
+    # create_array writes every chunk: every tile holds tissue, and skipping zarr's per-chunk "is it
+    # all fill value?" scan saves a third of the write time
+    tiles = create_array(group, "tiles", shape=(n, T, T, 3), dtype="uint8", chunks=(1, T, T, 3),
+                         shards=(shard, T, T, 3), fill_value=0, **params.compression.codecs_for())
     qc = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
     _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap,
                 qc=qc, ink_hues=params.tissue.ink_hues, dark_value=params.tissue.dark_value, budget=budget)
@@ -359,10 +352,10 @@ def _write_qc(group: zarr.Group, spec: SlideSpec, p: "SlidePlan", attrs: dict, c
 
 
 def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict) -> None:
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape if data.size else None)
+    arr = create_array(group, name, shape=data.shape, dtype=data.dtype, chunks=data.shape if data.size else None,
+                       attrs=attrs)
     if data.size:
         arr[...] = data
-    arr.update_attributes(attrs)
 
 
 def _shards(slide, coords, plan, shard: int,

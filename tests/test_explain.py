@@ -280,3 +280,25 @@ def test_two_runs_with_the_same_folder_name_do_not_overwrite_each_other(setup, t
     assert not np.array_equal(named.scores, first.scores)
     with pytest.raises(ExplainError, match="attribute map name"):
         load_explain_run(other, name="../x")
+
+
+def test_cli_names_a_damaged_slide_and_patient(setup, tmp_path, capsys):
+    """A flipped byte in the explained slide's tiles: exit 1 with patient, slide, array and file named;
+    nothing else in the store changed."""
+    from store_snapshot import assert_unchanged, snapshot
+
+    src, run_dir, p, s = setup
+    store = tmp_path / "store.zarr"
+    shutil.copytree(src, store)
+    shard = store / "patients" / p / "slides" / s / "tiles" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[64] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = snapshot(store)
+    args = _parse(["explain", "--store", str(store), "--checkpoint", str(run_dir), "--slide", s, "--force",
+                   "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert f"patient {p}, slide {s}: array 'tiles' is damaged" in err and str(shard) in err
+    assert "Traceback" not in err
+    assert_unchanged(before, snapshot(store))

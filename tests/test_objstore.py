@@ -345,7 +345,7 @@ def test_file_urls_are_local_folders(tmp_path):
     assert not writer.is_remote and writer.path == tmp_path / "s.zarr"
     assert (tmp_path / "s.zarr" / "zarr.json").exists()
     assert SlideStore(f"file://{tmp_path}/s.zarr").patients() == []
-    assert json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]["hlss"]["schema_version"] == 1
+    assert json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]["hlss"]["schema_version"] == 2
     assert os.fspath(writer.path)
 
 
@@ -373,3 +373,22 @@ def test_reprocess_flow_on_an_object_store(cohort, s3_endpoint):
     reader = SlideStore(url)
     for rec in reader.records(status="complete"):
         assert reader.features(rec.patient_id, rec.slide_id, "resnet10t").shape == (rec.n_tiles, 512)
+
+
+def test_verify_reads_every_chunk_on_s3_and_names_a_damaged_one(tiled):
+    from pipeline.verify import verify_store
+
+    url, _, _ = tiled
+    assert verify_store(url).exit_code == 0
+    loc = ObjectLocation(url)
+    key = next(k for k in sorted(loc.find("")) if "/coords/c/" in k)
+    data = loc.fs.cat_file(key)
+    loc.fs.pipe_file(key, data[:10] + bytes([data[10] ^ 0xFF]) + data[11:])
+    try:
+        report = verify_store(url)
+    finally:
+        loc.fs.pipe_file(key, data)
+    assert report.exit_code == 1 and len(report.damaged) == 1
+    [damage] = report.damaged[0].damage
+    assert damage.array == "coords" and damage.path == f"{url}/{key[len(loc.root) + 1:]}"
+    assert "checksum mismatch (crc32c)" in damage.problem and SECRET not in str(damage)

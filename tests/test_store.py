@@ -25,7 +25,7 @@ def test_new_store_has_schema_attrs_and_reads_back(tmp_path):
     write_slide(writer, "P1", "S1", 5, label="tumour")
     write_slide(writer, "P1", "S2", 3)
     store = SlideStore(tmp_path / "s.zarr")
-    assert store.info["schema_version"] == 1 and "created" in store.info and store.info["package_version"]
+    assert store.info["schema_version"] == 2 and "created" in store.info and store.info["package_version"]
     assert store.patients() == ["P1"]
     assert store.slides("P1") == ["S1", "S2"]
     assert store.patient_attrs("P1")["label"] == "tumour"

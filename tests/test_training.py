@@ -296,11 +296,12 @@ def test_training_needs_only_the_store_and_clips_gradients(train_store, tmp_path
 
 
 def test_items_open_each_slide_array_once(train_store, monkeypatch):
-    """Array metadata is read once per slide and process (on an object store, every read is a request)."""
+    """Array metadata is read once per slide and process (on an object store, every read is a request);
+    building the index opens each slide's tiles once more, to leave damaged slides out before training."""
     calls = []
     real = SlideStore.tiles
-    monkeypatch.setattr(SlideStore, "tiles", lambda self, p, s: calls.append((p, s)) or real(self, p, s))
     index = CohortIndex.from_store(train_store)
+    monkeypatch.setattr(SlideStore, "tiles", lambda self, p, s: calls.append((p, s)) or real(self, p, s))
     ds = PatientDataset(index, slides=2, tiles=2, views=1, augment=AugmentParams(out_size=32))
     for seed in range(4):
         for patient in range(index.n_patients):
