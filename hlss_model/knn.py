@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cohort import TEST_SPLITS, TRAIN_SPLITS
+
 __all__ = [
     "FeatureTable",
     "KnnReport",
@@ -29,8 +31,7 @@ __all__ = [
 
 ArrayLike = np.ndarray | torch.Tensor
 LEVELS = ("tile", "slide", "patient")
-_TRAIN_SPLITS = {"train"}
-_TEST_SPLITS = {"test", "val", "valid", "validation", "heldout", "held_out"}
+_TRAIN_SPLITS, _TEST_SPLITS = TRAIN_SPLITS, TEST_SPLITS  # the manifest checks the same values
 
 
 def knn_scores(

@@ -74,7 +74,7 @@ import psutil
 import zarr
 
 from .files import atomic_write_bytes
-from .ids import validate_id
+from .ids import sanitize_id, validate_id
 from .location import ObjectLocation, StoreError, is_remote, local_path
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class StoreWriter:
     # -- writing ---------------------------------------------------------------------------
     def stage(self) -> StagedSlide:
         """A new, empty staging group owned by this process."""
-        token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        token = _staging_token()
         if self._remote is not None:
             key = f"{STAGING}/{token}"
             owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -466,6 +466,14 @@ class StoreWriter:
                 loc.remove_tree(key)
                 removed.append(name)
         return removed
+
+
+def _staging_token() -> str:
+    """A new ``_staging`` node name, ``<host>-<pid>-<random hex>``: a valid id whatever the host name,
+    and never one of the store's own ``replaced-...`` names there (those are removed as stale)."""
+    host = sanitize_id(socket.gethostname())
+    host = f"h{host}" if host.startswith("replaced") else host
+    return validate_id(f"{host[:100]}-{os.getpid()}-{uuid.uuid4().hex[:12]}", kind="staging token")
 
 
 def _slide_key(patient_id: str, slide_id: str) -> str:
