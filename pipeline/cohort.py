@@ -246,16 +246,17 @@ def _reject_duplicates(cohort: Cohort) -> None:
     for s in cohort.slides:
         if s in by_slide:
             same = by_slide[s]
-            kind = "duplicate slide id" if all(o.slide_id == s.slide_id for o in same) else \
-                "slide ids that differ only by case (one folder on macOS/Windows file systems)"
+            kind = f"duplicate slide id {s.slide_id!r}" if all(o.slide_id == s.slide_id for o in same) else \
+                f"slide id {s.slide_id!r} differs only by case from another (one folder on macOS/Windows file systems)"
         elif s in by_patient:
-            same, kind = by_patient[s], "patient ids that differ only by case (one folder on macOS/Windows file systems)"
+            same = by_patient[s]
+            kind = f"patient id {s.patient_id!r} differs only by case from another (one folder on macOS/Windows file systems)"
         else:
             keep.append(s)
             continue
         others = ", ".join(f"{o.patient_id}/{o.slide_id} ({o.path}" + (f", {o.row})" if o.row else ")") for o in same)
         cohort.problems.append(CohortProblem(_where(s), s.slide_id, s.patient_id,
-                                             f"{kind}: {s.patient_id}/{s.slide_id}, also {others}"))
+                                             f"{kind}: also {others}"))
     cohort.slides = keep
 
 
