@@ -26,7 +26,7 @@ from .source import source_info
 from .tiler import SlideResult, change_reason, patient_attrs, record_failure, tile_slide
 
 __all__ = ["TilingReport", "tile_cohort", "limit_worker_threads", "CohortPlan", "SlideUpdate", "plan_cohort",
-           "apply_updates"]
+           "apply_updates", "dropped_by"]
 
 
 @dataclass
@@ -143,11 +143,12 @@ def tile_cohort(
     report.results.extend(plan.results)
     todo, failed = apply_updates(writer, plan)
     report.results.extend(failed)
-    report.updates, report.dropped = plan.updates, plan.dropped
+    report.updates = plan.updates
     if on_plan:
         on_plan(len(todo))
     if todo:
         report.results.extend(_run_pool(todo, str(writer.path), params, workers, threads, on_slide, on_tiles))
+    report.dropped = dropped_by(plan, report.results)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -248,6 +249,12 @@ def _plan_slide(plan: CohortPlan, writer: StoreWriter, spec: SlideSpec, stored: 
         plan.updates.append(SlideUpdate(spec, moved_from, retiled=True))
     plan.todo.append((spec, reason))
     return None
+
+
+def dropped_by(plan: CohortPlan, results: list[SlideResult]) -> dict[tuple[str, str], list[str]]:
+    """The derived sets of ``plan.dropped`` whose slide was retiled (a failed retile keeps the old version)."""
+    done = {(r.patient_id, r.slide_id) for r in results if r.status == "complete"}
+    return {k: v for k, v in plan.dropped.items() if k in done}
 
 
 def _label_changes(spec: SlideSpec, attrs: dict) -> list[str]:
