@@ -141,3 +141,40 @@ def test_retiling_a_slide_with_features_needs_drop_derived(cohort, make_slide, t
     st = SlideStore(store)
     assert st.feature_names("P1", "S1") == []
     assert st.slide_attrs("P1", "S1")["source"]["fingerprint"] != old
+
+
+@pytest.mark.slow
+def test_reprocess_flow_retiles_re_extracts_its_features_and_lists_the_rest(make_slide, tmp_path):
+    """The flows share hlss tile's planning: relabels without retiling, and a retile re-extracts the
+    features of the flow's own encoders and lists what it cannot make again."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.reprocess import reprocess
+    from flows.summary import summary_markdown
+
+    a = make_slide("a.svs", width=1024, height=768, seed=1)
+    b = make_slide("b.svs", width=1024, height=768, seed=2)
+    manifest = _manifest(tmp_path / "m.csv", [(a, "P1", "S1", "tumour", "train"), (b, "P2", "S2", "normal", "test")])
+    store = tmp_path / "s.zarr"
+    tiling = {"target_mpp": 1.0, "tile_size": 64}
+    extraction = {"encoders": ["timm:resnet10t"], "batch_size": 32, "device": "cpu"}
+    with prefect_test_harness(server_startup_timeout=180):
+        first = reprocess(source=str(manifest), store=str(store), tiling=tiling, extraction=extraction)
+        assert first["slides"]["complete"] == 2
+        _add_features(store, "P1", "S1", name="run1")  # stands for attribute scores of an explain run
+        writer = StoreWriter(store)
+        attrs = writer.slide_attrs("P1", "S1")
+        scores = writer.stage_features(attrs["n_tiles"], 2)
+        writer.commit_features(scores, "P1", "S1", "run1", {}, tiles_version(attrs), group="attributes")
+        make_slide("a.svs", width=1024, height=768, seed=99)  # new pixels for S1
+        _manifest(manifest, [(a, "P1", "S1", "tumour", "train"), (b, "P2", "S2", "tumour", "test")])
+        second = reprocess(source=str(manifest), store=str(store), tiling=tiling, extraction=extraction)
+    rows = {r["slide"]: r for r in second["slide_rows"]}
+    assert rows["S1"]["status"] == "complete" and rows["S2"]["status"] == "skipped"
+    assert rows["S2"]["reason"] == "label 'normal' -> 'tumour'"
+    assert SlideStore(store).patient_attrs("P2")["label"] == "tumour"
+    assert sorted((d["set"], d["remade"]) for d in second["dropped"]) == [
+        ("attributes/run1", False), ("features/resnet10t", True), ("features/run1", False)]
+    text = summary_markdown(second)
+    assert "- P1/S1: attributes/run1 not re-extracted" in text and "- P1/S1: features/resnet10t re-extracted" in text
+    assert "| P2 | S2 | skipped | 0 | label 'normal' -> 'tumour' |" in text
