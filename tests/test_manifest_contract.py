@@ -5,18 +5,21 @@ writes are safe to open in a spreadsheet."""
 from __future__ import annotations
 
 import csv
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.cohort import ManifestError, discover_cohort
 from pipeline.config import TilingParams
 from pipeline.export import export_mil
 from pipeline.files import spreadsheet_safe, write_csv
-from pipeline.ids import InvalidIdError
+from pipeline.ids import InvalidIdError, validate_id
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 from tests.store_snapshot import assert_unchanged, snapshot
@@ -175,3 +178,45 @@ def test_write_csv_is_atomic_and_safe(tmp_path):
     write_csv(tmp_path / "t.csv", ["a", "=b"], [["@x", 1], ["-1", None]])
     assert (tmp_path / "t.csv").read_text() == "a,'=b\n'@x,1\n-1,\n"
     assert list(tmp_path.iterdir()) == [tmp_path / "t.csv"]
+
+
+# -- property: any manifest parses into slides and problems, or is a ManifestError naming the file --
+
+_COLUMNS = st.sampled_from(["slide_path", "patient_id", "slide_id", "label", "split", "mpp", "lable", "Split", "",
+                            "patient_id "])
+_CELLS = st.one_of(st.text(st.characters(codec="utf-8"), max_size=12),
+                   st.sampled_from(["a.svs", "P1", "S1", "zarr.json", "train", "test", "0.5", "-1", "..", '"', ","]))
+
+
+@st.composite
+def _manifests(draw) -> bytes:
+    header = draw(st.lists(_COLUMNS, min_size=0, max_size=7))
+    rows = draw(st.lists(st.lists(_CELLS, max_size=8), max_size=6))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator=draw(st.sampled_from(["\n", "\r\n"])))
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = buf.getvalue().encode()
+    if draw(st.booleans()):  # damage: random bytes in the middle (encodings, NULs, lone quotes)
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(st.binary(max_size=6)) + data[at:]
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_manifests())
+def test_any_manifest_gives_slides_and_problems_or_a_manifest_error(tmp_path, data):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(data)
+    n_lines = len(data.splitlines()) + 1
+    try:
+        cohort = discover_cohort(manifest)
+    except ManifestError as e:
+        head, _, rest = str(e).partition(": ")
+        assert head == str(manifest) or (head.startswith(f"{manifest}:") and 1 <= int(head.rsplit(":", 1)[1]) <= n_lines)
+        assert rest
+        return
+    for p in cohort.problems:
+        assert p.source.startswith(f"{manifest}:") and 2 <= int(p.source.rsplit(":", 1)[1]) <= n_lines and p.error
+    for s in cohort.slides:
+        assert validate_id(s.patient_id) and validate_id(s.slide_id) and s.row.startswith(f"{manifest}:")
