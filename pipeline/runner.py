@@ -223,7 +223,9 @@ def _plan_slide(plan: CohortPlan, writer: StoreWriter, spec: SlideSpec, stored: 
     here = [a for p, a in stored if p == spec.patient_id]
     away = [(p, a) for p, a in stored if p != spec.patient_id]
     if here and away and all(a.get("status") == "moving" and a.get("moving_to") == spec.patient_id for _, a in away):
-        plan.updates += [SlideUpdate(spec, p, leftover=True) for p, _ in away]
+        # a move to this patient was killed: once the slide is complete here, what is left is removed
+        if here[0].get("status") == "complete":
+            plan.updates += [SlideUpdate(spec, p, leftover=True) for p, _ in away]
         away = []
     if away and (here or len(away) > 1):
         places = ", ".join(f"patients/{p}/slides/{spec.slide_id}" for p, _ in stored)

@@ -178,3 +178,4 @@ def test_reprocess_flow_retiles_re_extracts_its_features_and_lists_the_rest(make
     text = summary_markdown(second)
     assert "- P1/S1: attributes/run1 not re-extracted" in text and "- P1/S1: features/resnet10t re-extracted" in text
     assert "| P2 | S2 | skipped | 0 | label 'normal' -> 'tumour' |" in text
+
