@@ -73,6 +73,17 @@ def test_every_name_that_becomes_a_key_goes_through_the_validator(tiled, kind, c
     writer.discard_array(array)
 
 
+def test_a_feature_name_is_checked_before_any_extraction(tiled):
+    from pipeline.encoders import timm_encoder
+    from pipeline.features import extract_features
+
+    _, _, store = tiled
+    before = snapshot(store)
+    with pytest.raises(InvalidIdError, match="feature name 'zarr.json' is not allowed"):
+        extract_features(store, [timm_encoder("test_resnet", name="zarr.json")], batch_size=8, device="cpu")
+    assert_unchanged(before, snapshot(store))
+
+
 def _tile_cli(manifest: Path, store: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "tile", str(manifest), "--store", str(store),
                            "--target-mpp", "1", "--tile-size", "64", "--no-progress"],
@@ -220,3 +231,16 @@ def test_any_manifest_gives_slides_and_problems_or_a_manifest_error(tmp_path, da
         assert p.source.startswith(f"{manifest}:") and 2 <= int(p.source.rsplit(":", 1)[1]) <= n_lines and p.error
     for s in cohort.slides:
         assert validate_id(s.patient_id) and validate_id(s.slide_id) and s.row.startswith(f"{manifest}:")
+
+
+def test_a_staging_token_is_a_valid_name_whatever_the_host_is_called(tmp_path, monkeypatch):
+    """A host called 'replaced ...' made tokens that clean_staging took for old versions and removed
+    while they were written; a host name with spaces or a slash made a token that is not one node."""
+    import socket
+
+    writer = StoreWriter(tmp_path / "s.zarr")
+    monkeypatch.setattr(socket, "gethostname", lambda: "replaced-box/2 ü")
+    staged = writer.stage()
+    assert validate_id(staged.token) and not staged.token.startswith("replaced")
+    assert staged.path.parent == tmp_path / "s.zarr" / "_staging"
+    assert writer.clean_staging() == [] and staged.path.is_dir()  # its writer (this process) is alive
