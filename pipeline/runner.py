@@ -208,8 +208,9 @@ def plan_cohort(cohort: Cohort, writer: StoreWriter, params: TilingParams, *, fo
     index = writer.slide_index()
     sources = _source_infos(cohort.slides)
     refused = _same_source(cohort.slides, sources, index)
+    clashes = _case_clashes(index)
     for spec in cohort.slides:
-        error = refused.get(spec) or _plan_slide(plan, writer, spec, index.get(spec.slide_id, []), sources[spec],
+        error = refused.get(spec) or clashes(spec) or _plan_slide(plan, writer, spec, index.get(spec.slide_id, []), sources[spec],
                                                  params, force, drop_derived)
         if error:
             plan.results.append(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed",
@@ -251,6 +252,26 @@ def _plan_slide(plan: CohortPlan, writer: StoreWriter, spec: SlideSpec, stored: 
         plan.updates.append(SlideUpdate(spec, moved_from, retiled=True))
     plan.todo.append((spec, reason))
     return None
+
+
+def _case_clashes(index: dict[str, list[tuple[str, dict]]]) -> Callable[[SlideSpec], str | None]:
+    """A check of a slide against the store: why its slide or patient id is refused because the store
+    holds one that differs only by case (on a case-insensitive file system the commit would replace it)."""
+    slides = {s.lower(): (entries[0][0], s) for s, entries in index.items()}
+    patients = {p.lower(): p for entries in index.values() for p, _ in entries}
+
+    def check(spec: SlideSpec) -> str | None:
+        p, s = slides.get(spec.slide_id.lower(), (None, spec.slide_id))
+        if s != spec.slide_id:
+            return (f"slide id {spec.slide_id!r} differs only by case from the stored patients/{p}/slides/{s} "
+                    "(one folder on macOS/Windows file systems); use the stored spelling")
+        p = patients.get(spec.patient_id.lower(), spec.patient_id)
+        if p != spec.patient_id:
+            return (f"patient id {spec.patient_id!r} differs only by case from the stored patients/{p} "
+                    "(one folder on macOS/Windows file systems); use the stored spelling")
+        return None
+
+    return check
 
 
 def dropped_by(plan: CohortPlan, results: list[SlideResult]) -> dict[tuple[str, str], list[str]]:

@@ -116,6 +116,20 @@ def test_slide_stored_under_two_patients_is_refused_naming_both(cohort, tmp_path
     assert_unchanged(before, snapshot(store))
 
 
+def test_ids_that_differ_only_by_case_from_stored_ones_are_refused(cohort, make_slide, tmp_path):
+    """On a case-insensitive file system, committing P1/s1 would replace the stored P1/S1."""
+    (a, b), manifest, store = cohort
+    c = make_slide("c.svs", width=1024, height=768, seed=3)
+    d = make_slide("d.svs", width=1024, height=768, seed=4)
+    before = snapshot(store)
+    _manifest(tmp_path / "case.csv", [(c, "P1", "s1", "tumour", "train"), (d, "p2", "S4", "", "")])
+    report = tile_cohort(tmp_path / "case.csv", store, PARAMS)
+    errors = {r.slide_id: r.error for r in report.by_status("failed")}
+    assert "differs only by case from the stored patients/P1/slides/S1" in errors["s1"] and "case.csv:2" in errors["s1"]
+    assert "patient id 'p2' differs only by case from the stored patients/P2" in errors["S4"]
+    assert_unchanged(before, snapshot(store))
+
+
 def _tile_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "tile", *args, "--no-progress"],
                           capture_output=True, text=True, timeout=300)
