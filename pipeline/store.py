@@ -4,8 +4,8 @@ Layout (the contract other modules and users rely on)::
 
     <store>/                      attrs["hlss"]: schema_version, created, package_version
       patients/<patient_id>/      attrs: label, split (when known)
-        slides/<slide_id>/        attrs: status "complete" | "failed" ("writing" on an object store
-                                  while a commit is under way), error, source, reader, mpp0, ...
+        slides/<slide_id>/        attrs: status "complete" | "failed" ("writing" or "moving" on an object store
+                                  while a commit or a move is under way), error, source, reader, mpp0, ...
           tiles       (N, T, T, 3) uint8   one tile per chunk, chunks grouped in shards
           coords      (N, 2) int64         level-0 (x, y) of each tile's top-left corner
           tissue      (N,) float32         tissue fraction of each tile
