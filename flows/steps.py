@@ -33,7 +33,8 @@ from .settings import EvaluationSettings, ExtractionSettings, TrainingSettings
 from .work import EncoderSpec, extract_slides, tile_one
 
 __all__ = [
-    "plan_slides", "tile_slides", "tile_phase", "rederived", "run_state", "training_curve", "train_step", "extract_step", "knn_step",
+    "plan_slides", "tile_slides", "tile_phase", "rederived", "run_state", "training_curve", "train_step",
+    "extract_step", "knn_step",
     "register_executor", "release_executor",
 ]
 

@@ -250,7 +250,8 @@ def _reject_duplicates(cohort: Cohort) -> None:
                 f"slide id {s.slide_id!r} differs only by case from another (one folder on macOS/Windows file systems)"
         elif s in by_patient:
             same = by_patient[s]
-            kind = f"patient id {s.patient_id!r} differs only by case from another (one folder on macOS/Windows file systems)"
+            kind = (f"patient id {s.patient_id!r} differs only by case from another "
+                    "(one folder on macOS/Windows file systems)")
         else:
             keep.append(s)
             continue

@@ -210,8 +210,8 @@ def plan_cohort(cohort: Cohort, writer: StoreWriter, params: TilingParams, *, fo
     refused = _same_source(cohort.slides, sources, index)
     clashes = _case_clashes(index)
     for spec in cohort.slides:
-        error = refused.get(spec) or clashes(spec) or _plan_slide(plan, writer, spec, index.get(spec.slide_id, []), sources[spec],
-                                                 params, force, drop_derived)
+        error = refused.get(spec) or clashes(spec) or _plan_slide(
+            plan, writer, spec, index.get(spec.slide_id, []), sources[spec], params, force, drop_derived)
         if error:
             plan.results.append(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed",
                                             error=scrub(f"{spec.row or spec.path}: {error}")))

@@ -224,7 +224,8 @@ def test_any_manifest_gives_slides_and_problems_or_a_manifest_error(tmp_path, da
         cohort = discover_cohort(manifest)
     except ManifestError as e:
         head, _, rest = str(e).partition(": ")
-        assert head == str(manifest) or (head.startswith(f"{manifest}:") and 1 <= int(head.rsplit(":", 1)[1]) <= n_lines)
+        line = head.rsplit(":", 1)[1] if head != str(manifest) else "1"
+        assert head in (str(manifest), f"{manifest}:{line}") and 1 <= int(line) <= n_lines
         assert rest
         return
     for p in cohort.problems:
