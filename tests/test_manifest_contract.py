@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +22,7 @@ from pipeline.ids import InvalidIdError, validate_id
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 from tests.store_snapshot import assert_unchanged, snapshot
+from tests.test_store_follows_manifest import _add_features
 
 PARAMS = TilingParams(target_mpp=1.0, tile_size=64)
 HEADER = "slide_path,patient_id,slide_id,label,split\n"
@@ -174,11 +174,7 @@ def test_spreadsheet_safe_cells(cell, safe):
 def test_exported_dataset_csv_carries_no_formula(tiled, tmp_path):
     a, _, store = tiled
     StoreWriter(store).update_labels("P1", "S1", {"label": "=cmd|' /C calc'!A0", "split": "train"})
-    writer = StoreWriter(store)
-    attrs = writer.slide_attrs("P1", "S1")
-    arr = writer.stage_features(attrs["n_tiles"], 4)
-    arr[:] = np.zeros((attrs["n_tiles"], 4), np.float32)
-    writer.commit_features(arr, "P1", "S1", "f", {"model": "t"}, tiles_version(attrs))
+    _add_features(store, "P1", "S1")
     report = export_mil(store, "f", "pt", tmp_path / "out")
     with open(report.csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -11,13 +11,9 @@ pytest.importorskip("moto.server")
 
 from pipeline.location import ObjectLocation  # noqa: E402
 from pipeline.runner import tile_cohort  # noqa: E402
-from pipeline.store import SlideStore, StoreWriter, tiles_version  # noqa: E402
+from pipeline.store import SlideStore  # noqa: E402
 from tests.test_objstore import PARAMS, _new_bucket, _objects, s3_endpoint  # noqa: E402,F401  (fixture)
-
-
-def _manifest(path, rows):
-    path.write_text("slide_path,patient_id,slide_id,label\n" + "".join(f"{a},{p},{s},{lab}\n" for a, p, s, lab in rows))
-    return path
+from tests.test_store_follows_manifest import _add_features, _manifest  # noqa: E402
 
 
 @pytest.mark.slow
@@ -25,17 +21,13 @@ def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make
     a = make_slide("a.svs", width=1024, height=768, seed=1)
     b = make_slide("b.svs", width=1024, height=768, seed=2)
     url = f"s3://{_new_bucket(s3_endpoint)}/c.zarr"
-    manifest = _manifest(tmp_path / "m.csv", [(a, "P1", "S1", "x"), (b, "P2", "S2", "y")])
+    manifest = _manifest(tmp_path / "m.csv", [(a, "P1", "S1", "x", ""), (b, "P2", "S2", "y", "")])
     assert tile_cohort(manifest, url, PARAMS).exit_code == 0
-    writer = StoreWriter(url)
-    attrs = writer.slide_attrs("P1", "S1")
-    feats = writer.stage_features(attrs["n_tiles"], 3)
-    feats[:] = np.full((attrs["n_tiles"], 3), 7, np.float32)
-    writer.commit_features(feats, "P1", "S1", "f", {"model": "t"}, tiles_version(attrs))
+    _add_features(url, "P1", "S1")
     tiles_before = SlideStore(url).tiles("P1", "S1")[:]
     before = _objects(url)
 
-    _manifest(manifest, [(a, "P3", "S1", "x"), (b, "P2", "S2", "y")])
+    _manifest(manifest, [(a, "P3", "S1", "x", ""), (b, "P2", "S2", "y", "")])
     report = tile_cohort(manifest, url, PARAMS)
     assert report.exit_code == 0 and not report.by_status("complete")
     assert "updated P3/S1: moved from patient P1" in report.table()
@@ -56,7 +48,7 @@ def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make
             raise KeyboardInterrupt("killed")
         return real(self, rel)
 
-    _manifest(manifest, [(a, "P4", "S1", "x"), (b, "P2", "S2", "y")])
+    _manifest(manifest, [(a, "P4", "S1", "x", ""), (b, "P2", "S2", "y", "")])
     monkeypatch.setattr(ObjectLocation, "remove_tree", die_on_the_old_slide)
     with pytest.raises(KeyboardInterrupt):
         tile_cohort(manifest, url, PARAMS)

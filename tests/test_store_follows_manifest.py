@@ -36,7 +36,7 @@ def cohort(make_slide, tmp_path):
     return (a, b), manifest, store
 
 
-def _add_features(store: Path, patient: str, slide: str, name: str = "f") -> None:
+def _add_features(store: Path | str, patient: str, slide: str, name: str = "f") -> None:
     """A complete feature array for the slide, committed as an extraction does."""
     writer = StoreWriter(store)
     attrs = writer.slide_attrs(patient, slide)
