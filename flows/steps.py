@@ -69,7 +69,8 @@ def plan_slides(source: str, store: str, params: TilingParams, force: bool = Fal
     plan = plan_cohort(cohort, writer, params, force=force, drop_derived=True)
     todo, failed = apply_updates(writer, plan)
     plan.results += failed
-    plan.todo = [(spec, why) for spec, why in plan.todo if spec in set(todo)]
+    kept = set(todo)
+    plan.todo = [(spec, why) for spec, why in plan.todo if spec in kept]
     for update in plan.updates:
         logger.info("updated %s", update.line())
     for (p, s), sets in plan.dropped.items():
@@ -122,9 +123,8 @@ def tile_phase(source: str, store: str, params: TilingParams, threads: int, exec
     plan = plan_slides(source, store, params, force)
     reasons = {(spec.patient_id, spec.slide_id): why for spec, why in plan.todo}
     for update in plan.updates:
-        what = update.line().split(": ", 1)[1]
         key = (update.patient_id, update.slide_id)
-        reasons[key] = f"{reasons[key]}; {what}" if key in reasons else what
+        reasons[key] = f"{reasons[key]}; {update.what()}" if key in reasons else update.what()
     tiled = tile_slides([spec for spec, _ in plan.todo], store, params, threads, executor_key, executor.slots)
     return plan.results + tiled, reasons, dropped_by(plan, tiled)
 

@@ -63,8 +63,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     ]
     tiled_or_failed = [r for r in summary["slide_rows"] if r["status"] != "skipped" or r["reason"]]
     if tiled_or_failed:
-        lines += ["## Slides tiled, moved, relabelled or failed", "", "| patient | slide | status | tiles | why | error |",
-                  "|---|---|---|---:|---|---|"]
+        lines += ["## Slides tiled, moved, relabelled or failed", "",
+                  "| patient | slide | status | tiles | why | error |", "|---|---|---|---:|---|---|"]
         for r in tiled_or_failed:
             lines.append(f"| {r['patient'] or '?'} | {r['slide'] or '?'} | {r['status']} | {r['tiles']} | "
                          f"{r['reason']} | {_cell(r['error'])} |")

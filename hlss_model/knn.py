@@ -31,7 +31,6 @@ __all__ = [
 
 ArrayLike = np.ndarray | torch.Tensor
 LEVELS = ("tile", "slide", "patient")
-_TRAIN_SPLITS, _TEST_SPLITS = TRAIN_SPLITS, TEST_SPLITS  # the manifest checks the same values
 
 
 def knn_scores(
@@ -246,9 +245,9 @@ def split_patients(
         out = {}
         for p, s in given.items():
             value = s.strip().lower()
-            if value in _TRAIN_SPLITS:
+            if value in TRAIN_SPLITS:
                 out[p] = "train"
-            elif value in _TEST_SPLITS:
+            elif value in TEST_SPLITS:
                 out[p] = "test"
             else:
                 raise ValueError(f"unknown split {s!r} for patient {p!r}")

@@ -171,13 +171,16 @@ class SlideUpdate:
     def slide_id(self) -> str:
         return self.spec.slide_id
 
-    def line(self) -> str:
+    def what(self) -> str:
+        """What changed, e.g. ``moved from patient P1; label 'a' -> 'b'``."""
         if self.leftover:
-            return (f"{self.patient_id}/{self.slide_id}: removed what an interrupted move left under patient "
-                    f"{self.moved_from}")
+            return f"removed what an interrupted move left under patient {self.moved_from}"
         moved = [f"moved from patient {self.moved_from}" + (", then retiled" if self.retiled else "")
                  ] if self.moved_from else []
-        return f"{self.patient_id}/{self.slide_id}: {'; '.join(moved + self.changes)}"
+        return "; ".join(moved + self.changes)
+
+    def line(self) -> str:
+        return f"{self.patient_id}/{self.slide_id}: {self.what()}"
 
 
 @dataclass
