@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import TilingParams
 from pipeline.runner import tile_cohort
+from pipeline.source import source_info
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 from tests.store_snapshot import assert_unchanged, snapshot
 
@@ -78,6 +79,18 @@ def test_changed_patient_moves_the_slide_with_its_features(cohort, tmp_path):
     moved = {k.replace("patients/P1/slides/S1/", "patients/P3/slides/S1/"): v for k, v in before.items()}
     # every file of the slide is there, byte for byte, under its new patient; nothing else changed
     assert_unchanged(moved, after, allow=("patients/P3/zarr.json", "patients/P3/slides/zarr.json"))
+
+
+def test_new_pixels_and_a_new_patient_move_then_retile(cohort, make_slide, tmp_path):
+    (a, b), manifest, store = cohort
+    make_slide("a.svs", width=1024, height=768, seed=42)  # re-scanned
+    _manifest(manifest, [(a, "P5", "S1", "tumour", "train"), (b, "P2", "S2", "normal", "test")])
+    report = tile_cohort(manifest, store, PARAMS)
+    assert report.exit_code == 0 and [r.slide_id for r in report.by_status("complete")] == ["S1"]
+    assert "updated P5/S1: moved from patient P1, then retiled" in report.table()
+    st = SlideStore(store)
+    assert st.slides("P1", status=None) == [] and st.slides("P5") == ["S1"]
+    assert st.slide_attrs("P5", "S1")["source"]["fingerprint"] == source_info(a)["fingerprint"]
 
 
 def test_same_file_under_two_slide_ids_in_one_manifest_is_refused(cohort, tmp_path):
