@@ -21,7 +21,7 @@ from typing import Callable
 from .cohort import Cohort, SlideSpec, discover_cohort
 from .config import TilingParams
 from .location import scrub
-from .store import StoreError, StoreWriter
+from .store import StoreError, StoreWriter, moved_doc
 from .source import source_info
 from .tiler import SlideResult, change_reason, patient_attrs, record_failure, tile_slide
 
@@ -227,16 +227,19 @@ def _plan_slide(plan: CohortPlan, writer: StoreWriter, spec: SlideSpec, stored: 
     here = [a for p, a in stored if p == spec.patient_id]
     away = [(p, a) for p, a in stored if p != spec.patient_id]
     if here and away and all(a.get("status") == "moving" and a.get("moving_to") == spec.patient_id for _, a in away):
-        # a move to this patient was killed: once the slide is complete here, what is left is removed
+        # a move to this patient was killed: after the copy, what is left is removed; else it is moved again
         if here[0].get("status") == "complete":
             plan.updates += [SlideUpdate(spec, p, leftover=True) for p, _ in away]
-        away = []
+            away = []
+        else:
+            here = []
     if away and (here or len(away) > 1):
         places = ", ".join(f"patients/{p}/slides/{spec.slide_id}" for p, _ in stored)
         return (f"slide {spec.slide_id!r} is stored under more than one patient ({places}); the manifest says "
                 f"patient {spec.patient_id!r}. One slide under two patients leaks between training and the "
                 "held-out set: delete the wrong copy from the store, then rerun")
     moved_from, attrs = (away[0][0], away[0][1]) if away else (None, here[0] if here else None)
+    attrs = ((moved_doc(attrs) or {}).get("attributes") or attrs) if attrs is not None else None
     reason = "forced" if force else ("new" if attrs is None else
                                      change_reason(writer, spec, params, attrs=attrs, src=src))
     if reason is None:

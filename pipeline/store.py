@@ -524,11 +524,11 @@ class StoreWriter:
         """Move a committed slide group (tiles, features and all) from ``old_patient`` to ``patient_id``.
 
         Folder: one atomic rename. Object store (see the module docstring): the old ``zarr.json`` is
-        replaced FIRST by a ``status: "moving"`` marker naming the new patient (so the slide is never
-        listed complete under both), the objects are copied under the new patient with the commit
-        protocol, the old objects are removed LAST. A writer killed in between leaves a slide the next
-        run retiles, or (killed after the copy) leftovers under the old patient that the next run
-        removes (:meth:`remove_move_leftover`).
+        replaced FIRST by a ``status: "moving"`` marker naming the new patient and holding the old
+        document (so the slide is never listed complete under both), the objects are copied under the
+        new patient with the commit protocol, the old objects are removed LAST. A writer killed before
+        the last step leaves the marker: the next run moves the slide again from it (killed during the
+        copy) or removes what is left (killed after it, :meth:`remove_move_leftover`).
         """
         validate_id(patient_id, kind="patient_id")
         validate_id(slide_id, kind="slide_id")
@@ -539,8 +539,9 @@ class StoreWriter:
             doc = loc.read_json(f"{src}/zarr.json")
             if doc is None:
                 raise StoreError(f"{self.path}: {src} is gone; rerun")
-            loc.write_json(f"{src}/zarr.json", _group_doc({"status": "moving", "moving_to": patient_id,
-                                                           "writer": token, "started": _now()}))
+            doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
+            marker = {"status": "moving", "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
+            loc.write_json(f"{src}/zarr.json", _group_doc(marker))
             self._ensure_remote_group(f"patients/{patient_id}", known)
             self._ensure_remote_group(f"patients/{patient_id}/slides")
             pending = _group_doc({"status": "writing", "writer": token, "started": _now()})
@@ -562,6 +563,12 @@ class StoreWriter:
             self._remote.remove_tree(key)
         else:
             shutil.rmtree(self.path / key)
+
+
+def moved_doc(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The slide document a ``moving`` marker (a killed :meth:`StoreWriter.move_slide`) holds, else None."""
+    doc = attrs.get("moved_doc") if attrs.get("status") == "moving" else None
+    return doc if isinstance(doc, dict) else None
 
 
 def _staging_token() -> str:

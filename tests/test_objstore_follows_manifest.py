@@ -40,11 +40,32 @@ def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make
     assert all(after[k] == v for k, v in moved.items())  # every object, byte for byte, under P3
     assert not [k for k in after if k.startswith("patients/P1/slides/S1")]
 
-    # a move killed after the copy, before the old objects are removed: marker left under P3
+    # a move killed during the copy: the marker under P3 keeps the slide, the next run moves it again
+    real_copy = ObjectLocation.copy
+
+    def die_half_way(self, src, dst):
+        real_copy(self, src[: len(src) // 2], dst[: len(dst) // 2])
+        raise KeyboardInterrupt("killed")
+
+    _manifest(manifest, [(a, "P6", "S1", "x", ""), (b, "P2", "S2", "y", "")])
+    monkeypatch.setattr(ObjectLocation, "copy", die_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        tile_cohort(manifest, url, PARAMS)
+    monkeypatch.setattr(ObjectLocation, "copy", real_copy)
+    st = SlideStore(url)
+    assert st.slides("P3") == [] and st.slides("P6") == []  # never listed complete half-copied
+    report = tile_cohort(manifest, url, PARAMS)
+    assert report.exit_code == 0 and not report.by_status("complete"), report.table()  # moved, not retiled
+    assert "updated P6/S1: moved from patient P3" in report.table()
+    st = SlideStore(url)
+    assert st.slides("P3", status=None) == [] and st.feature_names("P6", "S1") == ["f"]
+    np.testing.assert_array_equal(st.tiles("P6", "S1")[:], tiles_before)
+
+    # a move killed after the copy, before the old objects are removed: marker left under P6
     real = ObjectLocation.remove_tree
 
     def die_on_the_old_slide(self, rel):
-        if rel == "patients/P3/slides/S1":
+        if rel == "patients/P6/slides/S1":
             raise KeyboardInterrupt("killed")
         return real(self, rel)
 
@@ -54,12 +75,12 @@ def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make
         tile_cohort(manifest, url, PARAMS)
     monkeypatch.setattr(ObjectLocation, "remove_tree", real)
     st = SlideStore(url)
-    assert st.slides("P3") == [] and st.slides("P4") == ["S1"]  # never complete under both
-    assert st.slides("P3", status=None) == ["S1"]  # the "moving" marker and the copied objects
+    assert st.slides("P6") == [] and st.slides("P4") == ["S1"]  # never complete under both
+    assert st.slides("P6", status=None) == ["S1"]  # the "moving" marker and the copied objects
 
     report = tile_cohort(manifest, url, PARAMS)
     assert report.exit_code == 0 and not report.by_status("complete")
-    assert "updated P4/S1: removed what an interrupted move left under patient P3" in report.table()
+    assert "updated P4/S1: removed what an interrupted move left under patient P6" in report.table()
     st = SlideStore(url)
-    assert st.slides("P3", status=None) == [] and st.feature_names("P4", "S1") == ["f"]
+    assert st.slides("P6", status=None) == [] and st.feature_names("P4", "S1") == ["f"]
     np.testing.assert_array_equal(st.tiles("P4", "S1")[:], tiles_before)
