@@ -59,6 +59,10 @@ class SlideSpec:
     mpp: float | None = None  # µm per level-0 pixel; overrides the slide's metadata when set
     row: str | None = None  # "<manifest>:<line>" of a manifest row, for messages
 
+    def patient_attrs(self) -> dict[str, str | None]:
+        """The patient attributes this row carries (None: not given, the store's value stays)."""
+        return {"label": self.label, "split": self.split}
+
 
 @dataclass(frozen=True)
 class CohortProblem:

@@ -23,7 +23,7 @@ from .config import TilingParams
 from .location import scrub
 from .store import StoreError, StoreWriter, moved_doc
 from .source import source_info
-from .tiler import SlideResult, change_reason, patient_attrs, record_failure, tile_slide
+from .tiler import SlideResult, change_reason, record_failure, tile_slide
 
 __all__ = ["TilingReport", "tile_cohort", "limit_worker_threads", "CohortPlan", "SlideUpdate", "plan_cohort",
            "apply_updates", "dropped_by"]
@@ -344,9 +344,9 @@ def apply_updates(writer: StoreWriter, plan: CohortPlan) -> tuple[list[SlideSpec
             if u.leftover:
                 writer.remove_move_leftover(u.moved_from, u.slide_id)
             elif u.moved_from:
-                writer.move_slide(u.moved_from, u.patient_id, u.slide_id, patient_attrs(u.spec))
+                writer.move_slide(u.moved_from, u.patient_id, u.slide_id, u.spec.patient_attrs())
             if u.changes:
-                writer.update_labels(u.patient_id, u.slide_id, patient_attrs(u.spec))
+                writer.update_labels(u.patient_id, u.slide_id, u.spec.patient_attrs())
         except (OSError, StoreError) as e:
             failed.append(SlideResult(u.patient_id, u.slide_id, str(u.spec.path), "failed",
                                       error=scrub(f"{u.line()}: not done: {e}")))

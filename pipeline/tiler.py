@@ -133,7 +133,7 @@ def tile_slide(
     if result.status == "complete":
         attrs["timings"]["total_s"] = round(result.seconds, 3)
         staged.group.update_attributes(attrs)
-        writer.commit(staged, spec.patient_id, spec.slide_id, patient_attrs(spec))
+        writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
         return result
     _record_failure(writer, spec, params, result, staged, keep_staged)
     return result
@@ -146,9 +146,8 @@ def record_failure(writer: StoreWriter, spec: SlideSpec, params: TilingParams, e
     return result
 
 
-def patient_attrs(spec: SlideSpec) -> dict:
-    """The patient attributes a slide of the manifest carries (None: not given, the store's value stays)."""
-    return {"label": spec.label, "split": spec.split}
+def _patient_attrs(spec: SlideSpec) -> dict:
+    return spec.patient_attrs()
 
 
 def _record_failure(
@@ -178,7 +177,7 @@ def _record_failure(
         params_hash=params.params_hash(spec.mpp),
         failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    writer.commit(staged, spec.patient_id, spec.slide_id, patient_attrs(spec))
+    writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
 
 
 @dataclass
