@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
 from .settings import ExtractionSettings, Threads, TilingSettings, Workers, check_paths
-from .steps import extract_step, register_executor, release_executor, run_state, tile_phase
+from .steps import extract_step, rederived, register_executor, release_executor, run_state, tile_phase
 from .summary import run_summary, slide_rows, summary_markdown
 from .work import EncoderSpec
 
@@ -50,12 +50,12 @@ def reprocess(
     with SlideExecutor(workers, scheduler_address) as executor:
         key = register_executor(executor)
         try:
-            results, reasons = tile_phase(source, store, params, threads, executor, key)
+            results, reasons, dropped = tile_phase(source, store, params, threads, executor, key)
             report = extract_step(store, encoders, extraction, executor, key) if encoders else None
         finally:
             release_executor(key)
     summary = run_summary("reprocess", store, slide_rows(results, reasons), time.perf_counter() - t0,
-                          extraction=report)
+                          extraction=report, dropped=rederived(store, dropped))
     report = attach_cohort_artifacts("reprocess", store, summary,
                                      Path(run_dir).expanduser() / "report.html" if run_dir else None)
     summary["report"] = str(report) if report else None

@@ -12,7 +12,6 @@ import itertools
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -25,7 +24,8 @@ from pipeline.config import TilingParams
 from pipeline.features import ExtractReport, resolve_device
 from pipeline.report import read_metrics
 from pipeline.store import SlideStore, StoreError, StoreWriter
-from pipeline.tiler import SlideResult, change_reason, record_failure
+from pipeline.runner import CohortPlan, apply_updates, dropped_by, plan_cohort
+from pipeline.tiler import SlideResult, record_failure
 
 from .executor import SlideExecutor
 from .limits import device_slot
@@ -33,7 +33,8 @@ from .settings import EvaluationSettings, ExtractionSettings, TrainingSettings
 from .work import EncoderSpec, extract_slides, tile_one
 
 __all__ = [
-    "SlidePlan", "plan_slides", "tile_slides", "tile_phase", "run_state", "training_curve", "train_step", "extract_step", "knn_step",
+    "plan_slides", "tile_slides", "tile_phase", "rederived", "run_state", "training_curve", "train_step",
+    "extract_step", "knn_step",
     "register_executor", "release_executor",
 ]
 
@@ -53,32 +54,30 @@ def release_executor(key: str) -> None:
 
 # -- tiling ------------------------------------------------------------------------------------
 
-@dataclass
-class SlidePlan:
-    """What a run will do with each slide of the cohort."""
-
-    todo: list[tuple[SlideSpec, str]] = field(default_factory=list)  # (slide, reason)
-    results: list[SlideResult] = field(default_factory=list)  # skipped slides and rejected manifest rows
-
-
 @task(name="plan-slides", cache_policy=NO_CACHE)
-def plan_slides(source: str, store: str, params: TilingParams, force: bool = False) -> SlidePlan:
-    """Discover the cohort and decide, slide by slide, what needs tiling and why."""
+def plan_slides(source: str, store: str, params: TilingParams, force: bool = False) -> CohortPlan:
+    """Discover the cohort, decide slide by slide what needs tiling and why, and make the store follow
+    it (moves and relabels, see :func:`pipeline.runner.plan_cohort`): the same planning as ``hlss tile``.
+
+    Flows retile slides that have features or attribute scores (dropping them; ``plan.dropped``
+    names them) and re-extract the features of their own encoders afterwards.
+    """
     logger = get_run_logger()
     cohort = discover_cohort(source)
     writer = StoreWriter(store)
     writer.clean_staging()
-    plan = SlidePlan()
-    for p in cohort.problems:
-        plan.results.append(SlideResult(p.patient_id, p.slide_id, p.source, "failed", error=f"{p.source}: {p.error}"))
-    for spec in cohort.slides:
-        reason = "forced" if force else change_reason(writer, spec, params)
-        if reason is None:
-            plan.results.append(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "skipped"))
-        else:
-            plan.todo.append((spec, reason))
-    logger.info("%d slides: %d to tile, %d unchanged, %d rejected", len(cohort.slides) + len(cohort.problems),
-                len(plan.todo), sum(r.status == "skipped" for r in plan.results), len(cohort.problems))
+    plan = plan_cohort(cohort, writer, params, force=force, drop_derived=True)
+    todo, failed = apply_updates(writer, plan)
+    plan.results += failed
+    kept = set(todo)
+    plan.todo = [(spec, why) for spec, why in plan.todo if spec in kept]
+    for update in plan.updates:
+        logger.info("updated %s", update.line())
+    for (p, s), sets in plan.dropped.items():
+        logger.warning("%s/%s is retiled: %s become invalid and are dropped", p, s, ", ".join(sets))
+    logger.info("%d slides: %d to tile, %d unchanged, %d updated, %d rejected",
+                len(cohort.slides) + len(cohort.problems), len(plan.todo),
+                sum(r.status == "skipped" for r in plan.results), len(plan.updates), len(cohort.problems))
     return plan
 
 
@@ -117,12 +116,29 @@ def tile_slides(todo: list[SlideSpec], store: str, params: TilingParams, threads
 
 
 def tile_phase(source: str, store: str, params: TilingParams, threads: int, executor: SlideExecutor,
-               executor_key: str, force: bool = False) -> tuple[list[SlideResult], dict[tuple[str, str], str]]:
-    """Plan, then tile what changed: every slide's result, and why each tiled slide was tiled."""
+               executor_key: str, force: bool = False
+               ) -> tuple[list[SlideResult], dict[tuple[str, str], str], dict[tuple[str, str], list[str]]]:
+    """Plan, then tile what changed: every slide's result; why each tiled, moved or relabelled slide
+    was; and the derived sets (``features/<name>``, ``attributes/<run>``) each retiled slide dropped."""
     plan = plan_slides(source, store, params, force)
     reasons = {(spec.patient_id, spec.slide_id): why for spec, why in plan.todo}
+    for update in plan.updates:
+        key = (update.patient_id, update.slide_id)
+        reasons[key] = f"{reasons[key]}; {update.what()}" if key in reasons else update.what()
     tiled = tile_slides([spec for spec, _ in plan.todo], store, params, threads, executor_key, executor.slots)
-    return plan.results + tiled, reasons
+    return plan.results + tiled, reasons, dropped_by(plan, tiled)
+
+
+def rederived(store: str, dropped: dict[tuple[str, str], list[str]]) -> list[dict[str, Any]]:
+    """Each derived set a retile dropped, and whether this run made it again (``features/<name>``
+    complete again for the new tiles), as ``{slide, set, remade}`` rows."""
+    reader = SlideStore(store)
+    rows = []
+    for (p, s), sets in sorted(dropped.items()):
+        have = {f"features/{n}" for n in reader.feature_names(p, s)} | \
+            {f"attributes/{n}" for n in reader.attribute_runs(p, s)}
+        rows += [{"slide": f"{p}/{s}", "set": name, "remade": name in have} for name in sets]
+    return rows
 
 
 def _windowed(items: Iterable, submit: Callable, finish: Callable, slots: int) -> list:

@@ -24,8 +24,12 @@ def slide_rows(results: list[SlideResult], reasons: dict[tuple[str, str], str]) 
 
 def run_summary(flow: str, store: str, rows: list[dict[str, Any]], seconds: float,
                 training: dict[str, Any] | None = None, extraction: ExtractReport | None = None,
-                knn: dict[str, Any] | None = None, curve: list[tuple[int, float]] | None = None) -> dict[str, Any]:
-    """The flow's return value: counts, per-slide rows, and each later step's outcome (JSON-ready)."""
+                knn: dict[str, Any] | None = None, curve: list[tuple[int, float]] | None = None,
+                dropped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The flow's return value: counts, per-slide rows, and each later step's outcome (JSON-ready).
+
+    ``dropped``: the derived sets retiling dropped, ``{slide, set, remade}`` (see ``flows.steps.rederived``).
+    """
     count = {s: sum(r["status"] == s for r in rows) for s in ("complete", "skipped", "failed")}
     out: dict[str, Any] = {
         "flow": flow, "store": store, "seconds": round(seconds, 1),
@@ -43,6 +47,8 @@ def run_summary(flow: str, store: str, rows: list[dict[str, Any]], seconds: floa
         }
     if knn is not None:
         out["knn"] = knn
+    if dropped:
+        out["dropped"] = dropped
     return out
 
 
@@ -55,16 +61,21 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"Store `{summary['store']}`; {s['tiled_tiles']} tiles written; {summary['seconds']:.0f} s.",
         "",
     ]
-    tiled_or_failed = [r for r in summary["slide_rows"] if r["status"] != "skipped"]
+    tiled_or_failed = [r for r in summary["slide_rows"] if r["status"] != "skipped" or r["reason"]]
     if tiled_or_failed:
-        lines += ["## Slides tiled or failed", "", "| patient | slide | status | tiles | why | error |",
-                  "|---|---|---|---:|---|---|"]
+        lines += ["## Slides tiled, moved, relabelled or failed", "",
+                  "| patient | slide | status | tiles | why | error |", "|---|---|---|---:|---|---|"]
         for r in tiled_or_failed:
             lines.append(f"| {r['patient'] or '?'} | {r['slide'] or '?'} | {r['status']} | {r['tiles']} | "
                          f"{r['reason']} | {_cell(r['error'])} |")
         lines.append("")
     if s["skipped"]:
         lines += [f"{s['skipped']} slides unchanged since they were tiled (same content and parameters).", ""]
+    if summary.get("dropped"):
+        lines += ["## Derived data dropped by retiling", ""]
+        lines += [f"- {_cell(d['slide'])}: {_cell(d['set'])} " + ("re-extracted by this run" if d["remade"] else
+                  "not re-extracted (no encoder of this run makes it): make it again") for d in summary["dropped"]]
+        lines.append("")
     if "training" in summary:
         t = summary["training"]
         loss = f"{t['final_loss']:.4f}" if isinstance(t.get("final_loss"), (int, float)) else "-"

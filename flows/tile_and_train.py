@@ -13,7 +13,7 @@ from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
 from .settings import (EvaluationSettings, ExtractionSettings, Threads, TilingSettings, TrainingSettings, Workers,
                        check_paths)
-from .steps import (extract_step, knn_step, register_executor, release_executor, tile_phase, train_step,
+from .steps import (extract_step, knn_step, register_executor, release_executor, rederived, tile_phase, train_step,
                     training_curve)
 from .summary import run_summary, slide_rows, summary_markdown
 from .work import EncoderSpec
@@ -50,14 +50,15 @@ def tile_and_train(
     with SlideExecutor(workers, scheduler_address) as executor:
         key = register_executor(executor)
         try:
-            results, reasons = tile_phase(source, store, params, threads, executor, key, force_tiling)
+            results, reasons, dropped = tile_phase(source, store, params, threads, executor, key, force_tiling)
             trained = train_step(store, run_dir, training)
             extracted = extract_step(store, encoders, extraction, executor, key)
         finally:
             release_executor(key)
     knn = knn_step(store, extraction.name, run_dir, evaluation)
     summary = run_summary("tile-and-train", store, slide_rows(results, reasons), time.perf_counter() - t0,
-                          training=trained, extraction=extracted, knn=knn, curve=training_curve(run_dir))
+                          training=trained, extraction=extracted, knn=knn, curve=training_curve(run_dir),
+                          dropped=rederived(store, dropped))
     report = attach_cohort_artifacts("tile-and-train", store, summary, Path(run_dir).expanduser() / "report.html")
     summary["report"] = str(report) if report else None
     create_markdown_artifact(summary_markdown(summary), key="tile-and-train-summary",

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cohort import TEST_SPLITS, TRAIN_SPLITS
+
 __all__ = [
     "FeatureTable",
     "KnnReport",
@@ -29,8 +31,6 @@ __all__ = [
 
 ArrayLike = np.ndarray | torch.Tensor
 LEVELS = ("tile", "slide", "patient")
-_TRAIN_SPLITS = {"train"}
-_TEST_SPLITS = {"test", "val", "valid", "validation", "heldout", "held_out"}
 
 
 def knn_scores(
@@ -247,9 +247,9 @@ def split_patients(
         out = {}
         for p, s in given.items():
             value = s.strip().lower()
-            if value in _TRAIN_SPLITS:
+            if value in TRAIN_SPLITS:
                 out[p] = "train"
-            elif value in _TEST_SPLITS:
+            elif value in TEST_SPLITS:
                 out[p] = "test"
             else:
                 raise ValueError(f"unknown split {s!r} for patient {p!r}")

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1,
                    help="cores per worker (default 1); 2 tiles a single slide about 1.2x faster")
     t.add_argument("--force", action="store_true", help="retile slides even when unchanged")
+    t.add_argument("--drop-derived", action="store_true",
+                   help="retile slides that have features or attribute scores, dropping them (they would no "
+                        "longer match the tiles); without it such slides are not retiled and are reported")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="patients, slides, tiles, failures and parameters of a store")
@@ -187,7 +190,7 @@ def _tile(args) -> int:
     try:
         report = tile_cohort(
             args.source, args.store, params, workers=args.workers, threads=args.threads, force=args.force,
-            on_plan=bars.start, on_slide=bars.slide, on_tiles=bars.tiles,
+            drop_derived=args.drop_derived, on_plan=bars.start, on_slide=bars.slide, on_tiles=bars.tiles,
         )
     except (ManifestError, StoreError, ValueError) as e:
         bars.close()

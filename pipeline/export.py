@@ -32,8 +32,6 @@ agrees with ``dataset.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +40,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .files import atomic_write, atomic_write_bytes, remove_temporaries
+from .files import atomic_write, remove_temporaries, write_csv
 
 __all__ = ["FORMATS", "ExportError", "ExportReport", "export_mil", "add_parser", "run"]
 
@@ -201,12 +199,8 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
                 if d in dirs:
                     (out / d / f"{s}{ext}").unlink(missing_ok=True)
     columns = ["case_id", "slide_id", "label"] + (["split"] if any(r["split"] for r in rows) else [])
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     report.csv_path = out / CSV_NAME
-    atomic_write_bytes(report.csv_path, buf.getvalue().encode())
+    write_csv(report.csv_path, columns, ([r[c] for c in columns] for r in rows))
     return report
 
 

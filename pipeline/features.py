@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .encoders import Encoder
+from .ids import validate_id
 from .location import scrub
 from .qc import TileFilter
 from .store import SlideStore, StoreDamageError, StoreWriter, tiles_version
@@ -171,6 +172,8 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
     names = [e.name for e in encoders]
     if len(set(names)) != len(names):
         raise ValueError(f"extract_features: encoder names must differ, got {names}")
+    for name in names:  # before any work: each becomes a key features/<name> of every slide
+        validate_id(name, kind="feature name")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     reader, writer = SlideStore(store), StoreWriter(store)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+import re
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["TMP_TAG", "atomic_write", "atomic_write_bytes", "remove_temporaries"]
+__all__ = ["TMP_TAG", "atomic_write", "atomic_write_bytes", "remove_temporaries", "spreadsheet_safe", "write_csv"]
 
 TMP_TAG = ".hlss-tmp-"
 
@@ -36,3 +39,29 @@ def remove_temporaries(folder: Path) -> None:
     """Temporary files a killed writer left in ``folder`` (renamed into place otherwise)."""
     for p in Path(folder).glob(f"{TMP_TAG}*.tmp"):
         p.unlink(missing_ok=True)
+
+
+# what a spreadsheet may run as a formula when a cell starts with it (OWASP "CSV injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def spreadsheet_safe(value: Any) -> str:
+    """``value`` as a CSV cell a spreadsheet shows as text: one starting with ``= + - @``, a tab or a
+    carriage return gets a leading ``'`` (as OWASP recommends); plain numbers such as ``-1`` are kept."""
+    text = "" if value is None else str(value)
+    if text.startswith(_FORMULA_START) and not _NUMBER.match(text):
+        return "'" + text
+    return text
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file with header ``columns`` and ``rows``, every cell :func:`spreadsheet_safe`, atomically.
+
+    The one way the project writes CSV files, so none of them can carry a formula into a spreadsheet.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([spreadsheet_safe(c) for c in columns])
+    writer.writerows([spreadsheet_safe(c) for c in row] for row in rows)
+    atomic_write_bytes(Path(path), buf.getvalue().encode())

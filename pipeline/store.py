@@ -4,8 +4,8 @@ Layout (the contract other modules and users rely on)::
 
     <store>/                      attrs["hlss"]: schema_version, created, package_version
       patients/<patient_id>/      attrs: label, split (when known)
-        slides/<slide_id>/        attrs: status "complete" | "failed" ("writing" on an object store
-                                  while a commit is under way), error, source, reader, mpp0, ...
+        slides/<slide_id>/        attrs: status "complete" | "failed" ("writing" or "moving" on an object store
+                                  while a commit or a move is under way), error, source, reader, mpp0, ...
           tiles       (N, T, T, 3) uint8   one tile per chunk, chunks grouped in shards
           coords      (N, 2) int64         level-0 (x, y) of each tile's top-left corner
           tissue      (N,) float32         tissue fraction of each tile
@@ -84,6 +84,7 @@ import shutil
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,7 +96,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from .files import atomic_write_bytes
-from .ids import validate_id
+from .ids import sanitize_id, validate_id
 from .location import ObjectLocation, StoreError, is_remote, local_path
 
 log = logging.getLogger(__name__)
@@ -395,7 +396,7 @@ class StoreWriter:
     # -- writing ---------------------------------------------------------------------------
     def stage(self) -> StagedSlide:
         """A new, empty staging group owned by this process."""
-        token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        token = _staging_token()
         if self._remote is not None:
             key = f"{STAGING}/{token}"
             owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -642,6 +643,116 @@ class StoreWriter:
                 loc.remove_tree(key)
                 removed.append(name)
         return removed
+
+    # -- following the manifest (labels, splits, patients) without retiling ----------------------
+    def slide_index(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Every committed slide group: ``{slide_id: [(patient_id, attrs), ...]}`` (several patients
+        when the store holds a slide id twice). On an object store: one listing per patient and one
+        GET per slide, 16 at a time."""
+        if self._remote is not None:
+            loc = self._remote
+            patients = [p for p in loc.children("patients") if p != "zarr.json"]
+            with ThreadPoolExecutor(16, thread_name_prefix="slide-index") as pool:
+                slides = pool.map(lambda p: loc.children(f"patients/{p}/slides"), patients)
+                pairs = [(p, s) for p, names in zip(patients, slides) for s in names if s != "zarr.json"]
+                docs = list(pool.map(lambda ps: self.slide_attrs(*ps), pairs))
+        else:
+            pairs = [(d.parent.parent.name, d.name) for d in sorted((self.path / "patients").glob("*/slides/*"))
+                     if d.is_dir()]
+            docs = [self.slide_attrs(p, s) for p, s in pairs]
+        out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for (p, s), attrs in zip(pairs, docs):
+            if attrs is not None:
+                out.setdefault(s, []).append((p, attrs))
+        return out
+
+    def derived_sets(self, patient_id: str, slide_id: str) -> list[str]:
+        """``features/<name>`` and ``attributes/<run>`` arrays stored with a slide (complete or not):
+        what retiling it would make invalid."""
+        out = []
+        for group in _ARRAY_GROUPS:
+            if self._remote is not None:
+                names = self._remote.children(f"{_slide_key(patient_id, slide_id)}/{group}")
+            else:
+                folder = self._slide_dir(patient_id, slide_id) / group
+                names = [c.name for c in folder.iterdir() if c.is_dir()] if folder.is_dir() else []
+            out += [f"{group}/{n}" for n in sorted(names) if n != "zarr.json"]
+        return out
+
+    def update_labels(self, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
+        """Set the known (not None) ``label``/``split`` of ``patient_attrs`` on the patient group and on
+        the slide's own attributes, rewriting each ``zarr.json`` whole (one atomic write or PUT)."""
+        known = {k: v for k, v in patient_attrs.items() if v is not None}
+        if not known:
+            return
+        key = _slide_key(patient_id, slide_id)
+        if self._remote is not None:
+            self._ensure_remote_group(f"patients/{patient_id}", known)
+            doc = self._remote.read_json(f"{key}/zarr.json")
+            if doc is not None and any((doc.get("attributes") or {}).get(k) != v for k, v in known.items()):
+                doc.setdefault("attributes", {}).update(known)
+                self._remote.write_json(f"{key}/zarr.json", doc)
+            return
+        _ensure_group(self.path / "patients" / patient_id, known)
+        _ensure_group(self._slide_dir(patient_id, slide_id), known)
+
+    def move_slide(self, old_patient: str, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
+        """Move a committed slide group (tiles, features and all) from ``old_patient`` to ``patient_id``.
+
+        Folder: one atomic rename. Object store (see the module docstring): the old ``zarr.json`` is
+        replaced FIRST by a ``status: "moving"`` marker naming the new patient and holding the old
+        document (so the slide is never listed complete under both), the objects are copied under the
+        new patient with the commit protocol, the old objects are removed LAST. A writer killed before
+        the last step leaves the marker: the next run moves the slide again from it (killed during the
+        copy) or removes what is left (killed after it, :meth:`remove_move_leftover`).
+        """
+        validate_id(patient_id, kind="patient_id")
+        validate_id(slide_id, kind="slide_id")
+        known = {k: v for k, v in patient_attrs.items() if v is not None}
+        src, dst = _slide_key(old_patient, slide_id), _slide_key(patient_id, slide_id)
+        if self._remote is not None:
+            loc, token = self._remote, _staging_token()
+            doc = loc.read_json(f"{src}/zarr.json")
+            if doc is None:
+                raise StoreError(f"{self.path}: {src} is gone; rerun")
+            doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
+            marker = {"status": "moving", "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
+            loc.write_json(f"{src}/zarr.json", _group_doc(marker))
+            self._ensure_remote_group(f"patients/{patient_id}", known)
+            self._ensure_remote_group(f"patients/{patient_id}/slides")
+            pending = _group_doc({"status": "writing", "writer": token, "started": _now()})
+            if self._replace_remote(src, dst, pending, doc, token):
+                loc.remove_tree(src)
+            return
+        _ensure_group(self.path / "patients" / patient_id, known)
+        _ensure_group(self.path / "patients" / patient_id / "slides")
+        target = self.path / dst
+        if target.exists():
+            raise StoreError(f"{self.path}: {dst} already exists; not moving {src} over it")
+        os.replace(self.path / src, target)
+
+    def remove_move_leftover(self, old_patient: str, slide_id: str) -> None:
+        """Remove what a killed :meth:`move_slide` left under ``old_patient`` (a ``moving`` marker and
+        the objects it had already copied to their new patient)."""
+        key = _slide_key(old_patient, slide_id)
+        if self._remote is not None:
+            self._remote.remove_tree(key)
+        else:
+            shutil.rmtree(self.path / key)
+
+
+def moved_doc(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The slide document a ``moving`` marker (a killed :meth:`StoreWriter.move_slide`) holds, else None."""
+    doc = attrs.get("moved_doc") if attrs.get("status") == "moving" else None
+    return doc if isinstance(doc, dict) else None
+
+
+def _staging_token() -> str:
+    """A new ``_staging`` node name, ``<host>-<pid>-<random hex>``: a valid id whatever the host name,
+    and never one of the store's own ``replaced-...`` names there (those are removed as stale)."""
+    host = sanitize_id(socket.gethostname())
+    host = f"h{host}" if host.startswith("replaced") else host
+    return validate_id(f"{host[:100]}-{os.getpid()}-{uuid.uuid4().hex[:12]}", kind="staging token")
 
 
 def _slide_key(patient_id: str, slide_id: str) -> str:

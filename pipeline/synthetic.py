@@ -19,7 +19,6 @@ pixel size.
 
 from __future__ import annotations
 
-import csv
 import math
 import threading
 import uuid
@@ -29,6 +28,8 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import tifffile
+
+from .files import write_csv
 
 __all__ = [
     "CLASS_NAMES",
@@ -1015,10 +1016,7 @@ def make_demo_cohort(
             )
             rows.append((f"slides/{name}", patient, slide_id, CLASS_NAMES[cls], split))
     manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(rows)
+    write_csv(manifest, MANIFEST_COLUMNS, rows)
     return manifest
 
 

@@ -60,21 +60,28 @@ def needs_tiling(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> 
     return change_reason(writer, spec, params) is not None
 
 
-def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams) -> str | None:
+def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams, *,
+                  attrs: dict | None = None, src: dict | OSError | None = None) -> str | None:
     """Why ``spec`` must be (re)tiled, or None when its stored version is current.
 
+    ``attrs``: the stored slide's attributes (read from ``writer`` when not given); ``src``: its
+    :func:`~pipeline.source.source_info`, or the OSError that computing it raised (computed when not
+    given). Label, split and patient are not tiling reasons (see :mod:`pipeline.runner`).
     A changed mtime alone is not a reason (a copy or ``touch`` keeps the content); the content
     fingerprint decides, and it is computed for every slide anyway (about 1 MiB read).
     """
-    attrs = writer.slide_attrs(spec.patient_id, spec.slide_id)
+    attrs = writer.slide_attrs(spec.patient_id, spec.slide_id) if attrs is None else attrs
     if attrs is None:
         return "new"
     if attrs.get("status") != "complete":
         return f"previous attempt {attrs.get('status', 'unfinished')}"
-    try:
-        src = source_info(spec.path)
-    except OSError as e:
-        return f"source unreadable ({e.strerror or e})"
+    if src is None:
+        try:
+            src = source_info(spec.path)
+        except OSError as e:
+            src = e
+    if isinstance(src, OSError):
+        return f"source unreadable ({src.strerror or src})"
     old = attrs.get("source") or {}
     if old.get("bytes") != src["bytes"]:
         return f"source size changed ({old.get('bytes')} -> {src['bytes']} bytes)"
@@ -161,7 +168,7 @@ def record_failure(writer: StoreWriter, spec: SlideSpec, params: TilingParams, e
 
 
 def _patient_attrs(spec: SlideSpec) -> dict:
-    return {"label": spec.label, "split": spec.split}
+    return spec.patient_attrs()
 
 
 def _record_failure(

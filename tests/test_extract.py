@@ -339,8 +339,12 @@ def test_retiling_a_slide_drops_its_features(train_store, tmp_path):
     staged = writer.stage_features(n_old, 4)
     staged[:] = 1.0
 
-    report = tile_cohort(one, store, TilingParams(target_mpp=1.0, tile_size=64, min_tissue=0.6))
-    assert report.exit_code == 0
+    params = TilingParams(target_mpp=1.0, tile_size=64, min_tissue=0.6)
+    refused = tile_cohort(one, store, params)  # retiling would drop "f": only when asked
+    assert refused.exit_code == 1 and "features/f" in refused.table() and "--drop-derived" in refused.table()
+    assert tiles_version(SlideStore(store).slide_attrs(*target)) == old_version
+    report = tile_cohort(one, store, params, drop_derived=True)
+    assert report.exit_code == 0 and report.dropped == {target: ["features/f"]}
     st = SlideStore(store)
     new_attrs = st.slide_attrs(*target)
     assert tiles_version(new_attrs) != old_version

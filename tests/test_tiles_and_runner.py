@@ -101,7 +101,7 @@ def test_params_are_validated(kwargs):
 def test_a_worker_that_crashes_costs_only_its_slide(make_slide, tmp_path, monkeypatch):
     folder = tmp_path / "slides"
     for name in ("a", "b", "crash", "d"):
-        make_slide(f"{name}.svs", folder=folder, width=1536, height=1024, seed=len(name))
+        make_slide(f"{name}.svs", folder=folder, width=1536, height=1024, seed=ord(name[0]))  # distinct files
     # workers are spawned: a sitecustomize on their path makes the 'crash' slide kill its process,
     # as a segfault in a C decoder would
     hook = tmp_path / "hook"
