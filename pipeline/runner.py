@@ -19,6 +19,7 @@ from typing import Callable
 
 from .cohort import Cohort, SlideSpec, discover_cohort
 from .config import TilingParams
+from .escape import terminal
 from .location import scrub
 from .store import StoreWriter
 from .tiler import SlideResult, needs_tiling, record_failure, tile_slide
@@ -53,13 +54,14 @@ class TilingReport:
             f"{'complete':<10}{len(done):>8}{self.n_tiles:>10}",
             f"{'skipped':<10}{len(skipped):>8}{'':>10}",
             f"{'failed':<10}{len(failed):>8}{'':>10}",
-            f"{self.seconds:.1f} s, {rate:.0f} tiles/s; store: {self.store}",
+            f"{self.seconds:.1f} s, {rate:.0f} tiles/s; store: {terminal(self.store)}",
         ]
         for r in done:
             if r.warning:
-                lines.append(f"  warning {r.slide_id}: {r.warning}")
+                lines.append(f"  warning {terminal(r.slide_id)}: {terminal(r.warning)}")
         for r in failed:
-            lines.append(f"  FAILED {r.slide_id or '?'} (patient {r.patient_id or '?'}): {r.error}")
+            lines.append(f"  FAILED {terminal(r.slide_id or '?')} (patient {terminal(r.patient_id or '?')}): "
+                         f"{terminal(r.error)}")
         return "\n".join(lines)
 
 
