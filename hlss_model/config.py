@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.argtypes import check_device_name
 from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
@@ -144,6 +145,10 @@ class TrainConfig:
             raise ConfigError("steps, checkpoint_every, keep_checkpoints and log_every must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        try:
+            check_device_name(self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def uses_text(self) -> bool:

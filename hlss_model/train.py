@@ -23,7 +23,6 @@ across ranks before the loss, as HiDisc does.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -51,7 +50,6 @@ from .runs import has_checkpoint
 __all__ = ["train", "TrainResult", "lr_factor"]
 
 RUN_FORMAT = 1
-log = logging.getLogger(__name__)
 # what a run writes before its first checkpoint: replaced when such a run is restarted
 _RUN_FILES = ("config.yaml", "run.json", "attributes.safetensors", "metrics.jsonl")
 
@@ -282,8 +280,6 @@ def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
     restarted = None
     if rank == 0:
         restarted = _restart(out, old, cfg)
-        if restarted:
-            log.warning("%s", restarted)
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg, 0, restarted

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from .escape import terminal
+
 __all__ = ["positive_int", "non_negative_int", "int_in", "positive_float", "float_in", "device", "check_device_name",
            "weights_file", "encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron", "as_text"]
 
@@ -126,13 +128,13 @@ def device(text: str) -> str:
 
 def readable_file(text: str) -> Path:
     """An existing, readable file."""
-    path = Path(text).expanduser()
+    path, shown = Path(text).expanduser(), terminal(text)
     if not path.exists():
-        raise _Bad(f"{text}: no such file")
+        raise _Bad(f"{shown}: no such file")
     if not path.is_file():
-        raise _Bad(f"{text}: not a file")
+        raise _Bad(f"{shown}: not a file")
     if not os.access(path, os.R_OK):
-        raise _Bad(f"{text}: not readable (permission denied)")
+        raise _Bad(f"{shown}: not readable (permission denied)")
     return path
 
 
@@ -149,16 +151,16 @@ def _weights_format(path: Path) -> str | None:
 
 def weights_file(text: str) -> Path:
     """A local weights file we load: safetensors (``.safetensors``) or a torch checkpoint (.pt, .pth, .bin)."""
-    path = readable_file(text)
+    path, shown = readable_file(text), terminal(text)
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise _Bad(f"{text}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
+        raise _Bad(f"{shown}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
     try:
         kind = _weights_format(path)
     except OSError as e:
-        raise _Bad(f"{text}: cannot read it ({e.strerror or e})") from None
+        raise _Bad(f"{shown}: cannot read it ({e.strerror or e})") from None
     expected = "safetensors" if path.suffix.lower() == ".safetensors" else "torch"
     if kind != expected:
-        raise _Bad(f"{text}: not a {expected} file (its first bytes are not a {expected} header)")
+        raise _Bad(f"{shown}: not a {expected} file (its first bytes are not a {expected} header)")
     return path
 
 

@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # bad values are refused here, before any work (pipeline/argtypes.py)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage and the error (or the --help)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = _COMMANDS[args.command](args)
@@ -296,6 +299,8 @@ def _train(args) -> int:
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise _UsageError(str(e)) from e
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+        if result.restarted:
+            print(terminal(result.restarted))
         print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
               f"{result.images_per_s:.1f} images/s; run: {result.out}")
     return EXIT_OK

@@ -29,9 +29,9 @@ def test_tile_and_info_exit_codes(make_slide, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--min-tissue", "2"], "min_tissue"),
-        (["--target-mpp", "0"], "target_mpp"),
-        (["--compression", "gif"], "compression"),
+        (["--min-tissue", "2"], "--min-tissue"),
+        (["--target-mpp", "0"], "--target-mpp"),
+        (["--compression", "gif"], "--compression"),
         (["--workers", "0"], "workers"),
     ],
 )
