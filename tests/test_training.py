@@ -319,7 +319,7 @@ def _files(folder):
 
 def test_a_failed_start_is_restarted_with_the_corrected_config(train_store, tiny_text_model, tmp_path, capsys):
     from pipeline.cli import main
-    from tests.store_snapshot import assert_unchanged, snapshot
+    from store_snapshot import assert_unchanged, snapshot
 
     before = snapshot(train_store)
     run = tmp_path / "run"
