@@ -32,7 +32,7 @@ from pipeline.escape import markdown
 from pipeline.report import run_split, slide_table, write_report
 from pipeline.store import SlideStore
 
-__all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown"]
+__all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown", "table_artifact_rows"]
 
 MAX_PICTURES = 24
 PICTURE_PX = 256
@@ -49,9 +49,11 @@ def _jpeg_uri(image: np.ndarray, max_px: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _cell(value: Any) -> Any:
-    """A table artifact cell: strings escaped as markdown (the UI renders them so), numbers as they are."""
-    return markdown(value) if isinstance(value, str) else value
+def table_artifact_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the ``<flow>-slides`` table artifact from :func:`pipeline.report.slide_table`'s rows:
+    strings escaped as markdown (the UI renders each cell as markdown), numbers and None as they are."""
+    keys = ("patient", "slide", "label", "split", "status", "n_tiles", "tissue_fraction", "mpp0", "error")
+    return [{k: markdown(r.get(k)) if isinstance(r.get(k), str) else r.get(k) for k in keys} for r in table]
 
 
 def qc_markdown(store: SlideStore, slides: list[tuple[str, str]], max_pictures: int = MAX_PICTURES,
@@ -85,10 +87,8 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
         run_dirs = [report.parent] if report is not None and (report.parent / "metrics.jsonl").is_file() else []
         cohort = reader.summary()
         table = slide_table(reader, cohort, run_split(run_dirs))  # the report's table, read once for both
-        create_table_artifact(
-            [{k: _cell(r.get(k)) for k in ("patient", "slide", "label", "split", "status", "n_tiles",
-                                           "tissue_fraction", "mpp0", "error")} for r in table],
-            key=f"{flow}-slides", description=f"every slide of {markdown(store)}")
+        create_table_artifact(table_artifact_rows(table), key=f"{flow}-slides",
+                              description=f"every slide of {markdown(store)}")
         touched = [(r["patient"], r["slide"]) for r in summary.get("slide_rows", [])
                    if r["status"] != "skipped" and r["patient"] and r["slide"]]
         known = {(r["patient"], r["slide"]) for r in table}
