@@ -92,7 +92,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             lines += [f"Features {md(k.get('feature'))}, k={k['k']}, T={k['temperature']}.", "",
                       "| level | n | accuracy | MCA |", "|---|---:|---:|---:|"]
             for level, r in k["levels"].items():
-                lines.append(f"| {md(level)} | {r['n']} | {100 * r['accuracy']:.1f}% | {100 * r['mean_class_accuracy']:.1f}% |")
+                lines.append(f"| {md(level)} | {r['n']} | {100 * r['accuracy']:.1f}% | "
+                             f"{100 * r['mean_class_accuracy']:.1f}% |")
             lines.append("")
     if summary.get("report"):
         lines += [f"Cohort report: {md(summary['report'])} (slides, QC pictures, training curve, kNN).", ""]

@@ -16,8 +16,9 @@ from typing import Callable
 
 from .escape import terminal
 
-__all__ = ["positive_int", "non_negative_int", "int_in", "positive_float", "float_in", "device", "check_device_name",
-           "weights_file", "encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron", "as_text"]
+__all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "check_device_name", "weights_file",
+           "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",
+           "as_text"]
 
 _Bad = argparse.ArgumentTypeError
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
@@ -45,13 +46,6 @@ def positive_int(text: str) -> int:
     value = _int(text, "a positive integer")
     if value < 1:
         raise _Bad(f"{value} is not a positive integer (1, 2, ...)")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _int(text, "an integer >= 0")
-    if value < 0:
-        raise _Bad(f"{value} must be >= 0")
     return value
 
 
@@ -171,6 +165,17 @@ def encoder_spec(text: str) -> tuple[str, Path | None]:
     if prefix != "timm" or not model:
         raise _Bad(f"{text!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
     return model, weights_file(weights) if weights else None
+
+
+def flow_encoder_spec(text: str) -> str:
+    """A flow's extra encoder, kept as text: ``timm:NAME[:WEIGHTS_FILE]`` (checked as
+    :func:`encoder_spec`) or ``run:FOLDER`` (a training run folder, with its run.json)."""
+    prefix, _, folder = text.partition(":")
+    if prefix != "run":
+        encoder_spec(text)
+    elif not (Path(folder).expanduser() / "run.json").is_file():
+        raise _Bad(f"{terminal(text)}: {terminal(folder)} is not a training run folder (no run.json)")
+    return text
 
 
 def tile_filter(text: str):

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--store", required=True, help="store folder (created if missing) or URL (s3://bucket/path)")
     t.add_argument("--target-mpp", type=at.float_in(0.01, 100, " µm/px"), default=0.5,
                    help="µm per px of the tiles, 0.01-100 (default 0.5)")
-    t.add_argument("--tile-size", type=at.int_in(16, 4096, " px"), default=256, help="tile side in px, 16-4096 (default 256)")
+    t.add_argument("--tile-size", type=at.int_in(16, 4096, " px"), default=256,
+                   help="tile side in px, 16-4096 (default 256)")
     t.add_argument("--min-tissue", type=at.float_in(0, 1), default=0.5,
                    help="minimum tissue fraction of a kept tile, 0-1 (default 0.5)")
     t.add_argument("--mask-mpp", type=at.float_in(0.5, 64, " µm/px"), default=8.0,
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default="auto")
     t.add_argument("--compression", type=at.compression, default=None,
                    help="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
-    t.add_argument("--workers", type=at.positive_int, default=1, help="slides tiled in parallel (processes, one core each)")
+    t.add_argument("--workers", type=at.positive_int, default=1,
+                   help="slides tiled in parallel (processes, one core each)")
     t.add_argument("--threads", type=at.positive_int, default=1,
                    help="cores per worker (default 1); 2 tiles a single slide about 1.2x faster")
     t.add_argument("--force", action="store_true", help="retile slides even when unchanged")
@@ -117,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--source", help="folder of slides or manifest .csv")
     w.add_argument("--store", help="store folder or URL (s3://bucket/path)")
     w.add_argument("--run-dir", help="training run folder")
-    w.add_argument("--train-config", type=at.as_text(at.readable_file), help="YAML training config (see hlss_model/config.py)")
+    w.add_argument("--train-config", type=at.as_text(at.readable_file),
+                   help="YAML training config (see hlss_model/config.py)")
     w.add_argument("--steps", type=at.positive_int)
     w.add_argument("--method", choices=("hlss", "hidisc"))
     w.add_argument("--device", type=at.device, help="training and extraction device (auto, cpu, cuda, cuda:N, mps)")
     w.add_argument("--resume", action="store_true", help="continue an unfinished run in --run-dir")
-    w.add_argument("--encoder", type=at.as_text(at.encoder_spec), action="append", default=[],
-                   metavar="timm:NAME[:WEIGHTS]", help="also extract features with this timm model (repeatable)")
+    w.add_argument("--encoder", type=at.flow_encoder_spec, action="append", default=[],
+                   metavar="timm:NAME[:WEIGHTS]|run:FOLDER",
+                   help="also extract features with this encoder (repeatable)")
     w.add_argument("--workers", type=at.positive_int, help="slides tiled at once")
     w.add_argument("--threads", type=at.positive_int, help="cores per tiling worker")
     w.add_argument("--scheduler-address", help="run slides on this Dask cluster (tcp://host:8786)")

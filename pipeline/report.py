@@ -33,7 +33,7 @@ import numpy as np
 
 from .argtypes import int_in
 from .escape import terminal
-from .files import OutsideOwnerError, atomic_write_bytes, remove_owned
+from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned
 from .qc import encode_png
 
 __all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "add_parser",
@@ -145,7 +145,7 @@ class Pictures:
                 return None
             w, h = _png_size(made[0])
             return _data_uri(made[0]), w, h, made[1]
-        path = self.folder / f"{key}.png"
+        path = owned_path(self.folder, f"{key}.png")  # keys name store nodes; still never outside the folder
         entry = self.index.get(key)
         self.used.add(key)
         fresh = entry is not None and entry.get("version") == version

@@ -102,7 +102,7 @@ def _now() -> str:
 
 def _check_store_path(path: Path, create: bool) -> None:
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{path}: is a file, not a store folder; choose another --store path")
+        raise StoreError(f"{path}: is a file, not a store folder" + ("; choose another --store path" if create else ""))
     if not path.exists():
         if not create:
             raise StoreError(f"{path}: no such store")

@@ -116,6 +116,7 @@ BAD_VALUES = [  # (argv, the option named, what the message says is allowed or w
     (["run", "--store", "{new}", "--steps", "0"], "--steps", "not a positive integer"),
     (["run", "--store", "{new}", "--workers", "0"], "--workers", "not a positive integer"),
     (["run", "--store", "{new}", "--encoder", "timm:resnet10t:{tmp}/missing.pt"], "--encoder", "no such file"),
+    (["run", "--store", "{new}", "--encoder", "run:{tmp}/norun"], "--encoder", "is not a training run folder"),
     (["demo-cohort", "{new}", "--classes", "5"], "--classes", "outside 1-4"),
     (["demo-cohort", "{new}", "--slides-per-patient", "3-1"], "--slides-per-patient", "1 <= MIN <= MAX"),
     (["demo-cohort", "{new}", "--patients", "0"], "--patients", "not a positive integer"),

@@ -20,7 +20,8 @@ from markdown_it import MarkdownIt
 from pipeline.cli import main
 from pipeline.escape import markdown, terminal
 
-LABEL = "red\x1b[31m\x1b]8;;http://evil\x07\r\x08\u202e [click](javascript:alert(1)) ![i](http://e/i.png) <b>x</b> | a |"
+LABEL = ("red\x1b[31m\x1b]8;;http://evil\x07\r\x08\u202e [click](javascript:alert(1)) ![i](http://e/i.png) "
+         "<b>x</b> | a |")
 BAD_NAME = "bad\x1b[2J\u202e<img src=x onerror=alert(1)>|[x](javascript:alert(2)).svs"
 EXECUTED = "\x1b\x07\r\x08\u202e"  # what a terminal would act on
 MD = MarkdownIt("commonmark", {"html": True}).enable("table")  # html on: raw HTML would pass through
@@ -109,7 +110,8 @@ def hostile_store(tmp_path_factory):
     from pipeline.synthetic import HETissueRenderer, write_slide
 
     root = tmp_path_factory.mktemp("hostile")
-    good = write_slide(root / "good.svs", 1024, 768, HETissueRenderer(1024, 768, tissue_class=0, stain_seed=0, seed=1), mpp=0.5)
+    renderer = HETissueRenderer(1024, 768, tissue_class=0, stain_seed=0, seed=1)
+    good = write_slide(root / "good.svs", 1024, 768, renderer, mpp=0.5)
     bad = root / BAD_NAME
     bad.write_bytes(b"II*\x00 not really a tiff")
     manifest = root / "manifest.csv"
