@@ -16,13 +16,14 @@ are errors (a typo must not silently train with a default)::
 from __future__ import annotations
 
 import dataclasses
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.argtypes import check_device_name
+from pipeline.argtypes import check_device_name, weights_file
 from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
@@ -75,8 +76,11 @@ class ModelConfig:
             raise ConfigError(f"model.proj_dim must be >= 1, got {self.proj_dim}")
         if self.head_init not in ("centered", "raw"):
             raise ConfigError(f"model.head_init must be centered or raw, got {self.head_init!r}")
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            raise ConfigError(f"model.weights: {self.weights} is not a file")
+        if self.weights is not None:
+            try:
+                weights_file(str(self.weights))
+            except ArgumentTypeError as e:
+                raise ConfigError(f"model.weights: {e}") from None
 
 
 @dataclass(frozen=True)

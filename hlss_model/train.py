@@ -277,6 +277,7 @@ def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
         return cfg, start, None
     old = TrainConfig.from_yaml(saved) if saved.is_file() else None
     cfg = (config or old or TrainConfig()) if resume else (config or TrainConfig())
+    resolve_device(cfg.device)  # an unusable device fails here, before the folder is touched
     restarted = None
     if rank == 0:
         restarted = _restart(out, old, cfg)

@@ -124,7 +124,7 @@ def readable_file(text: str) -> Path:
     """An existing, readable file."""
     path, shown = Path(text).expanduser(), terminal(text)
     if not path.exists():
-        raise _Bad(f"{shown}: no such file")
+        raise _Bad(f"{shown} not found (no such file)")
     if not path.is_file():
         raise _Bad(f"{shown}: not a file")
     if not os.access(path, os.R_OK):

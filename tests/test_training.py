@@ -377,3 +377,26 @@ def test_a_run_with_a_checkpoint_is_never_restarted(train_store, tiny_text_model
     err = capsys.readouterr().err
     assert "differs from the run's own config.yaml (steps 4 -> 2)" in err and "keeps its config" in err
     assert _files(run) == before  # nothing of the run was touched, the checkpoint least of all
+
+
+def test_unusable_device_or_weights_in_a_config_are_refused_before_the_run_folder_is_touched(
+        train_store, tiny_text_model, tmp_path, capsys):
+    from pipeline.cli import main
+
+    garbage = tmp_path / "w.safetensors"
+    garbage.write_bytes(b"definitely not tensors")
+    with pytest.raises(ConfigError, match=r"model.weights: .*w.safetensors: not a safetensors file"):
+        tiny_config(tiny_text_model, model={"weights": str(garbage)})
+    with pytest.raises(ConfigError, match="device 'gpu0' is not one of auto, cpu, cuda, cuda:N or mps"):
+        tiny_config(tiny_text_model, device="gpu0")
+    if torch.cuda.is_available():
+        return
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_text_model).to_dict()))  # a failed start
+    before = _files(run)
+    cuda = tmp_path / "cuda.yaml"
+    cuda.write_text(yaml.safe_dump(tiny_config(tiny_text_model, device="cuda").to_dict()))
+    assert main(["train", "--store", str(train_store), "--out", str(run), "--config", str(cuda), "--no-progress"]) == 2
+    assert "device 'cuda' asked for but CUDA is not available" in capsys.readouterr().err
+    assert _files(run) == before
