@@ -15,9 +15,15 @@ import unicodedata
 __all__ = ["terminal", "markdown"]
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# ASCII punctuation: CommonMark lets a backslash make any of these literal (links, images, HTML,
-# emphasis, code spans, entities, GFM table pipes and autolinks alike)
-_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
+# Markdown punctuation, backslash-escaped (CommonMark makes an escaped one literal): links, images,
+# HTML, entities, emphasis, code spans, strikethrough, GFM table pipes, and the ':' and '@' of GFM's
+# autolinks. The rest of ASCII punctuation ('/', '.', '-', ',', ...) means nothing inside a line and
+# stays as it is, so paths and ids stay readable; at the start of a line see _MD_LEAD_*.
+_MD_PUNCT = re.compile(r"([\\`*_{}\[\]<>()#!|~&:@])")
+_MD_WWW = re.compile(r"(?i)(www)\.")  # GFM autolinks www.example.com too, even inside a word
+_MD_LEAD_MARK = re.compile(r"^(\s*)([-+=])")  # a list item or a setext underline at the start of a line
+_MD_LEAD_NUMBER = re.compile(r"^(\s*\d+)\.")  # an ordered list item
+_MD_LEAD_SPACES = re.compile(r"^ +")  # four would start a code block: written as entities, shown as spaces
 
 
 def _unsafe(ch: str) -> bool:
@@ -41,6 +47,8 @@ def terminal(text: object, newlines: bool = False) -> str:
 
 
 def markdown(text: object) -> str:
-    """``text`` as literal inline markdown (also safe in a GFM table cell): one line, every ASCII
-    punctuation character backslash-escaped, control characters shown as in :func:`terminal`."""
-    return _MD_PUNCT.sub(r"\\\1", terminal(text))
+    """``text`` as literal inline markdown (also safe in a GFM table cell): one line, its markdown
+    punctuation backslash-escaped, control characters shown as in :func:`terminal`."""
+    s = _MD_WWW.sub(r"\1\\.", _MD_PUNCT.sub(r"\\\1", terminal(text)))
+    s = _MD_LEAD_NUMBER.sub(r"\1\\.", _MD_LEAD_MARK.sub(r"\1\\\2", s))
+    return _MD_LEAD_SPACES.sub(lambda m: "&#32;" * len(m.group()), s)
