@@ -275,7 +275,12 @@ def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
         latest = out / "latest.json"
         start = json.loads(latest.read_text())["step"] if latest.is_file() else 0
         return cfg, start, None
-    old = TrainConfig.from_yaml(saved) if saved.is_file() else None
+    try:
+        old = TrainConfig.from_yaml(saved) if saved.is_file() else None
+    except ConfigError:
+        if resume and config is None:
+            raise
+        old = None  # a start without a checkpoint whose config no longer reads: replaced by the new one
     cfg = (config or old or TrainConfig()) if resume else (config or TrainConfig())
     resolve_device(cfg.device)  # an unusable device fails here, before the folder is touched
     restarted = None
@@ -289,14 +294,14 @@ def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
 def _restart(out: Path, old: TrainConfig | None, cfg: TrainConfig) -> str | None:
     """Remove what an earlier start without a checkpoint left in ``out`` (never a checkpoint, never
     anything but the run's own files); a sentence saying what was restarted, or None when none was there."""
+    if not ((out / "config.yaml").exists() or (out / "run.json").exists()):
+        return None  # not a run folder (a new one, or one the user owns): nothing of it is ours to remove
     left = [name for name in _RUN_FILES if (out / name).exists()]
     partial = sorted((out / "checkpoints").glob(".step_*.tmp")) if (out / "checkpoints").is_dir() else []
-    if not left and not partial:
-        return None
     for path in [*(out / name for name in left), *partial]:
         remove_owned(out, path)
     steps = f"step 0 of {old.steps}" if old is not None else "step 0"
-    changed = _changes(old, cfg) if old is not None else "no config.yaml"
+    changed = _changes(old, cfg) if old is not None else "its config.yaml was missing or unreadable"
     return f"{out}: restarted the run that never reached its first checkpoint ({steps}; {changed})"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -400,3 +401,18 @@ def test_unusable_device_or_weights_in_a_config_are_refused_before_the_run_folde
     assert main(["train", "--store", str(train_store), "--out", str(run), "--config", str(cuda), "--no-progress"]) == 2
     assert "device 'cuda' asked for but CUDA is not available" in capsys.readouterr().err
     assert _files(run) == before
+
+
+def test_a_start_whose_config_no_longer_reads_is_restarted(train_store, tiny_text_model, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("sampler: {batch_sise: 4}\n")  # e.g. written by an older version
+    (run / "notes.txt").write_text("mine")
+    result = train(train_store, run, tiny_config(tiny_text_model, steps=1), progress=False)
+    assert result.steps == 1 and "its config.yaml was missing or unreadable" in result.restarted
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    for done in ("latest.json", "model.safetensors", "checkpoints"):  # back to a start without a checkpoint
+        shutil.rmtree(run / done) if (run / done).is_dir() else (run / done).unlink()
+    (run / "config.yaml").write_text("sampler: {batch_sise: 4}\n")
+    with pytest.raises(ConfigError, match="batch_sise"):  # resuming it has no config to resume with
+        train(train_store, run, None, resume=True, progress=False)
