@@ -72,7 +72,8 @@ def test_markdown_cell_renders_as_the_literal_text(text):
 
 def test_markdown_breaks_autolinks_and_block_starts_but_keeps_paths_readable():
     assert markdown("www.evil.com http://evil.com a@evil.com") == "www\\.evil.com http\\://evil.com a\\@evil.com"
-    assert [markdown(t) for t in ("- x", "+ x", "12. x", "= x", "# x")] == ["\\- x", "\\+ x", "12\\. x", "\\= x", "\\# x"]
+    assert [markdown(t) for t in ("- x", "+ x", "12. x", "= x", "# x")] == \
+        ["\\- x", "\\+ x", "12\\. x", "\\= x", "\\# x"]
     assert markdown("/data/run-1/report.html, TCGA-02-0001") == "/data/run-1/report.html, TCGA-02-0001"
     for text in ("- x", "12. x", "= x", "# x", "> x", "    code"):  # rendered alone: one paragraph of the text
         assert MD.render(markdown(text)) == f"<p>{html.escape(text, quote=False)}</p>\n"
