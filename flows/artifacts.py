@@ -12,7 +12,9 @@ Each tiling flow run attaches, next to its markdown summary (:mod:`flows.summary
   only for slides that changed: a nightly rerun redraws what it retiled), when the flow has one.
 
 The report and the artifacts are a view of the store: failing to draw them is logged as an error and
-noted in the run's summary, and never fails a run whose slides were tiled and saved.
+noted in the run's summary, and never fails a run whose slides were tiled and saved. Strings from the
+store (ids, labels, errors) are markdown-escaped in both artifacts: the UI renders table cells as
+markdown too.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import numpy as np
 from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from pipeline.escape import markdown
 from pipeline.report import run_split, slide_table, write_report
 from pipeline.store import SlideStore
 
-__all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown"]
+__all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown", "table_artifact_rows"]
 
 MAX_PICTURES = 24
 PICTURE_PX = 256
@@ -46,6 +49,13 @@ def _jpeg_uri(image: np.ndarray, max_px: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def table_artifact_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the ``<flow>-slides`` table artifact from :func:`pipeline.report.slide_table`'s rows:
+    strings escaped as markdown (the UI renders each cell as markdown), numbers and None as they are."""
+    keys = ("patient", "slide", "label", "split", "status", "n_tiles", "tissue_fraction", "mpp0", "error")
+    return [{k: markdown(r.get(k)) if isinstance(r.get(k), str) else r.get(k) for k in keys} for r in table]
+
+
 def qc_markdown(store: SlideStore, slides: list[tuple[str, str]], max_pictures: int = MAX_PICTURES,
                 max_px: int = PICTURE_PX) -> str:
     """Markdown with the QC pictures of ``slides`` (patient, slide), at most ``max_pictures``."""
@@ -58,10 +68,11 @@ def qc_markdown(store: SlideStore, slides: list[tuple[str, str]], max_pictures: 
         if shown == max_pictures:
             lines += [f"{len(slides) - shown} more slides are in the report.", ""]
             break
+        name = f"{markdown(p)} / {markdown(s)}"
         if not store.has_qc(p, s):
-            lines += [f"**{p} / {s}**: no QC picture.", ""]
+            lines += [f"**{name}**: no QC picture.", ""]
             continue
-        lines += [f"**{p} / {s}**", "", f"![{p} / {s}]({_jpeg_uri(store.qc_image(p, s), max_px)})", ""]
+        lines += [f"**{name}**", "", f"![{name}]({_jpeg_uri(store.qc_image(p, s), max_px)})", ""]
         shown += 1
     return "\n".join(lines)
 
@@ -76,10 +87,8 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
         run_dirs = [report.parent] if report is not None and (report.parent / "metrics.jsonl").is_file() else []
         cohort = reader.summary()
         table = slide_table(reader, cohort, run_split(run_dirs))  # the report's table, read once for both
-        create_table_artifact(
-            [{k: r.get(k) for k in ("patient", "slide", "label", "split", "status", "n_tiles", "tissue_fraction",
-                                    "mpp0", "error")} for r in table],
-            key=f"{flow}-slides", description=f"every slide of {store}")
+        create_table_artifact(table_artifact_rows(table), key=f"{flow}-slides",
+                              description=f"every slide of {markdown(store)}")
         touched = [(r["patient"], r["slide"]) for r in summary.get("slide_rows", [])
                    if r["status"] != "skipped" and r["patient"] and r["slide"]]
         known = {(r["patient"], r["slide"]) for r in table}
@@ -89,7 +98,7 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
             return None
         written = write_report(reader, report, run_dirs, max_px=REPORT_PX, pictures="files", summary=cohort,
                                table=table)
-        create_link_artifact(written.resolve().as_uri(), link_text=f"cohort report ({written})",
+        create_link_artifact(written.resolve().as_uri(), link_text=markdown(f"cohort report ({written})"),
                              key=f"{flow}-report", description="static HTML: open it in a browser")
         logger.info("cohort report: %s", written)
         return written

@@ -8,6 +8,8 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from pipeline.escape import markdown
+
 from .executor import SlideExecutor
 from .settings import ExtractionSettings, FlowConfigError, Workers, check_paths
 from .steps import extract_step, register_executor, release_executor
@@ -45,5 +47,5 @@ def extract_features_flow(
             release_executor(key)
     summary = run_summary("extract-features", store, [], time.perf_counter() - t0, extraction=report)
     create_markdown_artifact(summary_markdown(summary), key="extract-features-summary",
-                             description=f"feature extraction in {store}")
+                             description=f"feature extraction in {markdown(store)}")
     return summary

@@ -9,6 +9,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from pipeline.escape import markdown
+
 from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
 from .settings import ExtractionSettings, Threads, TilingSettings, Workers, check_paths
@@ -60,5 +62,5 @@ def reprocess(
                                      Path(run_dir).expanduser() / "report.html" if run_dir else None)
     summary["report"] = str(report) if report else None
     create_markdown_artifact(summary_markdown(summary), key="reprocess-summary",
-                             description=f"reprocess of {source} into {store}")
+                             description=f"reprocess of {markdown(source)} into {markdown(store)}")
     return summary

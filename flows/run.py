@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.escape import terminal
+
 from .settings import FlowConfigError, load_defaults
 from .summary import summary_markdown
 
@@ -39,7 +41,7 @@ def run_tile_and_train(args: argparse.Namespace) -> int:
         params = _parameters(args)
         check_api(require_server=False)
     except (FlowConfigError, PrefectAPIError) as e:
-        print(f"hlss run: error: {e}", file=sys.stderr)
+        print(f"hlss run: error: {terminal(e, newlines=True)}", file=sys.stderr)
         return 2
     from prefect.exceptions import ParameterTypeError
 
@@ -48,11 +50,12 @@ def run_tile_and_train(args: argparse.Namespace) -> int:
     try:
         state = tile_and_train(**params, return_state=True)
     except ParameterTypeError as e:
-        print(f"hlss run: error: {e}", file=sys.stderr)
+        print(f"hlss run: error: {terminal(e, newlines=True)}", file=sys.stderr)
         return 2
     outcome = state.result(raise_on_failure=False)
     if not state.is_completed():
-        print(f"hlss run: error: tile-and-train {state.name.lower()}: {outcome}", file=sys.stderr)
+        print(f"hlss run: error: tile-and-train {state.name.lower()}: {terminal(outcome, newlines=True)}",
+              file=sys.stderr)
         return 2
     print(summary_markdown(outcome))
     failed = outcome["slides"]["failed"] or outcome.get("extraction", {}).get("failed")

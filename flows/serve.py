@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline import argtypes as at
+from pipeline.escape import terminal
+
 from .settings import FlowConfigError, FlowDefaults, load_defaults
 
 __all__ = ["build_deployments", "check_api", "serve", "deploy_to_pool", "main"]
@@ -100,11 +103,14 @@ def deploy_to_pool(defaults: FlowDefaults, pool: str, schedule: bool = True) -> 
 def add_arguments(p: argparse.ArgumentParser, pool: bool = False) -> None:
     if pool:
         p.add_argument("--pool", required=True, help="the Prefect work pool whose workers run the flows")
-    p.add_argument("--config", help="YAML flow settings (default $HLSS_FLOW_CONFIG); see flows/settings.py")
-    p.add_argument("--cron", help="cron schedule of reprocess/nightly (default from the config, else 0 2 * * *)")
+    p.add_argument("--config", type=at.as_text(at.readable_file),
+                   help="YAML flow settings (default $HLSS_FLOW_CONFIG); see flows/settings.py")
+    p.add_argument("--cron", type=at.cron,
+                   help="cron schedule of reprocess/nightly (default from the config, else 0 2 * * *)")
     p.add_argument("--no-schedule", action="store_true", help="serve reprocess/nightly without its schedule")
     if not pool:
-        p.add_argument("--limit", type=int, help="flow runs executed at once by this process (default: no limit)")
+        p.add_argument("--limit", type=at.positive_int,
+                       help="flow runs executed at once by this process (default: no limit)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -121,7 +127,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         else:
             serve(defaults, limit=args.limit, schedule=not args.no_schedule)
     except (FlowConfigError, PrefectAPIError) as e:
-        print(f"hlss {'deploy' if pool else 'serve'}: error: {e}", file=sys.stderr)
+        print(f"hlss {'deploy' if pool else 'serve'}: error: {terminal(e, newlines=True)}", file=sys.stderr)
         return 2
     return 0
 

@@ -158,11 +158,13 @@ def _windowed(items: Iterable, submit: Callable, finish: Callable, slots: int) -
 # -- training ----------------------------------------------------------------------------------
 
 def run_state(run_dir: str) -> dict[str, Any]:
-    """``{exists, step, steps, finished}`` of a training run folder."""
+    """``{exists, step, steps, finished}`` of a training run folder; ``exists``: it holds a checkpoint
+    (a start that never reached one is restarted, see :func:`hlss_model.train.train`)."""
     from hlss_model.config import TrainConfig
+    from hlss_model.runs import has_checkpoint
 
     out = Path(run_dir).expanduser()
-    if not (out / "config.yaml").is_file():
+    if not (out / "config.yaml").is_file() or not has_checkpoint(out):
         return {"exists": False, "step": 0, "steps": None, "finished": False}
     steps = TrainConfig.from_yaml(out / "config.yaml").steps
     latest = out / "latest.json"
@@ -176,7 +178,7 @@ def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str
     """Train HLSS into ``run_dir``; a finished run is reused, an unfinished one resumed only when asked.
 
     Holds this host's slot for the training device (see :mod:`flows.limits`) while it trains.
-    Returns ``{status: trained | resumed | reused, steps, final_loss, images_per_s, run_dir}``.
+    Returns ``{status: trained | restarted | resumed | reused, steps, final_loss, images_per_s, run_dir}``.
     """
     from hlss_model.config import TrainConfig
     from hlss_model.train import train
@@ -196,7 +198,9 @@ def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str
             raise RuntimeError(f"run_dir {run_dir}: a resumed run keeps its saved config ({state['steps']} steps); "
                                "drop training.steps or choose another run_dir")
     else:
-        cfg = TrainConfig.from_yaml(training.config) if training.config else TrainConfig()
+        saved_yaml = Path(run_dir).expanduser() / "config.yaml"  # resuming a start without a checkpoint: its config
+        source = training.config or (saved_yaml if training.resume and saved_yaml.is_file() else None)
+        cfg = TrainConfig.from_yaml(source) if source else TrainConfig()
         overrides = {k: v for k, v in (("steps", training.steps), ("method", training.method),
                                        ("device", training.device)) if v is not None}
         cfg, status = (cfg.replace(**overrides) if overrides else cfg), "trained"
@@ -209,6 +213,9 @@ def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str
                        on_step=_log_every(logger, 25))
     logger.info("trained %d steps in %.0f s, final loss %.4f", result.steps, time.perf_counter() - t0,
                 result.final_loss)
+    if result.restarted:
+        logger.warning("%s", result.restarted)
+        status = "restarted"
     return {"status": status, "steps": result.steps, "final_loss": result.final_loss,
             "images_per_s": result.images_per_s, "run_dir": run_dir}
 

@@ -1,9 +1,15 @@
-"""What a flow run did, as the plain data it returns and the markdown artifact shown in the Prefect UI."""
+"""What a flow run did, as the plain data it returns and the markdown artifact shown in the Prefect UI.
+
+Every string in the markdown that comes from the user or the store (ids, reasons, errors, paths, names)
+goes through :func:`pipeline.escape.markdown`, so it reads as text and cannot add links, images, HTML
+or table cells.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.escape import markdown as md
 from pipeline.features import ExtractReport
 from pipeline.tiler import SlideResult
 
@@ -58,7 +64,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# {summary['flow']}: {s['complete']} tiled, {s['skipped']} unchanged, {s['failed']} failed",
         "",
-        f"Store `{summary['store']}`; {s['tiled_tiles']} tiles written; {summary['seconds']:.0f} s.",
+        f"Store {md(summary['store'])}; {s['tiled_tiles']} tiles written; {summary['seconds']:.0f} s.",
         "",
     ]
     tiled_or_failed = [r for r in summary["slide_rows"] if r["status"] != "skipped" or r["reason"]]
@@ -66,44 +72,42 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["## Slides tiled, moved, relabelled or failed", "",
                   "| patient | slide | status | tiles | why | error |", "|---|---|---|---:|---|---|"]
         for r in tiled_or_failed:
-            lines.append(f"| {r['patient'] or '?'} | {r['slide'] or '?'} | {r['status']} | {r['tiles']} | "
-                         f"{r['reason']} | {_cell(r['error'])} |")
+            lines.append(f"| {md(r['patient'] or '?')} | {md(r['slide'] or '?')} | {md(r['status'])} | {r['tiles']} | "
+                         f"{md(r['reason'])} | {md(r['error'])} |")
         lines.append("")
     if s["skipped"]:
         lines += [f"{s['skipped']} slides unchanged since they were tiled (same content and parameters).", ""]
     if summary.get("dropped"):
         lines += ["## Derived data dropped by retiling", ""]
-        lines += [f"- {_cell(d['slide'])}: {_cell(d['set'])} " + ("re-extracted by this run" if d["remade"] else
+        lines += [f"- {md(d['slide'])}: {md(d['set'])} " + ("re-extracted by this run" if d["remade"] else
                   "not re-extracted (no encoder of this run makes it): make it again") for d in summary["dropped"]]
         lines.append("")
     if "training" in summary:
         t = summary["training"]
         loss = f"{t['final_loss']:.4f}" if isinstance(t.get("final_loss"), (int, float)) else "-"
-        lines += ["## Training", "", f"Run `{t.get('run_dir')}`: {t['status']}, {t['steps']} steps, final loss {loss}.", ""]
+        lines += ["## Training", "", f"Run {md(t.get('run_dir'))}: {md(t['status'])}, {t['steps']} steps, "
+                  f"final loss {loss}.", ""]
         if t.get("curve"):
             lines += ["| step | loss |", "|---:|---:|"] + [f"| {step} | {loss:.4f} |" for step, loss in t["curve"]] + [""]
     if "extraction" in summary:
         e = summary["extraction"]
         lines += ["## Features", "", f"{len(e['extracted'])} slides extracted ({e['tiles']} tiles, "
                   f"{e['tiles_per_s']} tiles/s), {e['skipped']} already done, {len(e['failed'])} failed.", ""]
-        lines += [f"- FAILED {f['slide']}: {_cell(f['error'])}" for f in e["failed"]]
+        lines += [f"- FAILED {md(f['slide'])}: {md(f['error'])}" for f in e["failed"]]
     if "knn" in summary:
         k = summary["knn"]
         lines += ["## kNN evaluation (held-out patients)", ""]
         if "skipped" in k:
-            lines += [f"Not evaluated: {k['skipped']}", ""]
+            lines += [f"Not evaluated: {md(k['skipped'])}", ""]
         else:
-            lines += [f"Features `{k.get('feature')}`, k={k['k']}, T={k['temperature']}.", "",
+            lines += [f"Features {md(k.get('feature'))}, k={k['k']}, T={k['temperature']}.", "",
                       "| level | n | accuracy | MCA |", "|---|---:|---:|---:|"]
             for level, r in k["levels"].items():
-                lines.append(f"| {level} | {r['n']} | {100 * r['accuracy']:.1f}% | {100 * r['mean_class_accuracy']:.1f}% |")
+                lines.append(f"| {md(level)} | {r['n']} | {100 * r['accuracy']:.1f}% | "
+                             f"{100 * r['mean_class_accuracy']:.1f}% |")
             lines.append("")
     if summary.get("report"):
-        lines += [f"Cohort report: `{summary['report']}` (slides, QC pictures, training curve, kNN).", ""]
+        lines += [f"Cohort report: {md(summary['report'])} (slides, QC pictures, training curve, kNN).", ""]
     if summary.get("artifacts_error"):
-        lines += [f"The cohort report could not be drawn: {_cell(summary['artifacts_error'])}", ""]
+        lines += [f"The cohort report could not be drawn: {md(summary['artifacts_error'])}", ""]
     return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")

@@ -9,6 +9,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from pipeline.escape import markdown
+
 from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
 from .settings import (EvaluationSettings, ExtractionSettings, Threads, TilingSettings, TrainingSettings, Workers,
@@ -62,7 +64,7 @@ def tile_and_train(
     report = attach_cohort_artifacts("tile-and-train", store, summary, Path(run_dir).expanduser() / "report.html")
     summary["report"] = str(report) if report else None
     create_markdown_artifact(summary_markdown(summary), key="tile-and-train-summary",
-                             description=f"tile-and-train of {source} into {store}")
+                             description=f"tile-and-train of {markdown(source)} into {markdown(store)}")
     get_run_logger().info("done: %(complete)d slides tiled, %(skipped)d unchanged, %(failed)d failed",
                           summary["slides"])
     return summary

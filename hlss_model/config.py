@@ -16,12 +16,14 @@ are errors (a typo must not silently train with a default)::
 from __future__ import annotations
 
 import dataclasses
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.argtypes import check_device_name, weights_file
 from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
@@ -74,8 +76,11 @@ class ModelConfig:
             raise ConfigError(f"model.proj_dim must be >= 1, got {self.proj_dim}")
         if self.head_init not in ("centered", "raw"):
             raise ConfigError(f"model.head_init must be centered or raw, got {self.head_init!r}")
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            raise ConfigError(f"model.weights: {self.weights} is not a file")
+        if self.weights is not None:
+            try:
+                weights_file(str(self.weights))
+            except ArgumentTypeError as e:
+                raise ConfigError(f"model.weights: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,10 @@ class TrainConfig:
             raise ConfigError("steps, checkpoint_every, keep_checkpoints and log_every must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        try:
+            check_device_name(self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def uses_text(self) -> bool:

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import argtypes as at
+from pipeline.escape import terminal
 from pipeline.ids import InvalidIdError, sanitize_id
 from pipeline.attribute_maps import colormap, render_heatmap, top_attributes
 from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_version
@@ -279,9 +281,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--attribute", action="append", default=[], metavar="[LEVEL:]NAME",
                    help="draw a heatmap of this attribute (repeatable; default: the top one of each level)")
     e.add_argument("--out", type=Path, default=Path("explain"), help="folder for <slide>_<level>_<attribute>.png")
-    e.add_argument("--top", type=int, default=3, help="attributes listed per level (default 3)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--top", type=at.positive_int, default=3, help="attributes listed per level (default 3)")
+    e.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--batch-size", type=at.positive_int, default=128)
     e.add_argument("--force", action="store_true", help="recompute stored scores (replacing another run's "
                                                         "scores stored under the same name)")
     e.add_argument("--name", help="store the scores as attributes/NAME (default: the run folder's name)")
@@ -312,11 +314,11 @@ def _chosen(er: ExplainRun, wanted: list[str], top: dict[str, list[tuple[str, fl
 
 
 def _print_top(er: ExplainRun, header: str, top: dict[str, list[tuple[str, float]]]) -> None:
-    print(header)
+    print(terminal(header))
     for level, items in top.items():
         for rank, (name, score) in enumerate(items, 1):
             sentence = (er.sentences.get((level, name)) or ("",))[0]
-            print(f"  {level:<8} {rank}. {name:<28} {score:+.4f}" + (f"  {sentence}" if sentence else ""))
+            print(terminal(f"  {level:<8} {rank}. {name:<28} {score:+.4f}" + (f"  {sentence}" if sentence else "")))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -324,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.location import StoreError
 
     def fail(msg: str) -> int:
-        print(f"hlss explain: error: {msg}", file=sys.stderr)
+        print(f"hlss explain: error: {terminal(msg, newlines=True)}", file=sys.stderr)
         return 2
 
     if args.top < 1:

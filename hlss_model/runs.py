@@ -12,7 +12,16 @@ from pipeline.encoders import Encoder, state_fingerprint
 
 from .model import HLSSModel
 
-__all__ = ["read_run", "load_run_model", "run_encoder"]
+__all__ = ["read_run", "load_run_model", "run_encoder", "has_checkpoint"]
+
+
+def has_checkpoint(run: str | Path) -> bool:
+    """Whether ``run`` holds a checkpoint or final weights: such a run is resumed or kept, never restarted.
+
+    A checkpoint being written (``checkpoints/.step_*.tmp``) is not one yet."""
+    run = Path(run).expanduser()
+    return ((run / "latest.json").exists() or (run / "model.safetensors").exists()
+            or any((run / "checkpoints").glob("step_*")))
 
 
 def read_run(run: str | Path) -> dict:

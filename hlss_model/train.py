@@ -13,6 +13,9 @@
 
 Checkpoints are written to a temporary folder and renamed, so a kill leaves the previous one usable;
 ``resume=True`` continues from ``latest.json`` with the same batches an uninterrupted run would see.
+A run folder that never reached its first checkpoint holds nothing worth keeping: training into it
+again restarts it (with the config given now) and says so in :attr:`TrainResult.restarted`; a folder
+with a checkpoint is only ever resumed, with its own config.
 Multi-GPU: launch with ``torchrun --nproc-per-node N -m hlss_model.train ...``; embeddings are gathered
 across ranks before the loss, as HiDisc does.
 """
@@ -34,6 +37,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.features import resolve_device
+from pipeline.files import remove_owned
 from pipeline.store import SlideStore
 
 from .config import ConfigError, TrainConfig
@@ -41,10 +45,13 @@ from .data import CohortIndex, make_loader
 from .evaluate import store_split
 from .losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from .model import HLSSModel
+from .runs import has_checkpoint
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
 RUN_FORMAT = 1
+# what a run writes before its first checkpoint: replaced when such a run is restarted
+_RUN_FILES = ("config.yaml", "run.json", "attributes.safetensors", "metrics.jsonl")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class TrainResult:
     steps: int
     final_loss: float
     images_per_s: float
+    restarted: str | None = None  # what was restarted: an earlier start in ``out`` that had no checkpoint
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -136,7 +144,7 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     rank, local_rank, world = _dist_info()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    cfg, start = _prepare_run(out, config, resume, rank)
+    cfg, start, restarted = _prepare_run(out, config, resume, rank)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
@@ -243,31 +251,70 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     elapsed = time.perf_counter() - t0
     if world > 1:
         dist.barrier()
-    return TrainResult(out, step, last_loss, seen / elapsed if elapsed else 0.0)
+    return TrainResult(out, step, last_loss, seen / elapsed if elapsed else 0.0, restarted)
 
 
 def _checkpoint_name(step: int) -> str:
     return f"checkpoints/step_{step:08d}"
 
 
-def _prepare_run(out: Path, config: TrainConfig | None, resume: bool, rank: int) -> tuple[TrainConfig, int]:
+def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
+                 rank: int) -> tuple[TrainConfig, int, str | None]:
+    """The run's config, the step to start from, and what was restarted (None: nothing was)."""
     saved = out / "config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise FileNotFoundError(f"{out}: nothing to resume (no config.yaml)")
+    if resume and not saved.is_file():
+        raise FileNotFoundError(f"{out}: nothing to resume (no config.yaml)")
+    if has_checkpoint(out):
+        if not resume:
+            raise FileExistsError(f"{out}: already holds a run with checkpoints; pass --resume to continue it "
+                                  "or choose another --out")
         cfg = TrainConfig.from_yaml(saved)
         if config is not None and config.to_dict() != cfg.to_dict():
-            raise ConfigError(f"{out}: --resume with a config that differs from the run's own config.yaml")
+            raise ConfigError(f"{out}: --resume with a config that differs from the run's own config.yaml "
+                              f"({_changes(cfg, config)}); a run with checkpoints keeps its config")
         latest = out / "latest.json"
         start = json.loads(latest.read_text())["step"] if latest.is_file() else 0
-        return cfg, start
-    if rank == 0 and (out / "run.json").exists():
-        raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-    cfg = config or TrainConfig()
+        return cfg, start, None
+    try:
+        old = TrainConfig.from_yaml(saved) if saved.is_file() else None
+    except ConfigError:
+        if resume and config is None:
+            raise
+        old = None  # a start without a checkpoint whose config no longer reads: replaced by the new one
+    cfg = (config or old or TrainConfig()) if resume else (config or TrainConfig())
+    resolve_device(cfg.device)  # an unusable device fails here, before the folder is touched
+    restarted = None
     if rank == 0:
+        restarted = _restart(out, old, cfg)
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return cfg, 0
+    return cfg, 0, restarted
+
+
+def _restart(out: Path, old: TrainConfig | None, cfg: TrainConfig) -> str | None:
+    """Remove what an earlier start without a checkpoint left in ``out`` (never a checkpoint, never
+    anything but the run's own files); a sentence saying what was restarted, or None when none was there."""
+    if not ((out / "config.yaml").exists() or (out / "run.json").exists()):
+        return None  # not a run folder (a new one, or one the user owns): nothing of it is ours to remove
+    left = [name for name in _RUN_FILES if (out / name).exists()]
+    partial = sorted((out / "checkpoints").glob(".step_*.tmp")) if (out / "checkpoints").is_dir() else []
+    for path in [*(out / name for name in left), *partial]:
+        remove_owned(out, path)
+    steps = f"step 0 of {old.steps}" if old is not None else "step 0"
+    changed = _changes(old, cfg) if old is not None else "its config.yaml was missing or unreadable"
+    return f"{out}: restarted the run that never reached its first checkpoint ({steps}; {changed})"
+
+
+def _changes(old: TrainConfig, new: TrainConfig) -> str:
+    """``steps 30 -> 40, sampler.batch_size 4 -> 2``, or ``same config``."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(diff) if diff else "same config"
 
 
 def _write_run_meta(out: Path, cfg: TrainConfig, store: str | Path, model: HLSSModel, split: dict[str, str],
@@ -295,7 +342,7 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, model: torch.nn.Mod
                      optimizer: torch.optim.Optimizer, scheduler) -> None:
     final = out / _checkpoint_name(step)
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_owned(out / "checkpoints", tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -303,13 +350,13 @@ def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, model: torch.nn.Mod
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_state": "optimizer.pt",
                                                 "model": "model.safetensors", "config": cfg.to_dict(),
                                                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
+    remove_owned(out / "checkpoints", final)
     os.replace(tmp, final)
     _atomic_json(out / "latest.json", {"step": step, "path": _checkpoint_name(step)})
     # Keep the newest few checkpoints; older ones only cost disk.
     olds = sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]
     for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(out / "checkpoints", old)
 
 
 def _load_checkpoint(out: Path, step: int, model: HLSSModel, optimizer, scheduler) -> None:

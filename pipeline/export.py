@@ -40,7 +40,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .files import atomic_write, remove_temporaries, write_csv
+from .escape import terminal
+from .files import atomic_write, remove_owned, remove_temporaries, write_csv
 
 __all__ = ["FORMATS", "ExportError", "ExportReport", "export_mil", "add_parser", "run"]
 
@@ -79,7 +80,7 @@ class ExportReport:
                  f"from {self.store} as {self.fmt} to {self.out}; {len(self.skipped)} skipped",
                  f"  slide list: {self.csv_path}"]
         lines += [f"  SKIPPED {p}/{s}: {why}" for p, s, why in self.skipped]
-        return "\n".join(lines)
+        return "\n".join(terminal(line) for line in lines)
 
 
 def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
@@ -197,7 +198,7 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
         if s not in exported and why != "not in the store":
             for d, ext in ((H5_DIR, ".h5"), (PT_DIR, ".pt")):
                 if d in dirs:
-                    (out / d / f"{s}{ext}").unlink(missing_ok=True)
+                    remove_owned(out / d, f"{s}{ext}")
     columns = ["case_id", "slide_id", "label"] + (["split"] if any(r["split"] for r in rows) else [])
     report.csv_path = out / CSV_NAME
     write_csv(report.csv_path, columns, ([r[c] for c in columns] for r in rows))
@@ -299,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = export_mil(args.store, args.features, args.format, args.out)
     except (StoreError, ExportError) as e:
-        print(f"hlss export-mil: error: {e}", file=sys.stderr)
+        print(f"hlss export-mil: error: {terminal(e, newlines=True)}", file=sys.stderr)
         return EXIT_USAGE
     print(report.table())
     return report.exit_code

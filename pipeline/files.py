@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a temporary file in the same folder, renamed over the target."""
+"""Files written whole or not at all (a temporary file in the same folder, renamed over the target),
+and removed only inside the folder that owns them (:func:`remove_owned`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import csv
 import io
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["TMP_TAG", "atomic_write", "atomic_write_bytes", "remove_temporaries", "spreadsheet_safe", "write_csv"]
+__all__ = ["TMP_TAG", "OutsideOwnerError", "atomic_write", "atomic_write_bytes", "owned_path", "remove_owned",
+           "remove_temporaries", "spreadsheet_safe", "write_csv"]
 
 TMP_TAG = ".hlss-tmp-"
 
@@ -38,7 +41,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def remove_temporaries(folder: Path) -> None:
     """Temporary files a killed writer left in ``folder`` (renamed into place otherwise)."""
     for p in Path(folder).glob(f"{TMP_TAG}*.tmp"):
-        p.unlink(missing_ok=True)
+        remove_owned(folder, p)
 
 
 # what a spreadsheet may run as a formula when a cell starts with it (OWASP "CSV injection")
@@ -65,3 +68,39 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]])
     writer.writerow([spreadsheet_safe(c) for c in columns])
     writer.writerows([spreadsheet_safe(c) for c in row] for row in rows)
     atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+class OutsideOwnerError(ValueError):
+    """A path to delete or overwrite that lies outside the folder that owns it."""
+
+
+def owned_path(owner: str | Path, path: str | Path) -> Path:
+    """``path`` (absolute, or relative to ``owner``) with its folders resolved, refused with
+    :class:`OutsideOwnerError` unless it lies strictly inside ``owner`` (resolved too).
+
+    The last component is not followed: a symlink inside ``owner`` is the link itself (removing or
+    replacing it never touches its target), while a symlinked folder on the way that leads out of
+    ``owner``, ``..`` components and absolute paths elsewhere are refused.
+    """
+    root = Path(owner).resolve()
+    p = Path(owner) / path  # an absolute ``path`` replaces ``owner`` here; it is checked like any other
+    if p.name in ("", ".", ".."):
+        raise OutsideOwnerError(f"{path}: not a file or folder inside {root}; refusing to remove or replace it")
+    target = p.parent.resolve() / p.name
+    if not target.is_relative_to(root) or target == root:
+        raise OutsideOwnerError(f"{path}: resolves to {target}, outside {root}; refusing to remove or replace it")
+    return target
+
+
+def remove_owned(owner: str | Path, path: str | Path) -> bool:
+    """Remove the file, link or folder ``path`` inside ``owner`` (see :func:`owned_path`, which refuses
+    anything else). A symlink is removed as a link. Returns whether anything was there."""
+    target = owned_path(owner, path)
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target, ignore_errors=True)
+        return True
+    try:
+        target.unlink()
+    except FileNotFoundError:
+        return False
+    return True

@@ -456,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
     """``hlss qc``: 0 when every slide had a picture, 1 when some had none, 2 for an unusable store."""
     import sys
 
+    from .escape import terminal
     from .location import StoreError
 
     try:
@@ -463,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
 
         store = SlideStore(args.store)
     except StoreError as e:
-        print(f"hlss qc: error: {e}", file=sys.stderr)
+        print(f"hlss qc: error: {terminal(e, newlines=True)}", file=sys.stderr)
         return 2
     written = export_qc(store, args.out, status=args.status)
     total = sum(1 for _ in store.records(status=args.status))

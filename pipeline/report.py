@@ -21,6 +21,7 @@ import base64
 import hashlib
 import html
 import json
+import logging
 import math
 import sys
 import time
@@ -30,12 +31,16 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from .files import atomic_write_bytes
+from .argtypes import int_in
+from .escape import terminal
+from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned
 from .location import StoreError
 from .qc import encode_png
 
 __all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "add_parser",
            "run", "slide_picture", "read_metrics"]
+
+log = logging.getLogger(__name__)
 
 MAX_PX = 1024
 _CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -141,7 +146,7 @@ class Pictures:
                 return None
             w, h = _png_size(made[0])
             return _data_uri(made[0]), w, h, made[1]
-        path = self.folder / f"{key}.png"
+        path = owned_path(self.folder, f"{key}.png")  # keys name store nodes; still never outside the folder
         entry = self.index.get(key)
         self.used.add(key)
         fresh = entry is not None and entry.get("version") == version
@@ -151,7 +156,7 @@ class Pictures:
             made = make()
             if made is None:
                 self.index[key] = {"version": version, "none": True}
-                path.unlink(missing_ok=True)
+                remove_owned(self.folder, path)
                 return None
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, made[0])
@@ -164,8 +169,11 @@ class Pictures:
         if self.folder is None:
             return
         for key in set(self.index) - self.used:
-            (self.folder / f"{key}.png").unlink(missing_ok=True)
             del self.index[key]
+            try:  # the index is read back from disk: it names what to remove, never where
+                remove_owned(self.folder, f"{key}.png")
+            except OutsideOwnerError as e:
+                log.warning("report picture index %s: %s", self.folder / self.INDEX, e)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.folder / self.INDEX, json.dumps(self.index, indent=1, sort_keys=True).encode())
 
@@ -568,7 +576,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a training run folder: its loss curve and knn-*.json (repeatable; default: the runs "
                         "the store's kNN evaluations name, when they exist here)")
     r.add_argument("--title", help="report title (default: the store path)")
-    r.add_argument("--max-px", type=int, default=MAX_PX, help=f"longest side of the pictures (default {MAX_PX})")
+    r.add_argument("--max-px", type=int_in(16, 8192, " px"), default=MAX_PX,
+                   help=f"longest side of the pictures, 16-8192 (default {MAX_PX})")
     r.add_argument("--pictures", choices=("embed", "files"), default="embed",
                    help="embed the pictures in the HTML file (default), or write them as PNG files next to it, "
                         "redrawn only when their slide changed (big cohorts, nightly reports)")
@@ -580,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
     from .store import SlideStore, StoreError
 
     def fail(msg: str) -> int:
-        print(f"hlss report: error: {msg}", file=sys.stderr)
+        print(f"hlss report: error: {terminal(msg, newlines=True)}", file=sys.stderr)
         return 2
 
     try:
@@ -590,8 +599,6 @@ def run(args: argparse.Namespace) -> int:
     for d in args.run:
         if not Path(d).is_dir():
             return fail(f"{d}: not a run folder")
-    if args.max_px < 16:
-        return fail("--max-px must be at least 16")
     runs = args.run or recorded_runs(store)
     summary = store.summary()
     table = slide_table(store, summary, run_split(runs))

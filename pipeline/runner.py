@@ -24,6 +24,7 @@ from typing import Callable
 
 from .cohort import Cohort, SlideSpec, discover_cohort
 from .config import TilingParams
+from .escape import terminal
 from .location import scrub
 from .reader import timeout_message
 from .store import StoreError, StoreWriter, moved_doc
@@ -64,16 +65,17 @@ class TilingReport:
             f"{'complete':<10}{len(done):>8}{self.n_tiles:>10}",
             f"{'skipped':<10}{len(skipped):>8}{'':>10}",
             f"{'failed':<10}{len(failed):>8}{'':>10}",
-            f"{self.seconds:.1f} s, {rate:.0f} tiles/s; store: {self.store}",
+            f"{self.seconds:.1f} s, {rate:.0f} tiles/s; store: {terminal(self.store)}",
         ]
         lines += [f"  updated {u.line()}" for u in self.updates]
         lines += [f"  dropped {p}/{s}: {', '.join(sets)} (retiled; re-extract them)"
                   for (p, s), sets in self.dropped.items()]
         for r in done:
             if r.warning:
-                lines.append(f"  warning {r.slide_id}: {r.warning}")
+                lines.append(f"  warning {terminal(r.slide_id)}: {terminal(r.warning)}")
         for r in failed:
-            lines.append(f"  FAILED {r.slide_id or '?'} (patient {r.patient_id or '?'}): {r.error}")
+            lines.append(f"  FAILED {terminal(r.slide_id or '?')} (patient {terminal(r.patient_id or '?')}): "
+                         f"{terminal(r.error)}")
         return "\n".join(lines)
 
 

@@ -95,7 +95,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, remove_owned
 from .ids import sanitize_id, validate_id
 from .location import ObjectLocation, StoreError, is_remote, local_path
 
@@ -129,13 +129,15 @@ def _now() -> str:
 
 def _check_store_path(path: Path, create: bool) -> None:
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{path}: is a file, not a store folder; choose another --store path")
+        raise StoreError(f"{path}: is a file, not a store folder" + ("; choose another --store path" if create else ""))
     if not path.exists():
         if not create:
             raise StoreError(f"{path}: no such store")
         return
     marker = path / "zarr.json"
     if not marker.exists():
+        if not create:
+            raise StoreError(f"{path}: is not an hlss store (no zarr.json with hlss attributes)")
         if any(path.iterdir()):
             raise StoreError(f"{path}: folder exists, is not empty and is not an hlss store; refusing to write into it")
         return
@@ -160,9 +162,11 @@ def _check_remote_root(loc: ObjectLocation, create: bool) -> dict | None:
     meta = loc.read_json("zarr.json")  # a missing bucket or an unreachable endpoint raises here
     if meta is None:
         present = loc.children("")
+        if present and not create:
+            raise StoreError(f"{loc.url}: is not an hlss store (no zarr.json with hlss attributes)")
         if present:
             raise StoreError(f"{loc.url}: prefix exists, is not empty and is not an hlss store; refusing to "
-                             f"{'write into' if create else 'read'} it")
+                             "write into it")
         if not create:
             raise StoreError(f"{loc.url}: no such store")
         return None
@@ -521,7 +525,7 @@ class StoreWriter:
             else:
                 stale = time.time() - float(owner.get("started", 0)) > _STALE_FOREIGN_S
             if stale:
-                shutil.rmtree(child, ignore_errors=True)
+                remove_owned(staging, child.name)  # a link planted in _staging goes, never its target
                 removed.append(child.name)
         return removed
 

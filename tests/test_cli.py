@@ -1,10 +1,12 @@
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import build_parser, main
 
 
 def test_tile_and_info_exit_codes(make_slide, tmp_path, capsys):
@@ -29,9 +31,9 @@ def test_tile_and_info_exit_codes(make_slide, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--min-tissue", "2"], "min_tissue"),
-        (["--target-mpp", "0"], "target_mpp"),
-        (["--compression", "gif"], "compression"),
+        (["--min-tissue", "2"], "--min-tissue"),
+        (["--target-mpp", "0"], "--target-mpp"),
+        (["--compression", "gif"], "--compression"),
         (["--workers", "0"], "workers"),
     ],
 )
@@ -62,3 +64,167 @@ def test_demo_cohort_command(tmp_path, capsys):
     manifest = tmp_path / "d" / "manifest.csv"
     assert manifest.exists() and len(manifest.read_text().strip().splitlines()) == 4
     assert main(["demo-cohort", str(tmp_path / "e"), "--slides-per-patient", "x"]) == 2
+
+
+# -- bad values are refused before any work (pipeline/argtypes.py) ---------------------------------
+
+_NO_CUDA = "CUDA is not available on this machine; use auto or cpu"
+BAD_VALUES = [  # (argv, the option named, what the message says is allowed or wrong)
+    (["tile", "{tmp}/slides", "--store", "{new}", "--workers", "0"], "--workers", "0 is not a positive integer"),
+    (["tile", "{tmp}/slides", "--store", "{new}", "--threads", "-1"], "--threads", "not a positive integer"),
+    (["tile", "{tmp}/slides", "--store", "{new}", "--tile-size", "8"], "--tile-size", "outside 16-4096 px"),
+    (["tile", "{tmp}/slides", "--store", "{new}", "--target-mpp", "nan"], "--target-mpp", "not a finite number"),
+    (["tile", "{tmp}/slides", "--store", "{new}", "--mask-mpp", "0"], "--mask-mpp", "outside 0.5-64 µm/px"),
+    (["tile", "{tmp}/slides", "--store", "{new}", "--min-tissue", "1.5"], "--min-tissue", "outside 0-1"),
+    (["tile", "{tmp}/slides", "--store", "{new}", "--compression", "gif"], "--compression", "jpeg"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t", "--batch-size", "0"], "--batch-size",
+     "not a positive integer"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t", "--device", "gpu"], "--device",
+     "not one of auto, cpu, cuda, cuda:N or mps"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t:{tmp}/missing.safetensors"], "--encoder",
+     "missing.safetensors not found"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t:{tmp}/garbage.safetensors"], "--encoder",
+     "not a safetensors file"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t:{tmp}/notes.txt"], "--encoder",
+     "expected one of .safetensors, .pt"),
+    (["extract", "--store", "{store}", "--encoder", "resnet10t"], "--encoder", "expected timm:NAME"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t", "--tile-filter", "min_focus=nan"],
+     "--tile-filter", "tile_filter.min_focus must be a number"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t", "--tile-filter", "max_pen=inf"],
+     "--tile-filter", "tile_filter.max_pen must be a number"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t", "--tile-filter", "min_fokus=3"],
+     "--tile-filter", "unknown tile_filter keys ['min_fokus']; known:"),
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t", "--tile-filter", "min_focus"],
+     "--tile-filter", "'min_focus' is not KEY=NUMBER"),
+    (["knn", "--store", "{store}", "--features", "f", "--k", "0"], "--k", "not a positive integer"),
+    (["knn", "--store", "{store}", "--features", "f", "--temperature", "0"], "--temperature", "must be > 0"),
+    (["knn", "--store", "{store}", "--features", "f", "--temperature=-inf"], "--temperature", "not a finite"),
+    (["knn", "--store", "{store}", "--features", "f", "--max-tiles-per-slide", "0"], "--max-tiles-per-slide",
+     "not a positive integer"),
+    (["train", "--store", "{store}", "--out", "{new}", "--steps", "0"], "--steps", "not a positive integer"),
+    (["train", "--store", "{store}", "--out", "{new}", "--device", "cuda:x"], "--device", "not one of auto"),
+    (["train", "--store", "{store}", "--out", "{new}", "--config", "{tmp}/missing.yaml"], "--config",
+     "missing.yaml not found"),
+    (["explain", "--store", "{store}", "--checkpoint", "{new}", "--slide", "s", "--top", "0"], "--top",
+     "not a positive integer"),
+    (["explain", "--store", "{store}", "--checkpoint", "{new}", "--slide", "s", "--batch-size", "many"],
+     "--batch-size", "'many' is not an integer"),
+    (["report", "{store}", "--out", "{new}", "--max-px", "8"], "--max-px", "outside 16-8192 px"),
+    (["serve", "--limit", "0"], "--limit", "not a positive integer"),
+    (["serve", "--cron", "61 * * * *"], "--cron", "is not a cron schedule"),
+    (["deploy", "--pool", "p", "--config", "{tmp}/missing.yaml"], "--config", "no such file"),
+    (["run", "--store", "{new}", "--steps", "0"], "--steps", "not a positive integer"),
+    (["run", "--store", "{new}", "--workers", "0"], "--workers", "not a positive integer"),
+    (["run", "--store", "{new}", "--encoder", "timm:resnet10t:{tmp}/missing.pt"], "--encoder", "no such file"),
+    (["run", "--store", "{new}", "--encoder", "run:{tmp}/norun"], "--encoder", "is not a training run folder"),
+    (["demo-cohort", "{new}", "--classes", "5"], "--classes", "outside 1-4"),
+    (["demo-cohort", "{new}", "--slides-per-patient", "3-1"], "--slides-per-patient", "1 <= MIN <= MAX"),
+    (["demo-cohort", "{new}", "--patients", "0"], "--patients", "not a positive integer"),
+]
+NO_CUDA = [
+    (["extract", "--store", "{store}", "--encoder", "timm:resnet10t", "--device", "cuda"], "--device", _NO_CUDA),
+    (["knn", "--store", "{store}", "--features", "f", "--device", "cuda:0"], "--device", _NO_CUDA),
+    (["train", "--store", "{store}", "--out", "{new}", "--device", "cuda"], "--device", _NO_CUDA),
+    (["explain", "--store", "{store}", "--checkpoint", "{new}", "--slide", "s", "--device", "cuda"], "--device",
+     _NO_CUDA),
+]
+
+
+def _bad_value_case(argv, option, allowed, train_store, tmp_path, capsys) -> None:
+    from store_snapshot import assert_unchanged, snapshot
+
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file at all")
+    (tmp_path / "notes.txt").write_text("weights?")
+    before = snapshot(train_store)
+    args = [a.format(tmp=tmp_path, new=tmp_path / "new", store=train_store) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"hlss {argv[0]}: error: argument {option}" in err and allowed in err, err
+    assert not (tmp_path / "new").exists()  # refused before any work
+    assert_unchanged(before, snapshot(train_store))
+
+
+@pytest.mark.parametrize("argv, option, allowed", BAD_VALUES, ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_values_are_refused_before_any_work(argv, option, allowed, train_store, tmp_path, capsys):
+    _bad_value_case(argv, option, allowed, train_store, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv, option, allowed", NO_CUDA, ids=lambda v: v if isinstance(v, str) else None)
+def test_cuda_without_cuda_is_refused_up_front(argv, option, allowed, train_store, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _bad_value_case(argv, option, allowed, train_store, tmp_path, capsys)
+
+
+def test_good_values_pass_the_argument_types(tmp_path):
+    """The types keep what they check: ranges are inclusive, specs are parsed, defaults still parse."""
+    from pipeline.codecs import TileCompression
+    from pipeline.qc import TileFilter
+
+    (tmp_path / "w.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    p = build_parser()
+    t = p.parse_args(["tile", "src", "--store", "s", "--tile-size", "16", "--min-tissue", "1", "--compression", "none"])
+    assert (t.tile_size, t.min_tissue, t.compression) == (16, 1.0, TileCompression(kind="none"))
+    e = p.parse_args(["extract", "--store", "s", "--encoder", f"timm:resnet10t:{tmp_path / 'w.safetensors'}",
+                      "--tile-filter", "min_focus=2,max_pen=0.5", "--device", "cpu"])
+    assert e.encoder == [("resnet10t", tmp_path / "w.safetensors")] and e.device == "cpu"
+    assert e.tile_filter == TileFilter(min_focus=2.0, max_pen=0.5)
+    d = p.parse_args(["demo-cohort", "d"])
+    assert d.slides_per_patient == (1, 2) and d.classes == 2
+
+
+# -- hlss info on any path; output closed early ---------------------------------------------------
+
+
+def test_info_on_a_folder_that_is_not_a_store_reads_only(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8 not a store")
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"hlss info: error: {folder}: is not an hlss store (no zarr.json with hlss attributes)" in err
+    assert "write" not in err and "refusing" not in err
+    assert sorted(p.name for p in folder.iterdir()) == ["cat.jpg"]
+
+
+def test_info_works_on_a_read_only_store(train_store, tmp_path, capsys):
+    from store_snapshot import assert_unchanged, snapshot
+
+    store = tmp_path / "ro.zarr"
+    shutil.copytree(train_store, store)
+    before = snapshot(store, skip=())
+    modes = [(p, p.stat().st_mode) for p in [store, *store.rglob("*")]]
+    for p, mode in modes:
+        p.chmod(mode & ~0o222)
+    try:
+        assert main(["info", str(store)]) == 0
+        assert "8 patients" in capsys.readouterr().out
+    finally:
+        for p, mode in reversed(modes):
+            p.chmod(mode)
+    assert_unchanged(before, snapshot(store, skip=()))
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_output_piped_into_a_closed_reader_ends_quietly(train_store, extra):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head -1` that has already exited
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "info", str(train_store), *extra],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 141
+    shell = subprocess.run(["bash", "-c", f"{sys.executable} -m pipeline.cli info {train_store} {' '.join(extra)} "
+                                          "| head -1"], capture_output=True, text=True, timeout=120)
+    assert shell.stderr == "" and len(shell.stdout.splitlines()) == 1
+
+
+def test_error_messages_show_control_characters(tmp_path, capsys):
+    hostile = tmp_path / "x\x1b[2J\x1b]0;pwned\x07\r\u202eevil"
+    assert main(["info", str(hostile)]) == 2
+    err = capsys.readouterr().err
+    assert "\\x1b[2J\\x1b]0;pwned\\x07\\r\\u202eevil: no such store" in err
+    assert not any(ch in err for ch in "\x1b\x07\r\u202e")

@@ -128,6 +128,28 @@ def test_unfinished_run_resumes_only_when_asked(harness, tmp_path, train_yaml):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_a_failed_training_start_is_restarted_by_the_corrected_rerun(harness, tmp_path, train_yaml):
+    from prefect.client.orchestration import get_client
+
+    from flows.tile_and_train import tile_and_train
+
+    manifest = _cohort(tmp_path, n_patients=4, seed=8)
+    bad = tmp_path / "bad.yaml"
+    cfg = yaml.safe_load(train_yaml.read_text())
+    bad.write_text(yaml.safe_dump({**cfg, "sampler": {**cfg["sampler"], "batch_size": 50}}))
+    params = dict(source=str(manifest), store=str(tmp_path / "store"), run_dir=str(tmp_path / "run"),
+                  tiling=TILING, training={"config": str(bad)}, evaluation={"k": 5})
+    state = tile_and_train(**params, return_state=True)
+    assert state.is_failed() and "batch of 50 patients" in str(state.result(raise_on_failure=False))
+    assert (tmp_path / "run" / "run.json").is_file() and not (tmp_path / "run" / "checkpoints").exists()
+    fixed = tile_and_train(**{**params, "training": {"config": str(train_yaml)}})
+    assert fixed["training"]["status"] == "restarted" and fixed["training"]["steps"] == 2
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    with get_client(sync_client=True) as client:
+        md = {a.key: a for a in client.read_latest_artifacts()}["tile-and-train-summary"].data
+    assert "restarted, 2 steps" in md
+
+
 def test_bad_slide_is_reported_and_others_finish(harness, tmp_path, train_yaml):
     from flows.reprocess import reprocess
 

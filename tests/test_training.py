@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from hlss_model.augment import AugmentParams
 from hlss_model.config import ConfigError, TrainConfig
@@ -307,3 +309,111 @@ def test_items_open_each_slide_array_once(train_store, monkeypatch):
         for patient in range(index.n_patients):
             ds[(patient, seed)]
     assert calls and len(calls) == len(set(calls))
+
+
+# -- restarting a start that never reached a checkpoint -------------------------------------------
+
+
+def _files(folder):
+    """``{relative path: bytes}`` of every file under a run folder."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_start_is_restarted_with_the_corrected_config(train_store, tiny_text_model, tmp_path, capsys):
+    from pipeline.cli import main
+    from store_snapshot import assert_unchanged, snapshot
+
+    before = snapshot(train_store)
+    run = tmp_path / "run"
+    bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad.write_text(yaml.safe_dump(tiny_config(tiny_text_model, sampler={"batch_size": 99}).to_dict()))
+    good.write_text(yaml.safe_dump(tiny_config(tiny_text_model, steps=2).to_dict()))
+    assert main(["train", "--store", str(train_store), "--out", str(run), "--config", str(bad), "--no-progress"]) == 2
+    assert "batch of 99 patients" in capsys.readouterr().err
+    assert (run / "run.json").is_file() and not (run / "checkpoints").exists()  # the state that blocked reruns
+
+    assert main(["train", "--store", str(train_store), "--out", str(run), "--config", str(good), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: restarted the run that never reached its first checkpoint (step 0 of 4;" in out
+    assert "sampler.batch_size 99 -> 4" in out and "steps 4 -> 2" in out and "trained 2 steps" in out
+    assert TrainConfig.from_yaml(run / "config.yaml").steps == 2
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert_unchanged(before, snapshot(train_store))
+
+
+def test_resume_of_a_start_without_checkpoint_takes_a_changed_config(train_store, tiny_text_model, tmp_path):
+    run = tmp_path / "run"
+
+    def stop(step, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed after one step, before the checkpoint at step 2
+        train(train_store, run, tiny_config(tiny_text_model), progress=False, on_step=stop)
+    assert (run / "metrics.jsonl").is_file() and not (run / "latest.json").exists()
+    result = train(train_store, run, tiny_config(tiny_text_model, steps=2, seed=9), resume=True, progress=False)
+    assert result.steps == 2 and "seed 7 -> 9" in result.restarted and "steps 4 -> 2" in result.restarted
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "run.json").read_text())["seed"] == 9
+    fresh = train(train_store, tmp_path / "fresh", tiny_config(tiny_text_model), progress=False)
+    assert fresh.restarted is None
+
+
+def test_a_run_with_a_checkpoint_is_never_restarted(train_store, tiny_text_model, tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+
+    def stop_at_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the checkpoint of step 2 is written, then the run dies
+        train(train_store, run, tiny_config(tiny_text_model), progress=False, on_step=stop_at_2)
+    before = _files(run)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(tiny_config(tiny_text_model, steps=2).to_dict()))
+    assert main(["train", "--store", str(train_store), "--out", str(run), "--config", str(other), "--no-progress"]) == 2
+    assert "already holds a run with checkpoints; pass --resume" in capsys.readouterr().err
+    assert main(["train", "--store", str(train_store), "--out", str(run), "--resume", "--steps", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the run's own config.yaml (steps 4 -> 2)" in err and "keeps its config" in err
+    assert _files(run) == before  # nothing of the run was touched, the checkpoint least of all
+
+
+def test_unusable_device_or_weights_in_a_config_are_refused_before_the_run_folder_is_touched(
+        train_store, tiny_text_model, tmp_path, capsys):
+    from pipeline.cli import main
+
+    garbage = tmp_path / "w.safetensors"
+    garbage.write_bytes(b"definitely not tensors")
+    with pytest.raises(ConfigError, match=r"model.weights: .*w.safetensors: not a safetensors file"):
+        tiny_config(tiny_text_model, model={"weights": str(garbage)})
+    with pytest.raises(ConfigError, match="device 'gpu0' is not one of auto, cpu, cuda, cuda:N or mps"):
+        tiny_config(tiny_text_model, device="gpu0")
+    if torch.cuda.is_available():
+        return
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_text_model).to_dict()))  # a failed start
+    before = _files(run)
+    cuda = tmp_path / "cuda.yaml"
+    cuda.write_text(yaml.safe_dump(tiny_config(tiny_text_model, device="cuda").to_dict()))
+    assert main(["train", "--store", str(train_store), "--out", str(run), "--config", str(cuda), "--no-progress"]) == 2
+    assert "device 'cuda' asked for but CUDA is not available" in capsys.readouterr().err
+    assert _files(run) == before
+
+
+def test_a_start_whose_config_no_longer_reads_is_restarted(train_store, tiny_text_model, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("sampler: {batch_sise: 4}\n")  # e.g. written by an older version
+    (run / "notes.txt").write_text("mine")
+    result = train(train_store, run, tiny_config(tiny_text_model, steps=1), progress=False)
+    assert result.steps == 1 and "its config.yaml was missing or unreadable" in result.restarted
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    for done in ("latest.json", "model.safetensors", "checkpoints"):  # back to a start without a checkpoint
+        shutil.rmtree(run / done) if (run / done).is_dir() else (run / done).unlink()
+    (run / "config.yaml").write_text("sampler: {batch_sise: 4}\n")
+    with pytest.raises(ConfigError, match="batch_sise"):  # resuming it has no config to resume with
+        train(train_store, run, None, resume=True, progress=False)

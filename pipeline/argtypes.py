@@ -1,0 +1,231 @@
+"""Argument types of every ``hlss`` subcommand: each parses and checks one kind of value.
+
+Used as argparse ``type=``, so a bad value is refused before any work, with exit status 2 and a
+message naming the option, the value and what is allowed (``argparse.ArgumentTypeError``). Nothing
+here imports torch unless a CUDA or MPS device is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from .escape import terminal
+
+__all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "check_device_name", "weights_file",
+           "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",
+           "as_text"]
+
+_Bad = argparse.ArgumentTypeError
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".tar")
+
+
+def _int(text: str, allowed: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise _Bad(f"{text!r} is not an integer; expected {allowed}") from None
+
+
+def as_text(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """A type that checks its value with ``parse`` and keeps the text (for values handed on as strings)."""
+    def check(text: str) -> str:
+        parse(text)
+        return text
+    check.__name__ = parse.__name__
+    return check
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, workers, threads, k, steps)."""
+    value = _int(text, "a positive integer")
+    if value < 1:
+        raise _Bad(f"{value} is not a positive integer (1, 2, ...)")
+    return value
+
+
+def int_in(lo: int, hi: int, unit: str = "") -> Callable[[str], int]:
+    """An integer in ``[lo, hi]``."""
+    def parse(text: str) -> int:
+        value = _int(text, f"an integer in {lo}-{hi}{unit}")
+        if not lo <= value <= hi:
+            raise _Bad(f"{value} is outside {lo}-{hi}{unit}")
+        return value
+    parse.__name__ = f"int_in_{lo}_{hi}"
+    return parse
+
+
+def _float(text: str, allowed: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise _Bad(f"{text!r} is not a number; expected {allowed}") from None
+    if not math.isfinite(value):
+        raise _Bad(f"{text!r} is not a finite number; expected {allowed}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (temperatures, µm per px)."""
+    value = _float(text, "a number > 0")
+    if value <= 0:
+        raise _Bad(f"{value:g} must be > 0")
+    return value
+
+
+def float_in(lo: float, hi: float, unit: str = "") -> Callable[[str], float]:
+    """A finite number in ``[lo, hi]``."""
+    def parse(text: str) -> float:
+        value = _float(text, f"a number in {lo:g}-{hi:g}{unit}")
+        if not lo <= value <= hi:
+            raise _Bad(f"{value:g} is outside {lo:g}-{hi:g}{unit}")
+        return value
+    parse.__name__ = f"float_in_{lo:g}_{hi:g}"
+    return parse
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is one of auto, cpu, cuda, cuda:N, mps (spelling only); ValueError otherwise."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name.strip()):
+        raise ValueError(f"device {name!r} is not one of {DEVICES}")
+    return name.strip()
+
+
+def device(text: str) -> str:
+    """A device that exists here: ``cuda`` or ``cuda:N`` without that CUDA device, or ``mps`` without
+    MPS, is refused now rather than after the store is opened and the model built."""
+    try:
+        name = check_device_name(text)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _Bad(f"{name!r}: CUDA is not available on this machine; use auto or cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise _Bad(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                       f"cuda:{torch.cuda.device_count() - 1})")
+    elif name == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise _Bad("'mps': Apple MPS is not available on this machine; use auto or cpu")
+    return name
+
+
+def readable_file(text: str) -> Path:
+    """An existing, readable file."""
+    path, shown = Path(text).expanduser(), terminal(text)
+    if not path.exists():
+        raise _Bad(f"{shown} not found (no such file)")
+    if not path.is_file():
+        raise _Bad(f"{shown}: not a file")
+    if not os.access(path, os.R_OK):
+        raise _Bad(f"{shown}: not readable (permission denied)")
+    return path
+
+
+def _weights_format(path: Path) -> str | None:
+    """``safetensors`` or ``torch`` from a file's first bytes (None: neither)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+        return "torch"
+    return None
+
+
+def weights_file(text: str) -> Path:
+    """A local weights file we load: safetensors (``.safetensors``) or a torch checkpoint (.pt, .pth, .bin)."""
+    path, shown = readable_file(text), terminal(text)
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise _Bad(f"{shown}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    try:
+        kind = _weights_format(path)
+    except OSError as e:
+        raise _Bad(f"{shown}: cannot read it ({e.strerror or e})") from None
+    expected = "safetensors" if path.suffix.lower() == ".safetensors" else "torch"
+    if kind != expected:
+        raise _Bad(f"{shown}: not a {expected} file (its first bytes are not a {expected} header)")
+    return path
+
+
+def encoder_spec(text: str) -> tuple[str, Path | None]:
+    """``timm:NAME`` or ``timm:NAME:WEIGHTS_FILE`` -> ``(NAME, weights path or None)``."""
+    prefix, _, rest = text.partition(":")
+    model, _, weights = rest.partition(":")
+    if prefix != "timm" or not model:
+        raise _Bad(f"{text!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
+    return model, weights_file(weights) if weights else None
+
+
+def flow_encoder_spec(text: str) -> str:
+    """A flow's extra encoder, kept as text: ``timm:NAME[:WEIGHTS_FILE]`` (checked as
+    :func:`encoder_spec`) or ``run:FOLDER`` (a training run folder, with its run.json)."""
+    prefix, _, folder = text.partition(":")
+    if prefix != "run":
+        encoder_spec(text)
+    elif not (Path(folder).expanduser() / "run.json").is_file():
+        raise _Bad(f"{terminal(text)}: {terminal(folder)} is not a training run folder (no run.json)")
+    return text
+
+
+def tile_filter(text: str):
+    """``min_focus=20,max_pen=0.05`` -> :class:`pipeline.qc.TileFilter` (finite numbers, known keys)."""
+    from .qc import TileFilter
+
+    limits = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            limits[key.strip()] = float(value)
+        except ValueError:
+            raise _Bad(f"{part!r} is not KEY=NUMBER") from None
+    try:
+        return TileFilter.from_dict(limits)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
+def compression(text: str):
+    """A tile compression name -> :class:`pipeline.codecs.TileCompression`."""
+    from .codecs import TileCompression
+
+    try:
+        return TileCompression.from_name(text)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
+def count_range(text: str) -> tuple[int, int]:
+    """``N`` or ``MIN-MAX`` (inclusive, 1 <= MIN <= MAX)."""
+    lo, _, hi = text.partition("-")
+    try:
+        out = (int(lo), int(hi or lo))
+    except ValueError:
+        raise _Bad(f"{text!r}: expected a count N or a range MIN-MAX") from None
+    if not 1 <= out[0] <= out[1]:
+        raise _Bad(f"{text!r}: expected 1 <= MIN <= MAX")
+    return out
+
+
+def cron(text: str) -> str:
+    """A cron schedule Prefect accepts (five fields, e.g. ``0 2 * * *``)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=text)
+    except ValueError:
+        raise _Bad(f"{text!r} is not a cron schedule (five fields: minute hour day month weekday, "
+                   "e.g. '0 2 * * *')") from None
+    return text
