@@ -112,6 +112,7 @@ READABLE_SCHEMAS = (1, 2)
 STAGING = "_staging"
 _ARRAY_GROUPS = ("features", "attributes")  # slide subgroups written by StoreWriter.commit_features
 _STALE_FOREIGN_S = 24 * 3600
+_ASIDE_SUFFIX = ".aside"  # note beside a version set aside during a commit: where it came from
 
 
 def _package_version() -> str:
@@ -435,11 +436,7 @@ class StoreWriter:
         for attempt in range(5):
             # move any current version aside, then move the new one in; another writer of the same
             # slide may do the same in between, so either step can find the place changed
-            old: Path | None = self.path / STAGING / f"replaced-{staged.token}-{attempt}"
-            try:
-                os.replace(target, old)
-            except FileNotFoundError:
-                old = None
+            old = self._set_aside(target, f"replaced-{staged.token}-{attempt}")
             try:
                 os.replace(staged.path, target)
                 return
@@ -448,7 +445,7 @@ class StoreWriter:
                     raise
             finally:
                 if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                    self._drop_aside(old)
 
     def stage_features(self, n: int, dim: int, dtype: str = "float32", chunk_rows: int = 4096,
                        fill_value: float = 0) -> zarr.Array:
@@ -482,16 +479,12 @@ class StoreWriter:
         slide_dir = self._slide_dir(patient_id, slide_id)
         _ensure_group(slide_dir / group)
         target = slide_dir / group / name
-        old = self.path / STAGING / f"replaced-{staged_dir.parent.name}"
-        try:
-            os.replace(target, old)
-        except FileNotFoundError:
-            old = None
+        old = self._set_aside(target, f"replaced-{staged_dir.parent.name}")
         try:
             os.replace(staged_dir, target)
         finally:
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                self._drop_aside(old)
             shutil.rmtree(staged_dir.parent, ignore_errors=True)
 
     def discard_array(self, array: zarr.Array) -> None:
@@ -515,6 +508,8 @@ class StoreWriter:
         staging = self.path / STAGING
         host = socket.gethostname()
         for child in staging.iterdir() if staging.exists() else []:
+            if child.name.startswith("replaced-") and child.is_dir() and self._restore_aside(child):
+                continue
             if not child.is_dir():
                 continue
             owner = None if child.name.startswith("replaced-") else _read_owner(child) or _owner_from_token(child)
@@ -527,7 +522,58 @@ class StoreWriter:
             if stale:
                 remove_owned(staging, child.name)  # a link planted in _staging goes, never its target
                 removed.append(child.name)
+        for note in staging.glob(f"replaced-*{_ASIDE_SUFFIX}") if staging.exists() else []:
+            if not note.with_suffix("").exists():
+                remove_owned(staging, note.name)  # the note of a swap that finished or was undone
         return removed
+
+    # -- replacing a committed node (local store) --------------------------------------------
+    def _set_aside(self, target: Path, name: str) -> Path | None:
+        """Move ``target`` to ``_staging/<name>`` before its new version moves in; None if absent.
+
+        A note ``<name>.aside`` written first names where it came from, so a writer killed between
+        the two renames leaves something :meth:`_restore_aside` puts back, not a lost version.
+        """
+        old = self.path / STAGING / name
+        note = old.with_name(name + _ASIDE_SUFFIX)
+        atomic_write_bytes(note, json.dumps({"target": target.relative_to(self.path).as_posix()}).encode())
+        try:
+            os.replace(target, old)
+        except FileNotFoundError:
+            note.unlink(missing_ok=True)
+            return None
+        return old
+
+    def _drop_aside(self, old: Path) -> None:
+        """Remove a version set aside once its replacement is in place, then its note."""
+        shutil.rmtree(old, ignore_errors=True)
+        old.with_name(old.name + _ASIDE_SUFFIX).unlink(missing_ok=True)
+
+    def _restore_aside(self, old: Path) -> bool:
+        """Put a version set aside back where it came from if nothing replaced it (a writer killed
+        between the renames of a commit); True if it was restored.
+
+        The note's target is trusted only as ids: each part is validated and the path rebuilt here,
+        so a planted note can neither restore outside ``patients/`` nor over an existing node.
+        """
+        try:
+            target = json.loads(old.with_name(old.name + _ASIDE_SUFFIX).read_text())["target"]
+            parts = target.split("/")
+            if len(parts) not in (4, 6) or parts[0] != "patients" or parts[2] != "slides" or (
+                    len(parts) == 6 and parts[4] not in _ARRAY_GROUPS):
+                raise ValueError(target)
+            for part in parts[1::2] if len(parts) == 4 else (parts[1], parts[3], parts[5]):
+                validate_id(part)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        dest = self.path.joinpath(*parts)
+        if dest.exists() or not dest.parent.is_dir():
+            return False
+        os.replace(old, dest)
+        old.with_name(old.name + _ASIDE_SUFFIX).unlink(missing_ok=True)
+        log.warning("%s: restored %s, set aside by a writer that stopped before its new version moved in",
+                    self.path, target)
+        return True
 
     def write_evaluation(self, name: str, result: dict[str, Any]) -> None:
         """Record an evaluation (e.g. a kNN report) as the attributes of ``evaluations/<name>``, replacing any before."""

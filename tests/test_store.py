@@ -155,3 +155,55 @@ def test_processes_committing_the_same_slide_leave_one_whole_version(tmp_path):
     k = s.slide_attrs("P", "S")["writer"]
     assert s.tiles("P", "S")[0].max() == k  # attrs and arrays of the same writer
     assert [p.name for p in (tmp_path / "s.zarr" / STAGING).iterdir()] == ["zarr.json"]
+
+
+_KILLED_BETWEEN_RENAMES = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import pipeline.store as st
+from test_store import write_slide
+writer = st.StoreWriter(sys.argv[1])
+real = os.replace
+def replace(src, dst):
+    if "/_staging/" in str(src) and "/patients/" in str(dst) and "replaced-" not in str(src):
+        os._exit(9)  # the writer dies after the old version went aside, before the new one moved in
+    real(src, dst)
+st.os.replace = replace
+write_slide(writer, "P1", "S1", 2, value=9)
+"""
+
+
+def test_a_writer_killed_between_the_renames_of_a_commit_loses_nothing(tmp_path):
+    from store_snapshot import assert_unchanged, snapshot
+
+    store = tmp_path / "s.zarr"
+    writer = StoreWriter(store)
+    write_slide(writer, "P1", "S1", 3, value=7)
+    before = snapshot(store)
+    tests = os.path.dirname(__file__)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_RENAMES, str(store), tests], capture_output=True)
+    assert proc.returncode == 9, proc.stderr
+    assert not (store / "patients/P1/slides/S1").exists()  # the moment the old code lost the slide at
+    StoreWriter(store).clean_staging()
+    assert_unchanged(before, snapshot(store))  # the old version is back, byte for byte
+    assert SlideStore(store).tiles("P1", "S1")[:].max() == 7
+    assert [p.name for p in (store / STAGING).iterdir()] == ["zarr.json"]
+
+
+def test_a_planted_aside_note_restores_nothing_outside_the_slides(tmp_path):
+    from store_snapshot import assert_unchanged, snapshot
+
+    store = tmp_path / "s.zarr"
+    writer = StoreWriter(store)
+    write_slide(writer, "P1", "S1", 3)
+    planted = store / STAGING / "replaced-x-0"
+    planted.mkdir()
+    (planted / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    before = snapshot(store, skip=())
+    for target in ("../../victim", "patients/P1/slides/S1", "patients/P1/../../x/slides/S", "evaluations/e"):
+        (store / STAGING / "replaced-x-0.aside").write_text(json.dumps({"target": target}))
+        assert not writer._restore_aside(planted)
+    assert_unchanged(before, snapshot(store, skip=()), allow=(f"{STAGING}/replaced-x-0.aside",))
+    assert not (tmp_path / "victim").exists() and not (tmp_path / "x").exists()
+    writer.clean_staging()
+    assert [p.name for p in (store / STAGING).iterdir()] == ["zarr.json"]
