@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hlss_model.settings import EvaluationSettings, ExtractionSettings
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
 from pipeline.location import is_remote, local_path
-from pipeline.qc import TileFilter
 
 __all__ = [
     "TilingSettings", "TrainingSettings", "ExtractionSettings", "EvaluationSettings", "FlowDefaults",
@@ -48,13 +48,14 @@ class _Model(BaseModel):
 
 
 class TilingSettings(_Model):
-    """How slides become tiles (see :class:`pipeline.config.TilingParams`)."""
+    """How slides become tiles: the flow's view of :class:`pipeline.config.TilingParams`, whose
+    defaults and checks these are (compression by name, as in a YAML file)."""
 
-    target_mpp: float = Field(0.5, description="µm per px of the stored tiles (0.5 ≈ 20x)")
-    tile_size: int = Field(256, description="tile side in px")
-    min_tissue: float = Field(0.5, description="minimum tissue fraction of a kept tile")
-    mask_mpp: float = Field(8.0, description="µm per px of the tissue mask")
-    reader: Literal["auto", "tiffslide", "openslide"] = "auto"
+    target_mpp: float = Field(TilingParams.target_mpp, description="µm per px of the stored tiles (0.5 ≈ 20x)")
+    tile_size: int = Field(TilingParams.tile_size, description="tile side in px")
+    min_tissue: float = Field(TilingParams.min_tissue, description="minimum tissue fraction of a kept tile")
+    mask_mpp: float = Field(TilingParams.mask_mpp, description="µm per px of the tissue mask")
+    reader: Literal["auto", "tiffslide", "openslide"] = TilingParams.reader
     compression: str | None = Field(None, description="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
     slide_timeout_s: float = Field(TilingParams.slide_timeout_s, ge=0,
                                    description="seconds a slide may take before it fails alone (0: no limit)")
@@ -70,7 +71,8 @@ class TilingSettings(_Model):
 
 
 class TrainingSettings(_Model):
-    """HLSS pretraining. ``config`` is a YAML training config (hlss_model/config.py); the rest override it."""
+    """HLSS pretraining. ``config`` is a YAML training config (hlss_model/config.py); the rest override
+    it (:meth:`hlss_model.config.TrainConfig.with_overrides`), so there are no defaults here."""
 
     config: str | None = Field(None, description="YAML training config file")
     steps: int | None = Field(None, ge=1)
@@ -81,43 +83,6 @@ class TrainingSettings(_Model):
 
 Workers = Annotated[int, Field(ge=1, description="slides tiled at once (processes, or Dask worker slots)")]
 Threads = Annotated[int, Field(ge=1, description="cores per tiling worker")]
-
-
-class ExtractionSettings(_Model):
-    """Feature extraction with the trained encoder (and optional extra timm encoders)."""
-
-    name: str = Field("hlss", description="feature name: features/<name> in every slide")
-    encoders: list[str] = Field(default_factory=list,
-                                description="extra encoders: timm:NAME[:WEIGHTS_FILE] or run:TRAINING_RUN_FOLDER")
-    batch_size: int = Field(128, ge=1)
-    dtype: Literal["float32", "float16"] = "float32"
-    device: str = "auto"
-    tile_filter: dict[str, float] = Field(
-        default_factory=dict, description="QC limits on the tiles to extract, e.g. {min_focus: 20, max_pen: 0.05} "
-                                          "(see pipeline.qc.TileFilter); rows of other tiles are NaN")
-
-    @field_validator("tile_filter")
-    @classmethod
-    def _known_limits(cls, limits: dict[str, float]) -> dict[str, float]:
-        TileFilter.from_dict(limits)
-        return limits
-
-    @field_validator("encoders")
-    @classmethod
-    def _timm_specs(cls, specs: list[str]) -> list[str]:
-        for spec in specs:
-            prefix, _, rest = spec.partition(":")
-            if prefix not in ("timm", "run") or not rest:
-                raise ValueError(f"encoder {spec!r}: expected timm:NAME[:WEIGHTS_FILE] or run:FOLDER")
-        return specs
-
-
-class EvaluationSettings(_Model):
-    """kNN evaluation of the extracted features on the held-out patients."""
-
-    k: int = Field(200, ge=1)
-    temperature: float = Field(0.07, gt=0)
-    max_tiles_per_slide: int | None = Field(None, ge=1)
 
 
 class FlowDefaults(_Model):

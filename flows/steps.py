@@ -200,10 +200,9 @@ def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str
     else:
         saved_yaml = Path(run_dir).expanduser() / "config.yaml"  # resuming a start without a checkpoint: its config
         source = training.config or (saved_yaml if training.resume and saved_yaml.is_file() else None)
-        cfg = TrainConfig.from_yaml(source) if source else TrainConfig()
-        overrides = {k: v for k, v in (("steps", training.steps), ("method", training.method),
-                                       ("device", training.device)) if v is not None}
-        cfg, status = (cfg.replace(**overrides) if overrides else cfg), "trained"
+        cfg = (TrainConfig.from_yaml(source) if source else TrainConfig()).with_overrides(
+            steps=training.steps, method=training.method, device=training.device)
+        status = "trained"
     saved = TrainConfig.from_yaml(Path(run_dir).expanduser() / "config.yaml") if cfg is None else cfg
     device = training.device or saved.device
     with device_slot(str(resolve_device(device))) as slot:
@@ -315,7 +314,7 @@ def knn_step(store: str, feature: str, run_dir: str | None, evaluation: Evaluati
     try:
         report = knn_from_store(store, features=feature, split=split, k=evaluation.k,
                                 temperature=evaluation.temperature,
-                                max_tiles_per_slide=evaluation.max_tiles_per_slide)
+                                max_tiles_per_slide=evaluation.max_tiles_per_slide, seed=evaluation.seed)
     except (KeyError, ValueError, StoreError) as e:  # StoreDamageError names patient, slide, array, file
         logger.warning("kNN evaluation skipped: %s", e)
         return {"skipped": str(e)}

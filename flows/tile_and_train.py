@@ -48,7 +48,8 @@ def tile_and_train(
     t0 = time.perf_counter()
     check_paths(source, store, run_dir)
     params = tiling.params()
-    encoders = [EncoderSpec("run", run_dir, name=extraction.name)] + [EncoderSpec.parse(e) for e in extraction.encoders]
+    encoders = [EncoderSpec("run", run_dir, name=extraction.name)] + \
+        [EncoderSpec.parse(e).checked() for e in extraction.encoders]
     with SlideExecutor(workers, scheduler_address) as executor:
         key = register_executor(executor)
         try:

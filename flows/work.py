@@ -6,10 +6,9 @@ store and run folders reachable at the same paths (or URLs), nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
+from hlss_model.settings import EncoderSpec
 from pipeline.cohort import SlideSpec
 from pipeline.config import TilingParams
 from pipeline.runner import limit_worker_threads
@@ -17,7 +16,6 @@ from pipeline.store import StoreWriter
 from pipeline.tiler import SlideResult, tile_slide
 
 if TYPE_CHECKING:  # torch stays out of tiling workers (it adds seconds to every worker's start)
-    from pipeline.encoders import Encoder
     from pipeline.features import ExtractReport
 
 __all__ = ["EncoderSpec", "tile_one", "extract_slides"]
@@ -27,38 +25,6 @@ def tile_one(spec: SlideSpec, store: str, params: TilingParams, threads: int = 1
     """Tile one slide into ``store`` using ``threads`` cores (see :func:`pipeline.tiler.tile_slide`)."""
     limit_worker_threads(threads)
     return tile_slide(spec, StoreWriter(store), params, overlap=threads > 1)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """An encoder described by value, so a worker can build it: a training run or a timm model."""
-
-    kind: Literal["run", "timm"]
-    ref: str  # run folder, or timm model name
-    weights: str | None = None  # timm only: a local weights file
-    name: str | None = None  # feature name; default from the model
-
-    @classmethod
-    def parse(cls, spec: str, name: str | None = None) -> "EncoderSpec":
-        """``timm:NAME[:WEIGHTS_FILE]`` or ``run:FOLDER``."""
-        kind, _, rest = spec.partition(":")
-        if kind == "run" and rest:
-            return cls("run", rest, None, name)
-        if kind == "timm" and rest:
-            model, _, weights = rest.partition(":")
-            if weights and not Path(weights).expanduser().is_file():
-                raise ValueError(f"encoder {spec!r}: weights file {weights} not found")
-            return cls("timm", model, weights or None, name)
-        raise ValueError(f"encoder {spec!r}: expected timm:NAME[:WEIGHTS_FILE] or run:FOLDER")
-
-    def build(self) -> "Encoder":
-        if self.kind == "run":
-            from hlss_model.runs import run_encoder
-
-            return run_encoder(self.ref, self.name)
-        from pipeline.encoders import timm_encoder
-
-        return timm_encoder(self.ref, self.weights, self.name)
 
 
 def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,

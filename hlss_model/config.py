@@ -1,4 +1,4 @@
-"""Training configuration: typed dataclasses, read from YAML and validated once.
+"""Training configuration: typed, frozen pydantic dataclasses, read from YAML and validated once.
 
 A config file mirrors the dataclasses section by section; every key is optional and unknown keys
 are errors (a typo must not silently train with a default)::
@@ -19,11 +19,13 @@ import dataclasses
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from pipeline.argtypes import check_device_name, weights_file
+from pipeline.config import STRICT
 from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
@@ -40,6 +42,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class SamplerConfig:
     """How one batch is drawn: ``batch_size`` patients x S slides x T tiles x V views."""
+
+    __pydantic_config__ = STRICT
 
     batch_size: int = 32
     slides_per_patient: int = 2
@@ -61,6 +65,8 @@ class SamplerConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Vision encoder, projection and (for HLSS) the text side."""
+
+    __pydantic_config__ = STRICT
 
     backbone: str = "resnet50"  # any timm model name
     weights: str | None = None  # local weights file for the backbone (safetensors or torch); None = random init
@@ -85,6 +91,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    __pydantic_config__ = STRICT
+
     temperature: float = 0.07
     lambda_patient: float = 1.0
     lambda_slide: float = 1.0
@@ -108,6 +116,8 @@ class LossConfig:
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``, stepped per batch."""
 
+    __pydantic_config__ = STRICT
+
     lr: float = 1e-3
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
@@ -126,6 +136,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    __pydantic_config__ = STRICT
+
     method: str = "hlss"
     steps: int = 2000
     seed: int = 0
@@ -160,28 +172,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
-        data = dict(data or {})
-        sections = {"sampler": SamplerConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
-                    "tile_filter": TileFilter}
-        kwargs: dict[str, Any] = {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known: {sorted(known)}")
-        for key, value in data.items():
-            if key in sections:
-                kwargs[key] = _section(sections[key], key, value)
-            elif key == "augment":
-                try:
-                    kwargs[key] = AugmentParams.from_dict(value or {})
-                except ValueError as e:
-                    raise ConfigError(f"augment: {e}") from None
-            else:
-                kwargs[key] = value
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise ConfigError(str(e)) from None
+        """A config from a mapping of sections (a parsed YAML file); every key is optional."""
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"a config is a mapping of sections, got {type(data).__name__}")
+        data = {k: v for k, v in (data or {}).items() if not (v is None and k in _SECTIONS)}  # null: defaults
+        return _validated(lambda: _ADAPTER.validate_python(data))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -203,25 +198,37 @@ class TrainConfig:
         return _plain(out)
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (top-level fields), validated again."""
+        return _validated(lambda: dataclasses.replace(self, **changes))
+
+    def with_overrides(self, steps: int | None = None, method: str | None = None,
+                       device: str | None = None) -> "TrainConfig":
+        """The config with the overrides a command line or a flow gives (None: keep the config's value)."""
+        changes = {k: v for k, v in (("steps", steps), ("method", method), ("device", device)) if v is not None}
+        return self.replace(**changes) if changes else self
 
 
-def _section(kind: type, name: str, value: Any) -> Any:
-    if value is None:
-        return kind()
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}")
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"unknown keys in {name}: {unknown}; known: {sorted(known)}")
-    value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+_ADAPTER = TypeAdapter(TrainConfig)
+_SECTIONS = {name: kind for name, kind in get_type_hints(TrainConfig).items() if dataclasses.is_dataclass(kind)}
+
+
+def _validated(build: Any) -> Any:
+    """``build()``, with pydantic's errors as one :class:`ConfigError` naming each key at fault."""
     try:
-        return kind(**value)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{name}: {e}") from None
+        return build()
+    except ValidationError as e:
+        raise ConfigError("; ".join(_error_line(err) for err in e.errors())) from None
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _error_line(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "unexpected_keyword_argument":
+        kind = _SECTIONS.get(str(err["loc"][0]), TrainConfig) if len(err["loc"]) > 1 else TrainConfig
+        return f"unknown config key {key}; known: {sorted(f.name for f in dataclasses.fields(kind))}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}" if key else message
 
 
 def _plain(obj: Any) -> Any:

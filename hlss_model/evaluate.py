@@ -19,6 +19,7 @@ from pipeline.features import embed_tiles, sample_rows
 from pipeline.store import SlideStore, StoreDamageError
 
 from .knn import FeatureTable, KnnReport, knn_evaluate, split_patients
+from .settings import EVALUATION, EXTRACTION
 
 __all__ = ["knn_from_store", "store_split"]
 
@@ -49,9 +50,11 @@ def store_split(store: SlideStore, seed: int = 0) -> dict[str, str]:
 
 
 def knn_from_store(store: str | Path, features: str | None = None, encoder: Encoder | None = None,
-                   split: dict[str, str] | None = None, k: int = 200, temperature: float = 0.07,
-                   max_tiles_per_slide: int | None = None, batch_size: int = 128, device: str = "auto",
-                   seed: int = 0) -> KnnReport:
+                   split: dict[str, str] | None = None, k: int = EVALUATION.k,
+                   temperature: float = EVALUATION.temperature,
+                   max_tiles_per_slide: int | None = EVALUATION.max_tiles_per_slide,
+                   batch_size: int = EXTRACTION.batch_size, device: str = EXTRACTION.device,
+                   seed: int = EVALUATION.seed) -> KnnReport:
     """Tile, slide and patient kNN accuracy and MCA over the labelled patients of ``store``.
 
     Exactly one of ``features`` (a stored feature name) or ``encoder`` is given. ``split`` maps

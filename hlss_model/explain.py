@@ -40,6 +40,8 @@ from pipeline.ids import InvalidIdError, sanitize_id
 from pipeline.attribute_maps import colormap, render_heatmap, top_attributes
 from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_version
 
+from .settings import EXTRACTION
+
 __all__ = ["ExplainError", "ExplainRun", "AttributeMap", "load_explain_run", "explain_slide", "explain_patient",
            "top_attributes", "colormap", "render_heatmap", "add_parser", "run"]
 
@@ -192,7 +194,8 @@ def _reusable(attrs, er: ExplainRun, version: str) -> bool:
 
 
 def explain_slide(store: str | Path | SlideStore, run: str | Path | ExplainRun, patient: str, slide: str, *,
-                  batch_size: int = 128, device: str = "auto", force: bool = False,
+                  batch_size: int = EXTRACTION.batch_size, device: str = EXTRACTION.device,
+                  force: bool = False,
                   amp: bool | None = None) -> AttributeMap:
     """Attribute scores of every tile of a complete slide, computed and stored, or reused when stored
     scores match the run's weights and the slide's tiles (``force`` recomputes).

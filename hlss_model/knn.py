@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from pipeline.cohort import TEST_SPLITS, TRAIN_SPLITS
 
+from .settings import EVALUATION
+
 __all__ = [
     "FeatureTable",
     "KnnReport",
@@ -38,8 +40,8 @@ def knn_scores(
     train_labels: ArrayLike,
     query_features: ArrayLike,
     n_classes: int,
-    k: int = 200,
-    temperature: float = 0.07,
+    k: int = EVALUATION.k,
+    temperature: float = EVALUATION.temperature,
     chunk_size: int = 4096,
 ) -> torch.Tensor:
     """Weighted kNN class scores of each query.
@@ -185,8 +187,8 @@ def knn_evaluate(
     train: FeatureTable,
     test: FeatureTable,
     class_names: list[str],
-    k: int = 200,
-    temperature: float = 0.07,
+    k: int = EVALUATION.k,
+    temperature: float = EVALUATION.temperature,
 ) -> KnnReport:
     """Classify every test tile against the training tiles and aggregate to slides and patients.
 

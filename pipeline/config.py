@@ -1,4 +1,11 @@
-"""Tiling parameters: one typed, validated object built at the edge (CLI, flows, Python)."""
+"""Tiling parameters: one typed, validated object built at the edge (CLI, flows, Python).
+
+Also the one config mechanism of the project's settings: frozen dataclasses whose own checks live in
+``__post_init__`` (so a constructor raises a plain ``ValueError`` with a clear message), read from
+mappings (YAML, flow parameters) by pydantic (``pydantic.TypeAdapter``), which checks types and,
+with :data:`STRICT`, refuses unknown keys. Prefect's parameter models are pydantic models whose
+defaults come from these classes.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,15 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from pydantic import ConfigDict
+
 from .codecs import TileCompression
 from .reader import READERS
 from .tissue import TissueParams
 
-__all__ = ["TilingParams"]
+__all__ = ["TilingParams", "STRICT"]
+
+STRICT = ConfigDict(extra="forbid")  # a typo in a settings key is an error, never a silent default
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,8 @@ class TilingParams:
     slide_timeout_s: wall-clock seconds one slide may take (open, thumbnail, tiles, write) before it
                   fails alone; 0 disables the budget. Does not change what is written.
     """
+
+    __pydantic_config__ = STRICT
 
     target_mpp: float = 0.5
     tile_size: int = 256

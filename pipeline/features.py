@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from hlss_model.settings import EVALUATION, EXTRACTION  # this module moves into hlss_model
+
 from .encoders import Encoder
 from .ids import validate_id
 from .location import scrub
@@ -139,8 +141,9 @@ def _plan(reader: SlideStore, encoders: list[Encoder], force: bool, report: Extr
         yield _SlideJob(p, s, rec.n_tiles, version, todo, rows)
 
 
-def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int = 256, device: str = "auto",
-                     dtype: str = "float32", force: bool = False, prefetch: int = 2, amp: bool | None = None,
+def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int = EXTRACTION.batch_size,
+                     device: str = EXTRACTION.device, dtype: str = EXTRACTION.dtype, force: bool = False,
+                     prefetch: int = 2, amp: bool | None = None,
                      on_slide: Callable[[str, str, str], None] | None = None,
                      on_tiles: Callable[[int], None] | None = None,
                      slides: Iterable[tuple[str, str]] | None = None,
@@ -281,8 +284,9 @@ def read_ahead(items: Iterator[tuple], read: Callable, pool: ThreadPoolExecutor,
     yield from window
 
 
-def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str]], batch_size: int = 256,
-                device: str = "auto", max_tiles_per_slide: int | None = None, seed: int = 0,
+def embed_tiles(store: str | Path, encoder: Encoder, slides: list[tuple[str, str]],
+                batch_size: int = EXTRACTION.batch_size, device: str = EXTRACTION.device,
+                max_tiles_per_slide: int | None = EVALUATION.max_tiles_per_slide, seed: int = EVALUATION.seed,
                 prefetch: int = 2, on_damage: Callable[[StoreDamageError], None] | None = None,
                 ) -> dict[tuple[str, str], np.ndarray]:
     """In-memory ``(n, D) float32`` features of each slide (for evaluation; nothing is written).
