@@ -28,10 +28,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hlss_model.settings import EvaluationSettings, ExtractionSettings
+from hlss_model.settings import METHODS, EvaluationSettings, ExtractionSettings
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
 from pipeline.location import is_remote, local_path
+from pipeline.reader import READERS
 
 __all__ = [
     "TilingSettings", "TrainingSettings", "ExtractionSettings", "EvaluationSettings", "FlowDefaults",
@@ -55,7 +56,7 @@ class TilingSettings(_Model):
     tile_size: int = Field(TilingParams.tile_size, description="tile side in px")
     min_tissue: float = Field(TilingParams.min_tissue, description="minimum tissue fraction of a kept tile")
     mask_mpp: float = Field(TilingParams.mask_mpp, description="µm per px of the tissue mask")
-    reader: Literal["auto", "tiffslide", "openslide"] = TilingParams.reader
+    reader: Literal[READERS] = TilingParams.reader
     compression: str | None = Field(None, description="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
     slide_timeout_s: float = Field(TilingParams.slide_timeout_s, ge=0,
                                    description="seconds a slide may take before it fails alone (0: no limit)")
@@ -76,7 +77,7 @@ class TrainingSettings(_Model):
 
     config: str | None = Field(None, description="YAML training config file")
     steps: int | None = Field(None, ge=1)
-    method: Literal["hlss", "hidisc"] | None = None
+    method: Literal[METHODS] | None = None
     device: str | None = Field(None, description="auto, cpu, cuda, cuda:N")
     resume: bool = Field(False, description="continue an unfinished (or extended) run in run_dir")
 

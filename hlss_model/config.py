@@ -29,10 +29,9 @@ from pipeline.config import STRICT
 from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
+from .settings import METHODS
 
 __all__ = ["SamplerConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "ConfigError", "METHODS"]
-
-METHODS = ("hlss", "hidisc")
 
 
 class ConfigError(ValueError):

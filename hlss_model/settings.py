@@ -22,7 +22,9 @@ from pipeline.qc import TileFilter
 if TYPE_CHECKING:  # torch is imported only when an encoder is built
     from pipeline.encoders import Encoder
 
-__all__ = ["ExtractionSettings", "EvaluationSettings", "EncoderSpec", "EXTRACTION", "EVALUATION"]
+__all__ = ["ExtractionSettings", "EvaluationSettings", "EncoderSpec", "EXTRACTION", "EVALUATION", "METHODS"]
+
+METHODS = ("hlss", "hidisc")  # training methods (hlss_model.config.TrainConfig.method); here, free of torch
 
 ENCODER_SYNTAX = "timm:NAME[:WEIGHTS_FILE] or run:TRAINING_RUN_FOLDER"
 

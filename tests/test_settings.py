@@ -225,3 +225,13 @@ def test_encoder_specs_have_one_parser(tmp_path):
     assert EncoderSpec.parse(f"run:{tmp_path}").checked().ref == str(tmp_path)
     with pytest.raises(Exception, match="expected timm:NAME"):  # the flow parameter model uses the same parser
         ExtractionSettings(encoders=["resnet50"])
+
+
+def test_the_settings_do_not_import_torch():
+    """Tiling workers and `hlss run` read the settings; they must not pay for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, flows.settings, flows.work, pipeline.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
