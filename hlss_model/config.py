@@ -1,4 +1,5 @@
-"""Training configuration: typed, frozen pydantic dataclasses, read from YAML and validated once.
+"""Training configuration: typed, frozen dataclasses, read from YAML by pydantic and validated once
+(the project's one config mechanism, see :mod:`pipeline.config`).
 
 A config file mirrors the dataclasses section by section; every key is optional and unknown keys
 are errors (a typo must not silently train with a default)::
