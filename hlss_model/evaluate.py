@@ -39,7 +39,7 @@ def _complete_slides(store: SlideStore, damaged: list[str] | None = None) -> dic
     return out
 
 
-def store_split(store: SlideStore, seed: int = 0) -> dict[str, str]:
+def store_split(store: SlideStore, seed: int = EVALUATION.seed) -> dict[str, str]:
     """Patient -> "train" | "test" from the store's patient attributes (manifest split, else seeded)."""
     labels, splits = {}, {}
     for p in _complete_slides(store):

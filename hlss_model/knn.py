@@ -225,7 +225,7 @@ def split_patients(
     patient_labels: Mapping[str, int | str],
     manifest_splits: Mapping[str, str | None],
     held_out_fraction: float = 0.3,
-    seed: int = 0,
+    seed: int = EVALUATION.seed,
 ) -> dict[str, str]:
     """Assign each patient to ``"train"`` or ``"test"``.
 

@@ -50,7 +50,7 @@ class ExtractReport:
         return 1 if self.failed else 0
 
 
-def sample_rows(n: int, limit: int | None, seed: int = 0) -> np.ndarray | None:
+def sample_rows(n: int, limit: int | None, seed: int = EVALUATION.seed) -> np.ndarray | None:
     """A seeded, sorted subset of ``limit`` of ``n`` tile rows; None (all rows) when ``n <= limit``."""
     if limit is None or n <= limit:
         return None

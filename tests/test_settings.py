@@ -52,9 +52,9 @@ def test_extraction_defaults_are_one_definition(tmp_path):
 
 
 def test_evaluation_defaults_are_one_definition(tmp_path):
-    from hlss_model.evaluate import knn_from_store
-    from hlss_model.knn import knn_evaluate, knn_scores
-    from pipeline.features import embed_tiles
+    from hlss_model.evaluate import knn_from_store, store_split
+    from hlss_model.knn import knn_evaluate, knn_scores, split_patients
+    from pipeline.features import embed_tiles, sample_rows
 
     assert EvaluationSettings() == EVALUATION == _empty_flow_config(tmp_path).evaluation
     assert (EVALUATION.k, EVALUATION.temperature) == (200, 0.07)  # HiDisc's kNN protocol
@@ -62,7 +62,8 @@ def test_evaluation_defaults_are_one_definition(tmp_path):
         assert (_default(func, "k"), _default(func, "temperature")) == (EVALUATION.k, EVALUATION.temperature)
     for func in (knn_from_store, embed_tiles):
         assert _default(func, "max_tiles_per_slide") == EVALUATION.max_tiles_per_slide
-        assert _default(func, "seed") == EVALUATION.seed
+    for func in (knn_from_store, embed_tiles, split_patients, store_split, sample_rows):
+        assert _default(func, "seed") == EVALUATION.seed, func.__name__
 
 
 def test_training_defaults_from_code_yaml_and_flow_agree(tmp_path):
