@@ -204,5 +204,5 @@ def test_reprocess_flow_retiles_re_extracts_its_features_and_lists_the_rest(make
         ("attributes/run1", False), ("features/resnet10t", True), ("features/run1", False)]
     text = summary_markdown(second)
     assert "- P1/S1: attributes/run1 not re-extracted" in text and "- P1/S1: features/resnet10t re-extracted" in text
-    assert "| P2 | S2 | skipped | 0 | label 'normal' -> 'tumour' |" in text
+    assert "| P2 | S2 | skipped | 0 | label 'normal' -\\> 'tumour' |" in text
 
