@@ -21,7 +21,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from pipeline.cohort import SlideSpec, discover_cohort
 from pipeline.config import TilingParams
-from pipeline.features import ExtractReport, resolve_device
+from hlss_model.extract import ExtractReport, resolve_device
 from pipeline.report import read_metrics
 from pipeline.store import SlideStore, StoreError, StoreWriter
 from pipeline.runner import CohortPlan, apply_updates, dropped_by, plan_cohort

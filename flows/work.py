@@ -17,8 +17,8 @@ from pipeline.store import StoreWriter
 from pipeline.tiler import SlideResult, tile_slide
 
 if TYPE_CHECKING:  # torch stays out of tiling workers (it adds seconds to every worker's start)
-    from pipeline.encoders import Encoder
-    from pipeline.features import ExtractReport
+    from hlss_model.encoders import Encoder
+    from hlss_model.extract import ExtractReport
 
 __all__ = ["EncoderSpec", "tile_one", "extract_slides"]
 
@@ -56,7 +56,7 @@ class EncoderSpec:
             from hlss_model.runs import run_encoder
 
             return run_encoder(self.ref, self.name)
-        from pipeline.encoders import timm_encoder
+        from hlss_model.encoders import timm_encoder
 
         return timm_encoder(self.ref, self.weights, self.name)
 
@@ -68,7 +68,7 @@ def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[s
 
     ``tile_filter``: QC limits (:class:`pipeline.qc.TileFilter` fields); tiles outside them get NaN rows.
     """
-    from pipeline.features import extract_features
+    from hlss_model.extract import extract_features
     from pipeline.qc import TileFilter
 
     return extract_features(store, [e.build() for e in encoders], batch_size=batch_size, device=device,

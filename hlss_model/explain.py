@@ -102,7 +102,7 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
         return run
     import torch
 
-    from pipeline.encoders import state_fingerprint
+    from .encoders import state_fingerprint
 
     from .runs import load_run_model, read_run
 
@@ -223,7 +223,7 @@ def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: in
 
     import torch
 
-    from pipeline.features import read_ahead, resolve_device
+    from .extract import read_ahead, resolve_device
 
     from .augment import EvalTransform
 

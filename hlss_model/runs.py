@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.encoders import Encoder, state_fingerprint
+from .encoders import Encoder, state_fingerprint
 
 from .model import HLSSModel
 
@@ -60,7 +60,7 @@ def load_run_model(run: str | Path, map_location: str | torch.device = "cpu",
 
 
 def run_encoder(run: str | Path, name: str | None = None, initial: bool = False) -> Encoder:
-    """The backbone of a run as an extraction :class:`~pipeline.encoders.Encoder` (pooled ``(N, F)`` features).
+    """The backbone of a run as an extraction :class:`~hlss_model.encoders.Encoder` (pooled ``(N, F)`` features).
 
     Tiles are resized to the run's training view size, as its views were during training.
     ``initial=True``: the same backbone before training (see :func:`load_run_model`).

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.features import resolve_device
+from .extract import resolve_device
 from pipeline.files import remove_owned
 from pipeline.store import SlideStore
 

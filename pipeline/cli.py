@@ -336,7 +336,7 @@ def _train(args) -> int:
 
 def _timm_encoder(spec: tuple[str, Path | None], name: str | None = None):
     """An encoder from a parsed ``--encoder`` (:func:`pipeline.argtypes.encoder_spec`)."""
-    from .encoders import timm_encoder
+    from hlss_model.encoders import timm_encoder
 
     model, weights = spec
     try:
@@ -364,7 +364,7 @@ def _encoders(args) -> list:
 
 
 def _extract(args) -> int:
-    from .features import extract_features
+    from hlss_model.extract import extract_features
     from .store import StoreError
 
     encoders = _encoders(args)
