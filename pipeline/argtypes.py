@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .escape import terminal
+from .run_folder import is_run_folder
 
 __all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "check_device_name", "weights_file",
            "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",
@@ -173,7 +174,7 @@ def flow_encoder_spec(text: str) -> str:
     prefix, _, folder = text.partition(":")
     if prefix != "run":
         encoder_spec(text)
-    elif not (Path(folder).expanduser() / "run.json").is_file():
+    elif not is_run_folder(folder):
         raise _Bad(f"{terminal(text)}: {terminal(folder)} is not a training run folder (no run.json)")
     return text
 

@@ -308,6 +308,7 @@ def _train(args) -> int:
     from hlss_model.config import ConfigError, TrainConfig
     from hlss_model.train import train
 
+    from .run_folder import RunFolder
     from .store import StoreError
 
     try:
@@ -315,7 +316,7 @@ def _train(args) -> int:
         overrides = {k: v for k, v in (("steps", args.steps), ("method", args.method), ("device", args.device))
                      if v is not None}
         if overrides:
-            saved = args.out / "config.yaml"
+            saved = RunFolder(args.out).config
             if cfg is None and not saved.is_file():
                 raise FileNotFoundError(f"{args.out}: nothing to resume (no config.yaml)")
             # a run with checkpoints refuses a changed config; one without is restarted with it
