@@ -23,13 +23,13 @@ from pipeline.config import TilingParams
 from pipeline.files import utc_now
 from pipeline.run_folder import RunFolder, is_run_folder, read_metrics, read_run
 from pipeline.store import SlideStore, StoreError, StoreWriter
-from pipeline.runner import CohortPlan, apply_updates, dropped_by, plan_cohort
-from pipeline.tiler import SlideResult, record_failure
+from pipeline.runner import WORKER_RETRIES, CohortPlan, apply_updates, dropped_by, plan_cohort, slide_failed, tile_one
+from pipeline.tiler import SlideResult
 
-from .executor import SlideExecutor
+from .executor import SlideExecutor, WorkerLost
 from .limits import device_slot
 from .settings import EvaluationSettings, ExtractionSettings, TrainingSettings
-from .work import EncoderSpec, extract_slides, tile_one
+from .work import EncoderSpec, extract_slides
 
 __all__ = [
     "plan_slides", "tile_slides", "tile_phase", "rederived", "run_state", "training_curve", "train_step",
@@ -80,10 +80,16 @@ def plan_slides(source: str, store: str, params: TilingParams, force: bool = Fal
     return plan
 
 
-@task(name="tile-slide", task_run_name="tile {spec.patient_id}/{spec.slide_id}", retries=2,
-      retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _worker_died(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a slide only when its worker process died, as ``hlss tile`` does."""
+    return isinstance(state.data, WorkerLost)
+
+
+@task(name="tile-slide", task_run_name="tile {spec.patient_id}/{spec.slide_id}", retries=WORKER_RETRIES,
+      retry_delay_seconds=2, retry_condition_fn=_worker_died, cache_policy=NO_CACHE)
 def tile_slide_task(spec: SlideSpec, store: str, params: TilingParams, threads: int, executor_key: str) -> SlideResult:
-    """One slide, in a worker process; a dead worker raises, so Prefect retries the slide."""
+    """One slide in a worker process (:func:`pipeline.runner.tile_one`, the work of ``hlss tile``); a dead
+    worker raises :class:`~flows.executor.WorkerLost`, so Prefect retries the slide."""
     result = _EXECUTORS[executor_key].run(tile_one, spec, store, params, threads)
     logger = get_run_logger()
     if result.status == "failed":
@@ -98,7 +104,7 @@ def tile_slides(todo: list[SlideSpec], store: str, params: TilingParams, threads
     """Tile ``todo`` as one ``tile-slide`` task per slide, ``slots`` at a time.
 
     A slide whose task fails after its retries is recorded as failed in the store (unless a
-    complete version is there) and reported; the other slides go on.
+    complete version is there, :func:`pipeline.runner.slide_failed`) and reported; the other slides go on.
     """
     def submit(spec: SlideSpec) -> PrefectFuture:
         return tile_slide_task.submit(spec, store, params, threads, executor_key)
@@ -107,9 +113,8 @@ def tile_slides(todo: list[SlideSpec], store: str, params: TilingParams, threads
         outcome = future.result(raise_on_failure=False)
         if isinstance(outcome, SlideResult):
             return outcome
-        error = f"{spec.path}: {type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) \
-            else f"{spec.path}: task ended {future.state.name}"
-        return record_failure(StoreWriter(store), spec, params, error)
+        error = outcome if isinstance(outcome, BaseException) else f"{spec.path}: task ended {future.state.name}"
+        return slide_failed(store, spec, params, error)
 
     return _windowed(todo, submit, finish, slots)
 

@@ -199,7 +199,7 @@ def test_change_reasons(tmp_path, make_slide):
     params = TilingParams(**TILING)
     writer = StoreWriter(tmp_path / "store")
     assert change_reason(writer, spec, params) == "new"
-    from flows.work import tile_one
+    from pipeline.runner import tile_one
 
     assert tile_one(spec, str(writer.path), params).status == "complete"
     assert change_reason(writer, spec, params) is None
