@@ -54,43 +54,23 @@ def _checkpoint_name(step: int) -> str:
 
 
 class RunFolder:
-    """One training run folder at ``path`` (``~`` expanded); paths of its files and their reads and writes."""
+    """One training run folder at ``path`` (``~`` expanded): the paths of its files (attributes named
+    after them, e.g. :attr:`config`, :attr:`meta` for run.json) and their reads and writes."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        self.config = self.path / CONFIG
+        self.meta = self.path / RUN
+        self.attributes = self.path / ATTRIBUTES
+        self.metrics = self.path / METRICS
+        self.latest = self.path / LATEST
+        self.model = self.path / MODEL
+        self.checkpoints = self.path / CHECKPOINTS
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
     # -- paths --------------------------------------------------------------------------------------
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def meta(self) -> Path:
-        return self.path / RUN
-
-    @property
-    def attributes(self) -> Path:
-        return self.path / ATTRIBUTES
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def latest(self) -> Path:
-        return self.path / LATEST
-
-    @property
-    def model(self) -> Path:
-        return self.path / MODEL
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS
 
     def checkpoint(self, step: int) -> Path:
         """The folder of the checkpoint at ``step``."""
