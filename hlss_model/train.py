@@ -1,15 +1,8 @@
 """HLSS / HiDisc pretraining from a cohort store.
 
-``train(store, out, config)`` writes a run folder (its format: :mod:`pipeline.run_folder`)::
-
-    <out>/config.yaml        the resolved configuration
-    <out>/run.json           what is needed to rebuild the encoder: backbone, dims, method, text encoder,
-                             attribute names, the store and its train/held-out split
-    <out>/attributes.safetensors   level -> (A_level, D) attribute text embeddings (HLSS)
-    <out>/metrics.jsonl      one JSON line per logged step: loss components, lr, images/s
-    <out>/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.pt, state.json}
-    <out>/latest.json        the newest complete checkpoint (written last, atomically)
-    <out>/model.safetensors  the final weights
+``train(store, out, config)`` writes a run folder: its config, run.json (what rebuilds the encoder,
+with the store's train/held-out split), metrics, checkpoints and final weights; the files and their
+format are :mod:`pipeline.run_folder`'s, which every reader of a run goes through.
 
 Checkpoints are written to a temporary folder and renamed, so a kill leaves the previous one usable;
 ``resume=True`` continues from ``latest.json`` with the same batches an uninterrupted run would see.

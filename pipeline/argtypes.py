@@ -14,8 +14,9 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from pipeline.run_folder import is_run_folder
+
 from .escape import terminal
-from .run_folder import is_run_folder
 
 __all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "check_device_name", "weights_file",
            "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",

@@ -307,8 +307,8 @@ def _printable(row: dict) -> dict:
 def _train(args) -> int:
     from hlss_model.config import ConfigError, TrainConfig
     from hlss_model.train import train
+    from pipeline.run_folder import RunFolder
 
-    from .run_folder import RunFolder
     from .store import StoreError
 
     try:
