@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import yaml
 
@@ -226,7 +226,7 @@ def is_run_folder(path: str | Path) -> bool:
     return RunFolder(path).meta.is_file()
 
 
-def run_split(run_dirs: Iterable[str | Path] | Sequence[Path]) -> dict[str, str]:
+def run_split(run_dirs: Iterable[str | Path]) -> dict[str, str]:
     """Patient -> split of the first run folder whose run.json records one (empty when none does)."""
     for d in run_dirs:
         split = RunFolder(d).split()
