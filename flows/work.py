@@ -1,7 +1,8 @@
 """The units of work the flows hand to worker processes (a local pool or a Dask cluster).
 
 Plain, picklable functions of plain values: a worker needs the package installed and the slides,
-store and run folders reachable at the same paths (or URLs), nothing else.
+store and run folders reachable at the same paths (or URLs), nothing else. A slide's tiling is
+:func:`pipeline.runner.tile_one`, the same work as ``hlss tile``.
 """
 
 from __future__ import annotations
@@ -10,23 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pipeline.cohort import SlideSpec
-from pipeline.config import TilingParams
-from pipeline.runner import limit_worker_threads
-from pipeline.store import StoreWriter
-from pipeline.tiler import SlideResult, tile_slide
-
 if TYPE_CHECKING:  # torch stays out of tiling workers (it adds seconds to every worker's start)
-    from pipeline.encoders import Encoder
-    from pipeline.features import ExtractReport
+    from hlss_model.encoders import Encoder
+    from hlss_model.extract import ExtractReport
 
-__all__ = ["EncoderSpec", "tile_one", "extract_slides"]
-
-
-def tile_one(spec: SlideSpec, store: str, params: TilingParams, threads: int = 1) -> SlideResult:
-    """Tile one slide into ``store`` using ``threads`` cores (see :func:`pipeline.tiler.tile_slide`)."""
-    limit_worker_threads(threads)
-    return tile_slide(spec, StoreWriter(store), params, overlap=threads > 1)
+__all__ = ["EncoderSpec", "extract_slides"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +45,7 @@ class EncoderSpec:
             from hlss_model.runs import run_encoder
 
             return run_encoder(self.ref, self.name)
-        from pipeline.encoders import timm_encoder
+        from hlss_model.encoders import timm_encoder
 
         return timm_encoder(self.ref, self.weights, self.name)
 
@@ -68,7 +57,7 @@ def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[s
 
     ``tile_filter``: QC limits (:class:`pipeline.qc.TileFilter` fields); tiles outside them get NaN rows.
     """
-    from pipeline.features import extract_features
+    from hlss_model.extract import extract_features
     from pipeline.qc import TileFilter
 
     return extract_features(store, [e.build() for e in encoders], batch_size=batch_size, device=device,

@@ -102,8 +102,9 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
         return run
     import torch
 
-    from pipeline.encoders import state_fingerprint
+    from pipeline.run_folder import RunFolder
 
+    from .encoders import state_fingerprint
     from .runs import load_run_model, read_run
 
     path = Path(run).expanduser()
@@ -114,7 +115,7 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
     if meta.get("method") != "hlss":
         raise ExplainError(f"{path}: a {meta.get('method')!r} run has no attribute text embeddings "
                            "(HiDisc trains without language); attribute maps need an HLSS run")
-    if not (path / "attributes.safetensors").is_file():
+    if not RunFolder(path).attributes.is_file():
         raise ExplainError(f"{path}: HLSS run without attributes.safetensors")
     try:
         model, meta = load_run_model(path)
@@ -122,7 +123,7 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
         raise ExplainError(str(e)) from None
     from safetensors.torch import load_file
 
-    emb = load_file(str(path / "attributes.safetensors"))
+    emb = load_file(str(RunFolder(path).attributes))
     named = meta.get("attributes") or {}
     levels, names, rows = [], [], []
     order = [lv for lv in named if lv in emb] + [lv for lv in emb if lv not in named]  # run.json's level order
@@ -159,12 +160,12 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
 
 def _run_sentences(path: Path, meta: dict) -> dict[tuple[str, str], tuple[str, ...]]:
     """The attribute sentences of a run, when the attribute file it was trained with is still the same."""
-    try:
-        import yaml
+    from pipeline.run_folder import RunFolder
 
+    try:
         from .text import LEVELS, load_attributes
 
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        cfg = RunFolder(path).read_config()
         attrs = load_attributes((cfg.get("model") or {}).get("attributes"))
         if meta.get("attributes_hash") and attrs.content_hash() != meta["attributes_hash"]:
             return {}
@@ -223,7 +224,7 @@ def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: in
 
     import torch
 
-    from pipeline.features import read_ahead, resolve_device
+    from .extract import read_ahead, resolve_device
 
     from .augment import EvalTransform
 

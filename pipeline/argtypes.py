@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from pipeline.run_folder import is_run_folder
+
 from .escape import terminal
 
 __all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "check_device_name", "weights_file",
@@ -173,7 +175,7 @@ def flow_encoder_spec(text: str) -> str:
     prefix, _, folder = text.partition(":")
     if prefix != "run":
         encoder_spec(text)
-    elif not (Path(folder).expanduser() / "run.json").is_file():
+    elif not is_run_folder(folder):
         raise _Bad(f"{terminal(text)}: {terminal(folder)} is not a training run folder (no run.json)")
     return text
 

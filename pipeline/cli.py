@@ -307,6 +307,7 @@ def _printable(row: dict) -> dict:
 def _train(args) -> int:
     from hlss_model.config import ConfigError, TrainConfig
     from hlss_model.train import train
+    from pipeline.run_folder import RunFolder
 
     from .store import StoreError
 
@@ -315,7 +316,7 @@ def _train(args) -> int:
         overrides = {k: v for k, v in (("steps", args.steps), ("method", args.method), ("device", args.device))
                      if v is not None}
         if overrides:
-            saved = args.out / "config.yaml"
+            saved = RunFolder(args.out).config
             if cfg is None and not saved.is_file():
                 raise FileNotFoundError(f"{args.out}: nothing to resume (no config.yaml)")
             # a run with checkpoints refuses a changed config; one without is restarted with it
@@ -336,7 +337,7 @@ def _train(args) -> int:
 
 def _timm_encoder(spec: tuple[str, Path | None], name: str | None = None):
     """An encoder from a parsed ``--encoder`` (:func:`pipeline.argtypes.encoder_spec`)."""
-    from .encoders import timm_encoder
+    from hlss_model.encoders import timm_encoder
 
     model, weights = spec
     try:
@@ -364,7 +365,7 @@ def _encoders(args) -> list:
 
 
 def _extract(args) -> int:
-    from .features import extract_features
+    from hlss_model.extract import extract_features
     from .store import StoreError
 
     encoders = _encoders(args)

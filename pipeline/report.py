@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -33,9 +32,10 @@ import numpy as np
 
 from .argtypes import int_in
 from .escape import terminal
-from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned
+from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned, utc_now
 from .location import StoreError
 from .qc import encode_png
+from .run_folder import RunFolder, read_metrics, run_split
 
 __all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "add_parser",
            "run", "slide_picture", "read_metrics"]
@@ -190,21 +190,6 @@ def _version(*parts: Any) -> str:
 # -- run folders ----------------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl`` (unreadable lines skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
 def _curve_points(records: Sequence[dict[str, Any]], key: str = "loss") -> list[tuple[float, float]]:
     pts = []
     for r in records:
@@ -266,18 +251,6 @@ def curves_svg(curves: Sequence[tuple[str, Sequence[tuple[float, float]]]], widt
         parts.append(f'<text x="{left + pw - 125}" y="{ly}">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
-
-
-def _run_knn_docs(run_dir: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    for path in sorted(Path(run_dir).glob("knn-*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(doc, dict):
-            out[path.stem] = doc
-    return out
 
 
 # -- HTML pieces ----------------------------------------------------------------------------------
@@ -393,18 +366,6 @@ def recorded_runs(store) -> list[Path]:
     return out
 
 
-def run_split(run_dirs: Sequence[Path]) -> dict[str, str]:
-    """Patient -> split of the first run folder whose run.json records one (empty when none does)."""
-    for d in run_dirs:
-        try:
-            split = json.loads((Path(d) / "run.json").read_text()).get("split")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(split, dict):
-            return {str(k): str(v) for k, v in split.items()}
-    return {}
-
-
 def slide_table(store, summary: dict[str, Any] | None = None,
                 split: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per slide of the store: the rows of ``store.summary()`` plus ``split`` (the patient's,
@@ -485,7 +446,7 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
                      for x in summary.get("parameters", []))
     header = (f"<p class=meta>store <code>{_e(store.path)}</code>; schema {_e(info.get('schema_version'))}; "
               f"hlss-pipeline {_e(info.get('package_version'))}; created {_e(info.get('created'))}; "
-              f"report written {_e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}</p>"
+              f"report written {_e(utc_now())}</p>"
               f'<p class="counts">{summary["n_patients"]} patients, {summary["n_slides"]} slides '
               f'({summary["n_complete"]} complete, {summary["n_failed"]} failed, '
               f'{sum(r["status"] == "damaged" for r in table)} damaged), {summary["n_tiles"]} tiles</p>'
@@ -523,7 +484,7 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
     knn = [_knn_table(n, doc, "store") for n, doc in sorted(store.evaluations().items()) if n.startswith("knn")]
     in_store = list(store.evaluations().values())
     for d in run_dirs:
-        knn.extend(_knn_table(n, doc, f"run {d}") for n, doc in _run_knn_docs(d).items() if doc not in in_store)
+        knn.extend(_knn_table(n, doc, f"run {d}") for n, doc in RunFolder(d).knn_results().items() if doc not in in_store)
     if any(knn):
         sections += ["<h2>kNN evaluation</h2>", *knn]
 

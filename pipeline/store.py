@@ -95,7 +95,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from .files import atomic_write_bytes, remove_owned
+from .files import atomic_write_bytes, remove_owned, utc_now
 from .ids import sanitize_id, validate_id
 from .location import ObjectLocation, StoreError, is_remote, local_path
 
@@ -124,8 +124,7 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+_now = utc_now
 
 
 def _check_store_path(path: Path, create: bool) -> None:

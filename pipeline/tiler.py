@@ -20,6 +20,7 @@ import zarr
 
 from .cohort import SlideSpec
 from .config import TilingParams
+from .files import utc_now
 from .grid import TileGrid, pick_level, tile_grid
 from .qc import QC_FIELDS, qc_caption, render_qc, tile_measures
 from .location import scrub
@@ -196,7 +197,7 @@ def _record_failure(
         error=result.error,
         source=src,
         params_hash=params.params_hash(spec.mpp),
-        failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        failed_at=utc_now(),
     )
     writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
 

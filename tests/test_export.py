@@ -141,8 +141,8 @@ def test_rerun_overwrites_and_drops_slides_whose_features_are_gone(exported_stor
 
 
 def test_real_extracted_features_export(train_store, tmp_path):
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
 
     store = _copy(train_store, tmp_path, patients=1)
     assert extract_features(store, [timm_encoder("test_resnet", name="r")], batch_size=32, device="cpu").exit_code == 0

@@ -35,8 +35,8 @@ ALL = [(P1, S1), (P2, S2A), (P2, S2B), (P3, S3A), (P3, S3B)]
 def base_store(tmp_path_factory) -> Path:
     """5 slides of 3 patients, 64 px tiles, features ``f`` (timm test_resnet) on every slide."""
     from pipeline.config import TilingParams
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
     from pipeline.runner import tile_cohort
     from pipeline.synthetic import make_demo_cohort
 

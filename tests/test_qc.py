@@ -218,8 +218,8 @@ def test_sampler_never_draws_a_filtered_tile(train_store, tmp_path):
 
 
 def test_extraction_with_a_filter_computes_kept_rows_only(train_store, tmp_path):
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
 
     store = tmp_path / "store.zarr"
     shutil.copytree(train_store, store)

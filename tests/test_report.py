@@ -57,7 +57,7 @@ def cohort(train_store, tmp_path_factory, tiny_text_model):
     from hlss_model.evaluate import knn_from_store
     from hlss_model.train import train
     from pipeline.config import TilingParams
-    from pipeline.encoders import timm_encoder
+    from hlss_model.encoders import timm_encoder
     from pipeline.runner import tile_cohort
 
     tmp = tmp_path_factory.mktemp("report")

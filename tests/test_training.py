@@ -264,7 +264,7 @@ def test_backbone_and_encoder_load_local_weights(tmp_path):
     from safetensors.torch import save_file
 
     from hlss_model.model import create_backbone
-    from pipeline.encoders import timm_encoder
+    from hlss_model.encoders import timm_encoder
 
     torch.manual_seed(1)
     source = create_backbone("resnet10t")

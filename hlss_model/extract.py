@@ -20,11 +20,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from pipeline.ids import validate_id
+from pipeline.location import scrub
+from pipeline.qc import TileFilter
+from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_version
+
 from .encoders import Encoder
-from .ids import validate_id
-from .location import scrub
-from .qc import TileFilter
-from .store import SlideStore, StoreDamageError, StoreWriter, tiles_version
 
 __all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows", "read_ahead"]
 
