@@ -1,44 +1,7 @@
-"""The Zarr cohort store: layout, safe slide commits, and a typed read API.
+"""The Zarr cohort store: safe slide commits and a typed read API.
 
-Layout (the contract other modules and users rely on)::
-
-    <store>/                      attrs["hlss"]: schema_version, created, package_version
-      patients/<patient_id>/      attrs: label, split (when known)
-        slides/<slide_id>/        attrs: status "complete" | "failed" ("writing" or "moving" on an object store
-                                  while a commit or a move is under way), error, source, reader, mpp0, ...
-          tiles       (N, T, T, 3) uint8   one tile per chunk, chunks grouped in shards
-          coords      (N, 2) int64         level-0 (x, y) of each tile's top-left corner
-          tissue      (N,) float32         tissue fraction of each tile
-          thumbnail   (h, w, 3) uint8      attrs["scale"]: level-0 px per thumbnail px (x, y)
-          tissue_mask (h, w) bool          same pixels as the thumbnail, attrs["scale"]
-          qc          (H, W, 3) uint8      QC picture: thumbnail (longest side <= 2048 px), tissue mask
-                                           outline (pure green), kept tiles (magenta rectangles), caption
-                                           band below; attrs: scale (level-0 px per px), size, caption_px.
-                                           Also on slides failed for content (no tissue, too small).
-          tile_qc/<m> (N,) float32         per-tile QC measures aligned with coords, m in focus, pen,
-                                           brightness, saturation (see pipeline.qc); attrs["fields"].
-                                           Nothing is deleted: filter with pipeline.qc.TileFilter.
-          features/<name> (N, D) float    one row per tile, aligned with coords; attrs: model,
-                                           weights fingerprint, tiles_version (of the tiles it saw),
-                                           complete (True only once every row is written)
-          attributes/<run> (N, A) float32  cosine of each tile's HLSS projection to each attribute text
-                                           embedding of run <run> (all levels, columns concatenated);
-                                           attrs: levels, names (per column), run, weights_fingerprint,
-                                           tiles_version, complete (see hlss_model.explain)
-      _staging/                   slides being written (never read as results)
-
-Schema versions (``attrs["hlss"]["schema_version"]`` of the root):
-
-* **2** (stores created now): every array is made by :func:`create_array`, which puts zarr 3's
-  ``crc32c`` codec last on every stored chunk (for sharded arrays: on every inner chunk, and the
-  shard index keeps its own crc32c) and writes every chunk, even one equal to the fill value. A
-  flipped byte is a :class:`StoreDamageError` naming patient, slide, array and file, and a missing
-  chunk file is found by ``hlss verify`` (:mod:`pipeline.verify`).
-* **1** (stores made before): arrays without checksums (the shard index excepted), chunks equal to
-  the fill value not written. Still read and still written to: the store keeps its label 1, and
-  slides and feature arrays written into it from now on carry checksums like a schema-2 store's
-  (each array's ``zarr.json`` names its codecs, so readers need not know). ``hlss verify`` lists
-  the arrays without checksums; retiling (``hlss tile --force``) adds them.
+The layout (node names, arrays with their dtypes, shapes and units, slide attributes, schema
+versions 1 and 2) is described once, in :mod:`pipeline.layout`; this module writes and reads it.
 
 Whatever cannot be read (a ``zarr.json`` that is missing, truncated or invalid; a chunk that fails
 its checksum or does not decode) raises :class:`StoreDamageError` from the :class:`SlideStore`
@@ -96,7 +59,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from .files import atomic_write_bytes, remove_owned
+from . import layout as L
 from .ids import sanitize_id, validate_id
+from .layout import READABLE_SCHEMAS, SCHEMA_VERSION, STAGING
 from .location import ObjectLocation, StoreError, is_remote, local_path
 
 log = logging.getLogger(__name__)
@@ -105,12 +70,7 @@ __all__ = ["SCHEMA_VERSION", "READABLE_SCHEMAS", "StoreError", "StoreDamageError
            "SlideStore", "SlideRecord", "CheckedArray", "bad_chunks", "chunk_grid", "create_array", "damage_reason",
            "has_checksums", "tiles_version"]
 
-SCHEMA_VERSION = 2
-"""Schema of the stores created now (see the module docstring)."""
-READABLE_SCHEMAS = (1, 2)
-"""Schemas this version reads and writes."""
-STAGING = "_staging"
-_ARRAY_GROUPS = ("features", "attributes")  # slide subgroups written by StoreWriter.commit_features
+_ARRAY_GROUPS = L.DERIVED_GROUPS  # slide subgroups written by StoreWriter.commit_features
 _STALE_FOREIGN_S = 24 * 3600
 _ASIDE_SUFFIX = ".aside"  # note beside a version set aside during a commit: where it came from
 
@@ -135,7 +95,7 @@ def _check_store_path(path: Path, create: bool) -> None:
         if not create:
             raise StoreError(f"{path}: no such store")
         return
-    marker = path / "zarr.json"
+    marker = path / L.META
     if not marker.exists():
         if not create:
             raise StoreError(f"{path}: is not an hlss store (no zarr.json with hlss attributes)")
@@ -150,7 +110,7 @@ def _check_store_path(path: Path, create: bool) -> None:
 
 
 def _check_root_doc(where: Path | str, meta: dict) -> None:
-    hlss = meta.get("attributes", {}).get("hlss")
+    hlss = meta.get("attributes", {}).get(L.ROOT_ATTR)
     if meta.get("node_type") != "group" or not isinstance(hlss, dict):
         raise StoreError(f"{where}: a Zarr node but not an hlss store (no 'hlss' attributes)")
     if hlss.get("schema_version") not in READABLE_SCHEMAS:
@@ -160,7 +120,7 @@ def _check_root_doc(where: Path | str, meta: dict) -> None:
 
 def _check_remote_root(loc: ObjectLocation, create: bool) -> dict | None:
     """The root ``zarr.json`` of an object-store location (None: no store there yet, and writable)."""
-    meta = loc.read_json("zarr.json")  # a missing bucket or an unreachable endpoint raises here
+    meta = loc.read_json(L.META)  # a missing bucket or an unreachable endpoint raises here
     if meta is None:
         present = loc.children("")
         if present and not create:
@@ -357,10 +317,10 @@ class StoreWriter:
         _check_store_path(self.path, create=True)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            if not (self.path / "zarr.json").exists():
+            if not (self.path / L.META).exists():
                 hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
-                _ensure_group(self.path, {"hlss": hlss})
-            _ensure_group(self.path / "patients")
+                _ensure_group(self.path, {L.ROOT_ATTR: hlss})
+            _ensure_group(self.path / L.PATIENTS)
             _ensure_group(self.path / STAGING)
         except PermissionError as e:
             raise StoreError(f"{self.path}: cannot write the store here ({e.strerror})") from e
@@ -372,8 +332,8 @@ class StoreWriter:
         self.path = loc.url
         if _check_remote_root(loc, create=True) is None:
             hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
-            loc.write_json("zarr.json", _group_doc({"hlss": hlss}))
-        self._ensure_remote_group("patients")
+            loc.write_json(L.META, _group_doc({L.ROOT_ATTR: hlss}))
+        self._ensure_remote_group(L.PATIENTS)
         self._ensure_remote_group(STAGING)
         self._zstore = loc.zarr_store(read_only=False)
 
@@ -389,10 +349,10 @@ class StoreWriter:
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any] | None:
         """Attributes of a committed slide group, or None if there is none."""
         if self._remote is not None:
-            doc = self._remote.read_json(f"{_slide_key(patient_id, slide_id)}/zarr.json")
+            doc = self._remote.read_json(f"{L.slide_key(patient_id, slide_id)}/{L.META}")
             attrs = (doc or {}).get("attributes")
             return dict(attrs) if isinstance(attrs, dict) else None
-        marker = self._slide_dir(patient_id, slide_id) / "zarr.json"
+        marker = self._slide_dir(patient_id, slide_id) / L.META
         try:
             return dict(json.loads(marker.read_text()).get("attributes", {}))
         except (OSError, ValueError):
@@ -405,7 +365,7 @@ class StoreWriter:
         if self._remote is not None:
             key = f"{STAGING}/{token}"
             owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-            self._remote.write_json(f"{key}/zarr.json", _group_doc({"owner": owner}))
+            self._remote.write_json(f"{key}/{L.META}", _group_doc({"owner": owner}))
             with self._remote.errors("opening a staging group"):
                 group = zarr.open_group(store=self._zstore, path=key, mode="r+")
             return StagedSlide(token=token, group=group, path=key)
@@ -425,13 +385,13 @@ class StoreWriter:
         if self._remote is not None:
             self._commit_remote(staged, patient_id, slide_id, patient_attrs)
             return
-        meta = staged.path / "zarr.json"
+        meta = staged.path / L.META
         doc = json.loads(meta.read_text())
         doc.get("attributes", {}).pop("owner", None)
         atomic_write_bytes(meta, json.dumps(doc, indent=2).encode())
         known = {k: v for k, v in patient_attrs.items() if v is not None}
-        _ensure_group(self.path / "patients" / patient_id, known)
-        _ensure_group(self.path / "patients" / patient_id / "slides")
+        _ensure_group(self.path / L.patient_key(patient_id), known)
+        _ensure_group(self.path / L.slides_key(patient_id))
         target = self._slide_dir(patient_id, slide_id)
         for attempt in range(5):
             # move any current version aside, then move the new one in; another writer of the same
@@ -447,6 +407,12 @@ class StoreWriter:
                 if old is not None:
                     self._drop_aside(old)
 
+    def feature_chunk_rows(self, batch_size: int) -> int:
+        """Rows per chunk of a staged feature array filled ``batch_size`` rows at a time: one batch
+        on an object store (where a partial chunk write re-reads and re-uploads the whole chunk),
+        4096 in a folder."""
+        return batch_size if self._remote is not None else 4096
+
     def stage_features(self, n: int, dim: int, dtype: str = "float32", chunk_rows: int = 4096,
                        fill_value: float = 0) -> zarr.Array:
         """A staged ``(n, dim)`` array to fill block by block, then :meth:`commit_features`.
@@ -458,7 +424,7 @@ class StoreWriter:
                             chunks=(max(1, min(chunk_rows, n)), dim), fill_value=fill_value)
 
     def commit_features(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
-                        attrs: dict[str, Any], expect_tiles_version: str, group: str = "features") -> None:
+                        attrs: dict[str, Any], expect_tiles_version: str, group: str = L.FEATURES) -> None:
         """Move a filled staged feature array to ``<slide>/<group>/<name>`` (atomic rename).
 
         ``group``: ``features`` (encoder features) or ``attributes`` (attribute scores of a run).
@@ -466,7 +432,7 @@ class StoreWriter:
         """
         if group not in _ARRAY_GROUPS:
             raise ValueError(f"group must be one of {_ARRAY_GROUPS}, got {group!r}")
-        validate_id(name, kind="feature name" if group == "features" else "attribute run name")
+        validate_id(name, kind="feature name" if group == L.FEATURES else "attribute run name")
         if self._remote is not None:
             self._commit_features_remote(array, patient_id, slide_id, name, attrs, expect_tiles_version, group)
             return
@@ -475,7 +441,7 @@ class StoreWriter:
         if current is None or tiles_version(current) != expect_tiles_version:
             shutil.rmtree(staged_dir.parent, ignore_errors=True)
             raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
-        array.update_attributes({**attrs, "tiles_version": expect_tiles_version, "complete": True})
+        array.update_attributes({**attrs, L.TILES_VERSION: expect_tiles_version, L.ARRAY_COMPLETE: True})
         slide_dir = self._slide_dir(patient_id, slide_id)
         _ensure_group(slide_dir / group)
         target = slide_dir / group / name
@@ -559,7 +525,7 @@ class StoreWriter:
         try:
             target = json.loads(old.with_name(old.name + _ASIDE_SUFFIX).read_text())["target"]
             parts = target.split("/")
-            if len(parts) not in (4, 6) or parts[0] != "patients" or parts[2] != "slides" or (
+            if len(parts) not in (4, 6) or parts[0] != L.PATIENTS or parts[2] != L.SLIDES or (
                     len(parts) == 6 and parts[4] not in _ARRAY_GROUPS):
                 raise ValueError(target)
             for part in parts[1::2] if len(parts) == 4 else (parts[1], parts[3], parts[5]):
@@ -579,25 +545,25 @@ class StoreWriter:
         """Record an evaluation (e.g. a kNN report) as the attributes of ``evaluations/<name>``, replacing any before."""
         validate_id(name, kind="evaluation name")
         if self._remote is not None:  # one PUT of the group's zarr.json: atomic there too
-            self._ensure_remote_group("evaluations")
+            self._ensure_remote_group(L.EVALUATIONS)
             doc = json.loads(json.dumps(_group_doc({"result": result}), default=str))
-            self._remote.write_json(f"evaluations/{name}/zarr.json", doc)
+            self._remote.write_json(f"{L.evaluation_key(name)}/{L.META}", doc)
             return
-        _ensure_group(self.path / "evaluations")
-        group = self.path / "evaluations" / name
+        _ensure_group(self.path / L.EVALUATIONS)
+        group = self.path / L.evaluation_key(name)
         group.mkdir(exist_ok=True)
-        atomic_write_bytes(group / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+        atomic_write_bytes(group / L.META, json.dumps({"zarr_format": 3, "node_type": "group",
                                                             "attributes": {"result": result}}, indent=2,
                                                            default=str).encode())
 
     def _slide_dir(self, patient_id: str, slide_id: str) -> Path:
-        return self.path / "patients" / patient_id / "slides" / slide_id
+        return self.path / L.slide_key(patient_id, slide_id)
 
     # -- object stores (see the module docstring for the protocol) ----------------------------
     def _ensure_remote_group(self, key: str, attrs: dict[str, Any] | None = None) -> None:
         """Make ``key`` a group holding at least ``attrs``: one PUT of its ``zarr.json`` when needed."""
         loc = self._remote
-        doc = loc.read_json(f"{key}/zarr.json")
+        doc = loc.read_json(f"{key}/{L.META}")
         if doc is not None and doc.get("node_type") == "group":
             current = doc.setdefault("attributes", {})
             if all(current.get(k) == v for k, v in (attrs or {}).items()):
@@ -605,7 +571,7 @@ class StoreWriter:
             current.update(attrs or {})
         else:
             doc = _group_doc(attrs)
-        loc.write_json(f"{key}/zarr.json", doc)
+        loc.write_json(f"{key}/{L.META}", doc)
 
     def _replace_remote(self, src: str, dst: str, pending: dict, final: dict, token: str) -> bool:
         """Put the objects under ``src`` at ``dst`` (replacing what was there) with ``final`` as its
@@ -614,39 +580,39 @@ class StoreWriter:
         False when another writer's marker replaced ours during the copy: that writer finishes.
         """
         loc = self._remote
-        loc.write_json(f"{dst}/zarr.json", pending)  # FIRST: the old version's metadata is gone
-        dst_meta, src_meta = loc.key(f"{dst}/zarr.json"), loc.key(f"{src}/zarr.json")
+        loc.write_json(f"{dst}/{L.META}", pending)  # FIRST: the old version's metadata is gone
+        dst_meta, src_meta = loc.key(f"{dst}/{L.META}"), loc.key(f"{src}/{L.META}")
         loc.remove([k for k in loc.find(dst) if k != dst_meta])  # objects of the old version
         base_src, base_dst = loc.key(src), loc.key(dst)
         objects = [k for k in loc.find(src) if k != src_meta]
         loc.copy(objects, [base_dst + k[len(base_src):] for k in objects])
-        current = loc.read_json(f"{dst}/zarr.json") or {}
+        current = loc.read_json(f"{dst}/{L.META}") or {}
         if (current.get("attributes") or {}).get("writer") != token:
             log.warning("%s: %s was taken over by another writer during the commit; leaving it to that writer",
                         self.path, dst)
             return False
-        loc.write_json(f"{dst}/zarr.json", final)  # LAST: the one PUT that makes it complete (or failed)
+        loc.write_json(f"{dst}/{L.META}", final)  # LAST: the one PUT that makes it complete (or failed)
         return True
 
     def _commit_remote(self, staged: StagedSlide, patient_id: str, slide_id: str,
                        patient_attrs: dict[str, Any]) -> None:
         loc, key = self._remote, str(staged.path)
-        doc = loc.read_json(f"{key}/zarr.json")
+        doc = loc.read_json(f"{key}/{L.META}")
         if doc is None:
             raise StoreError(f"{self.path}: staged slide {staged.token} is gone (removed as stale?); rerun")
         doc.setdefault("attributes", {}).pop("owner", None)
         known = {k: v for k, v in patient_attrs.items() if v is not None}
-        self._ensure_remote_group(f"patients/{patient_id}", known)
-        self._ensure_remote_group(f"patients/{patient_id}/slides")
-        pending = _group_doc({"status": "writing", "writer": staged.token, "started": _now()})
+        self._ensure_remote_group(L.patient_key(patient_id), known)
+        self._ensure_remote_group(L.slides_key(patient_id))
+        pending = _group_doc({L.STATUS: L.WRITING, "writer": staged.token, "started": _now()})
         try:
-            self._replace_remote(key, _slide_key(patient_id, slide_id), pending, doc, staged.token)
+            self._replace_remote(key, L.slide_key(patient_id, slide_id), pending, doc, staged.token)
         finally:
             self._remove_quietly(key)
 
     def _commit_features_remote(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
                                 attrs: dict[str, Any], expect_tiles_version: str,
-                                group: str = "features") -> None:
+                                group: str = L.FEATURES) -> None:
         loc = self._remote
         key = _array_key(array)
         staged_group = key.rsplit("/", 1)[0]
@@ -655,14 +621,14 @@ class StoreWriter:
             if current is None or tiles_version(current) != expect_tiles_version:
                 raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
             with loc.errors("writing feature attributes"):
-                array.update_attributes({**attrs, "tiles_version": expect_tiles_version, "complete": True})
-            final = loc.read_json(f"{key}/zarr.json")
+                array.update_attributes({**attrs, L.TILES_VERSION: expect_tiles_version, L.ARRAY_COMPLETE: True})
+            final = loc.read_json(f"{key}/{L.META}")
             if final is None:
                 raise StoreError(f"{self.path}: staged features {key} are gone (removed as stale?); rerun")
             token = staged_group.rsplit("/", 1)[-1]
             pending = json.loads(json.dumps(final))
-            pending["attributes"] = {**pending.get("attributes", {}), "complete": False, "writer": token}
-            slide = _slide_key(patient_id, slide_id)
+            pending["attributes"] = {**pending.get("attributes", {}), L.ARRAY_COMPLETE: False, "writer": token}
+            slide = L.slide_key(patient_id, slide_id)
             self._ensure_remote_group(f"{slide}/{group}")
             self._replace_remote(key, f"{slide}/{group}/{name}", pending, final, token)
         finally:
@@ -677,10 +643,10 @@ class StoreWriter:
     def _clean_staging_remote(self) -> list[str]:
         loc, host, removed = self._remote, socket.gethostname(), []
         for name in loc.children(STAGING):
-            if name == "zarr.json":
+            if name == L.META:
                 continue
             key = f"{STAGING}/{name}"
-            owner = ((loc.read_json(f"{key}/zarr.json") or {}).get("attributes") or {}).get("owner")
+            owner = ((loc.read_json(f"{key}/{L.META}") or {}).get("attributes") or {}).get("owner")
             if not isinstance(owner, dict):
                 objects = loc.find(key, detail=True)
                 newest = max((_mtime(info) for info in objects.values()), default=0.0)
@@ -701,13 +667,13 @@ class StoreWriter:
         GET per slide, 16 at a time."""
         if self._remote is not None:
             loc = self._remote
-            patients = [p for p in loc.children("patients") if p != "zarr.json"]
+            patients = [p for p in loc.children(L.PATIENTS) if p != L.META]
             with ThreadPoolExecutor(16, thread_name_prefix="slide-index") as pool:
-                slides = pool.map(lambda p: loc.children(f"patients/{p}/slides"), patients)
-                pairs = [(p, s) for p, names in zip(patients, slides) for s in names if s != "zarr.json"]
+                slides = pool.map(lambda p: loc.children(L.slides_key(p)), patients)
+                pairs = [(p, s) for p, names in zip(patients, slides) for s in names if s != L.META]
                 docs = list(pool.map(lambda ps: self.slide_attrs(*ps), pairs))
         else:
-            pairs = [(d.parent.parent.name, d.name) for d in sorted((self.path / "patients").glob("*/slides/*"))
+            pairs = [(d.parent.parent.name, d.name) for d in sorted((self.path / L.PATIENTS).glob(f"*/{L.SLIDES}/*"))
                      if d.is_dir()]
             docs = [self.slide_attrs(p, s) for p, s in pairs]
         out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -722,11 +688,11 @@ class StoreWriter:
         out = []
         for group in _ARRAY_GROUPS:
             if self._remote is not None:
-                names = self._remote.children(f"{_slide_key(patient_id, slide_id)}/{group}")
+                names = self._remote.children(L.array_key(patient_id, slide_id, group))
             else:
                 folder = self._slide_dir(patient_id, slide_id) / group
                 names = [c.name for c in folder.iterdir() if c.is_dir()] if folder.is_dir() else []
-            out += [f"{group}/{n}" for n in sorted(names) if n != "zarr.json"]
+            out += [f"{group}/{n}" for n in sorted(names) if n != L.META]
         return out
 
     def update_labels(self, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
@@ -735,15 +701,15 @@ class StoreWriter:
         known = {k: v for k, v in patient_attrs.items() if v is not None}
         if not known:
             return
-        key = _slide_key(patient_id, slide_id)
+        key = L.slide_key(patient_id, slide_id)
         if self._remote is not None:
-            self._ensure_remote_group(f"patients/{patient_id}", known)
-            doc = self._remote.read_json(f"{key}/zarr.json")
+            self._ensure_remote_group(L.patient_key(patient_id), known)
+            doc = self._remote.read_json(f"{key}/{L.META}")
             if doc is not None and any((doc.get("attributes") or {}).get(k) != v for k, v in known.items()):
                 doc.setdefault("attributes", {}).update(known)
-                self._remote.write_json(f"{key}/zarr.json", doc)
+                self._remote.write_json(f"{key}/{L.META}", doc)
             return
-        _ensure_group(self.path / "patients" / patient_id, known)
+        _ensure_group(self.path / L.patient_key(patient_id), known)
         _ensure_group(self._slide_dir(patient_id, slide_id), known)
 
     def move_slide(self, old_patient: str, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
@@ -759,23 +725,23 @@ class StoreWriter:
         validate_id(patient_id, kind="patient_id")
         validate_id(slide_id, kind="slide_id")
         known = {k: v for k, v in patient_attrs.items() if v is not None}
-        src, dst = _slide_key(old_patient, slide_id), _slide_key(patient_id, slide_id)
+        src, dst = L.slide_key(old_patient, slide_id), L.slide_key(patient_id, slide_id)
         if self._remote is not None:
             loc, token = self._remote, _staging_token()
-            doc = loc.read_json(f"{src}/zarr.json")
+            doc = loc.read_json(f"{src}/{L.META}")
             if doc is None:
                 raise StoreError(f"{self.path}: {src} is gone; rerun")
             doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
-            marker = {"status": "moving", "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
-            loc.write_json(f"{src}/zarr.json", _group_doc(marker))
-            self._ensure_remote_group(f"patients/{patient_id}", known)
-            self._ensure_remote_group(f"patients/{patient_id}/slides")
-            pending = _group_doc({"status": "writing", "writer": token, "started": _now()})
+            marker = {L.STATUS: L.MOVING, "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
+            loc.write_json(f"{src}/{L.META}", _group_doc(marker))
+            self._ensure_remote_group(L.patient_key(patient_id), known)
+            self._ensure_remote_group(L.slides_key(patient_id))
+            pending = _group_doc({L.STATUS: L.WRITING, "writer": token, "started": _now()})
             if self._replace_remote(src, dst, pending, doc, token):
                 loc.remove_tree(src)
             return
-        _ensure_group(self.path / "patients" / patient_id, known)
-        _ensure_group(self.path / "patients" / patient_id / "slides")
+        _ensure_group(self.path / L.patient_key(patient_id), known)
+        _ensure_group(self.path / L.slides_key(patient_id))
         target = self.path / dst
         if target.exists():
             raise StoreError(f"{self.path}: {dst} already exists; not moving {src} over it")
@@ -784,7 +750,7 @@ class StoreWriter:
     def remove_move_leftover(self, old_patient: str, slide_id: str) -> None:
         """Remove what a killed :meth:`move_slide` left under ``old_patient`` (a ``moving`` marker and
         the objects it had already copied to their new patient)."""
-        key = _slide_key(old_patient, slide_id)
+        key = L.slide_key(old_patient, slide_id)
         if self._remote is not None:
             self._remote.remove_tree(key)
         else:
@@ -793,7 +759,7 @@ class StoreWriter:
 
 def moved_doc(attrs: dict[str, Any]) -> dict[str, Any] | None:
     """The slide document a ``moving`` marker (a killed :meth:`StoreWriter.move_slide`) holds, else None."""
-    doc = attrs.get("moved_doc") if attrs.get("status") == "moving" else None
+    doc = attrs.get("moved_doc") if attrs.get(L.STATUS) == L.MOVING else None
     return doc if isinstance(doc, dict) else None
 
 
@@ -803,10 +769,6 @@ def _staging_token() -> str:
     host = sanitize_id(socket.gethostname())
     host = f"h{host}" if host.startswith("replaced") else host
     return validate_id(f"{host[:100]}-{os.getpid()}-{uuid.uuid4().hex[:12]}", kind="staging token")
-
-
-def _slide_key(patient_id: str, slide_id: str) -> str:
-    return f"patients/{patient_id}/slides/{slide_id}"
 
 
 def _array_dir(array: zarr.Array) -> Path:
@@ -836,8 +798,8 @@ def _mtime(info: dict) -> float:
 
 def tiles_version(slide_attrs: dict[str, Any]) -> str:
     """Identity of a committed slide's tiles: tiling parameters, source content and tile count."""
-    key = [slide_attrs.get("params_hash"), (slide_attrs.get("source") or {}).get("fingerprint"),
-           slide_attrs.get("n_tiles")]
+    key = [slide_attrs.get(L.PARAMS_HASH), (slide_attrs.get(L.SOURCE) or {}).get(L.FINGERPRINT),
+           slide_attrs.get(L.N_TILES)]
     return hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()
 
 
@@ -852,7 +814,7 @@ def _owner_from_token(group_dir: Path) -> dict | None:
 
 def _read_owner(group_dir: Path) -> dict | None:
     try:
-        return json.loads((group_dir / "zarr.json").read_text())["attributes"]["owner"]
+        return json.loads((group_dir / L.META).read_text())["attributes"]["owner"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -880,7 +842,7 @@ def _ensure_group(path: Path, attrs: dict[str, Any] | None = None) -> None:
     Here ``zarr.json`` is only ever replaced whole (write a temporary file, rename over).
     """
     path.mkdir(parents=True, exist_ok=True)
-    meta = path / "zarr.json"
+    meta = path / L.META
     try:
         doc = json.loads(meta.read_text())
     except FileNotFoundError:
@@ -904,11 +866,11 @@ class SlideRecord:
 
     @property
     def status(self) -> str:
-        return "damaged" if self.damage is not None else self.attrs.get("status", "unknown")
+        return L.DAMAGED if self.damage is not None else self.attrs.get(L.STATUS, "unknown")
 
     @property
     def n_tiles(self) -> int:
-        return int(self.attrs.get("n_tiles", 0))
+        return int(self.attrs.get(L.N_TILES, 0))
 
 
 class SlideStore:
@@ -933,7 +895,7 @@ class SlideStore:
             return
         self.path = local_path(path)
         _check_store_path(self.path, create=False)
-        if not (self.path / "zarr.json").exists():
+        if not (self.path / L.META).exists():
             raise StoreError(f"{self.path}: not an hlss store (no zarr.json)")
         self.root = zarr.open_group(self.path, mode="r")
 
@@ -942,7 +904,7 @@ class SlideStore:
 
     @property
     def info(self) -> dict[str, Any]:
-        return dict(self.root.attrs["hlss"])
+        return dict(self.root.attrs[L.ROOT_ATTR])
 
     def where(self, key: str) -> str:
         """The file (folder store) or URL (object store) of ``key``, a path relative to the store root."""
@@ -957,7 +919,7 @@ class SlideStore:
         async def listing() -> list[str]:
             return [n async for n in self.root.store.list_dir(key.strip("/"))]
 
-        return sorted(n for n in sync(listing()) if n != "zarr.json")
+        return sorted(n for n in sync(listing()) if n != L.META)
 
     def node(self, key: str, patient_id: str, slide_id: str | None = None, array: str | None = None):
         """The group or array at ``key``; KeyError if absent, :class:`StoreDamageError` if unreadable."""
@@ -969,14 +931,14 @@ class SlideStore:
             error: BaseException = FileNotFoundError(key)  # a folder without its zarr.json
         except Exception as e:
             error = e
-        raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/zarr.json"), damage_reason(error))
+        raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/{L.META}"), damage_reason(error))
 
     def patients(self) -> list[str]:
         """Every patient id, its metadata readable or not (see :meth:`patient_attrs`)."""
-        return self.children("patients")
+        return self.children(L.PATIENTS)
 
     def patient_attrs(self, patient_id: str) -> dict[str, Any]:
-        return dict(self.node(f"patients/{patient_id}", patient_id).attrs)
+        return dict(self.node(L.patient_key(patient_id), patient_id).attrs)
 
     def slides(self, patient_id: str, status: str | None = "complete") -> list[str]:
         """Slide ids of a patient; only those with ``status`` unless it is None (which lists damaged
@@ -992,7 +954,7 @@ class SlideStore:
 
     def patient_records(self, patient_id: str, status: str | None = None) -> Iterator[SlideRecord]:
         """The records of one patient's slides, as :meth:`records` gives them."""
-        names = self.children(f"patients/{patient_id}/slides")
+        names = self.children(L.slides_key(patient_id))
         try:
             self.patient_attrs(patient_id)
         except StoreDamageError as damage:
@@ -1005,22 +967,22 @@ class SlideStore:
                 yield SlideRecord(patient_id, s, {}, damage)
                 continue
             except KeyError:  # listed, so its zarr.json is what is missing
-                key = _slide_key(patient_id, s)
-                yield SlideRecord(patient_id, s, {}, StoreDamageError(patient_id, s, None, self.where(f"{key}/zarr.json"),
+                key = L.slide_key(patient_id, s)
+                yield SlideRecord(patient_id, s, {}, StoreDamageError(patient_id, s, None, self.where(f"{key}/{L.META}"),
                                                                    "zarr.json is missing"))
                 continue
-            if status is None or attrs.get("status") == status:
+            if status is None or attrs.get(L.STATUS) == status:
                 yield SlideRecord(patient_id, s, attrs)
 
     def group(self, patient_id: str, slide_id: str) -> zarr.Group:
-        return self.node(_slide_key(patient_id, slide_id), patient_id, slide_id)  # one metadata read
+        return self.node(L.slide_key(patient_id, slide_id), patient_id, slide_id)  # one metadata read
 
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any]:
         return dict(self.group(patient_id, slide_id).attrs)
 
     def array(self, patient_id: str, slide_id: str, name: str) -> CheckedArray:
         """Array ``name`` of a slide (``tiles``, ``features/<set>``...), lazy, its reads checked."""
-        arr = self.node(f"{_slide_key(patient_id, slide_id)}/{name}", patient_id, slide_id, name)
+        arr = self.node(L.array_key(patient_id, slide_id, name), patient_id, slide_id, name)
         return CheckedArray(arr, self, patient_id, slide_id, name)
 
     def _read(self, patient_id: str, slide_id: str, name: str) -> np.ndarray:
@@ -1028,30 +990,30 @@ class SlideStore:
 
     def tiles(self, patient_id: str, slide_id: str) -> CheckedArray:
         """``(N, T, T, 3) uint8`` tiles (lazy: index it to read)."""
-        return self.array(patient_id, slide_id, "tiles")
+        return self.array(patient_id, slide_id, L.TILES)
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N, 2) int64`` level-0 (x, y) of each tile's top-left corner."""
-        return self._read(patient_id, slide_id, "coords")
+        return self._read(patient_id, slide_id, L.COORDS)
 
     def tissue(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N,) float32`` tissue fraction of each tile."""
-        return self._read(patient_id, slide_id, "tissue")
+        return self._read(patient_id, slide_id, L.TISSUE)
 
     def thumbnail(self, patient_id: str, slide_id: str) -> np.ndarray:
-        return self._read(patient_id, slide_id, "thumbnail")
+        return self._read(patient_id, slide_id, L.THUMBNAIL)
 
     def tissue_mask(self, patient_id: str, slide_id: str) -> np.ndarray:
-        return self._read(patient_id, slide_id, "tissue_mask")
+        return self._read(patient_id, slide_id, L.TISSUE_MASK)
 
     def has_qc(self, patient_id: str, slide_id: str) -> bool:
         """Whether the slide has a QC picture (slides tiled before they existed have none)."""
-        return "qc" in self.children(_slide_key(patient_id, slide_id))
+        return L.QC in self.children(L.slide_key(patient_id, slide_id))
 
     def qc_image(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(H, W, 3) uint8`` QC picture (see :mod:`pipeline.qc`); KeyError if the slide has none."""
         try:
-            return self._read(patient_id, slide_id, "qc")
+            return self._read(patient_id, slide_id, L.QC)
         except KeyError:
             raise KeyError(f"{patient_id}/{slide_id}: no QC picture (tiled before QC pictures existed? retile)") from None
 
@@ -1066,44 +1028,44 @@ class SlideStore:
 
         Raises :class:`StoreError` for a slide tiled before they were recorded.
         """
-        names = self.children(f"{_slide_key(patient_id, slide_id)}/tile_qc")
+        names = self.children(L.array_key(patient_id, slide_id, L.TILE_QC))
         if not names:
             raise StoreError(f"{patient_id}/{slide_id}: no per-tile QC measures (tiled by an older version); "
                              "retile (hlss tile --force) to filter on them")
-        return {name: self._read(patient_id, slide_id, f"tile_qc/{name}") for name in names}
+        return {name: self._read(patient_id, slide_id, f"{L.TILE_QC}/{name}") for name in names}
 
     def tile_keep(self, patient_id: str, slide_id: str, tile_filter=None) -> np.ndarray:
         """``(N,) bool``: the tiles a :class:`pipeline.qc.TileFilter` keeps (all of them when it is None
         or sets no limit, so stores without ``tile_qc`` still work unless a QC limit is asked for)."""
-        n = int(self.slide_attrs(patient_id, slide_id).get("n_tiles", 0))
+        n = int(self.slide_attrs(patient_id, slide_id).get(L.N_TILES, 0))
         if tile_filter is None or not tile_filter.active:
             return np.ones(n, bool)
         needs = tile_filter.needs
         qc: dict[str, np.ndarray] = {}
-        if any(k != "tissue" for k in needs):
+        if any(k != L.TISSUE for k in needs):
             qc.update(self.tile_qc(patient_id, slide_id))
-        if "tissue" in needs:
-            qc["tissue"] = self.tissue(patient_id, slide_id)
+        if L.TISSUE in needs:
+            qc[L.TISSUE] = self.tissue(patient_id, slide_id)
         return tile_filter.keep(qc)
 
     def feature_names(self, patient_id: str, slide_id: str) -> list[str]:
         """Names of the complete feature arrays of a slide (a damaged one is left out with a warning;
         :meth:`features` names its damage)."""
-        return self._complete_names(patient_id, slide_id, "features")
+        return self._complete_names(patient_id, slide_id, L.FEATURES)
 
     def features(self, patient_id: str, slide_id: str, name: str) -> CheckedArray:
         """``(N, D)`` features ``name`` of a slide, row i for tile i (KeyError if absent)."""
-        return self._complete_array(patient_id, slide_id, "features", name, "features")
+        return self._complete_array(patient_id, slide_id, L.FEATURES, name, "features")
 
     def attribute_runs(self, patient_id: str, slide_id: str) -> list[str]:
         """Names of the runs with complete attribute scores for a slide (see :mod:`hlss_model.explain`)."""
-        return self._complete_names(patient_id, slide_id, "attributes")
+        return self._complete_names(patient_id, slide_id, L.ATTRIBUTES)
 
     def _complete_names(self, patient_id: str, slide_id: str, kind: str) -> list[str]:
         out = []
-        for name in self.children(f"{_slide_key(patient_id, slide_id)}/{kind}"):
+        for name in self.children(L.array_key(patient_id, slide_id, kind)):
             try:
-                if self.array(patient_id, slide_id, f"{kind}/{name}").attrs.get("complete"):
+                if self.array(patient_id, slide_id, f"{kind}/{name}").attrs.get(L.ARRAY_COMPLETE):
                     out.append(name)
             except StoreDamageError as e:  # recomputed by the next extract/explain; verify lists it
                 log.warning("%s", e)
@@ -1113,25 +1075,25 @@ class SlideStore:
 
     def _complete_array(self, patient_id: str, slide_id: str, kind: str, name: str, what: str) -> CheckedArray:
         arr = self.array(patient_id, slide_id, f"{kind}/{name}")
-        if not arr.attrs.get("complete"):
+        if not arr.attrs.get(L.ARRAY_COMPLETE):
             raise KeyError(f"{patient_id}/{slide_id}: {what} {name!r} are incomplete")
         return arr
 
     def attribute_scores(self, patient_id: str, slide_id: str, run_name: str) -> CheckedArray:
         """``(N, A) float32`` attribute scores of run ``run_name``, row i for tile i; attrs ``levels`` and
         ``names`` give each column (KeyError if absent or incomplete)."""
-        return self._complete_array(patient_id, slide_id, "attributes", run_name, "attribute scores")
+        return self._complete_array(patient_id, slide_id, L.ATTRIBUTES, run_name, "attribute scores")
 
     def evaluations(self) -> dict[str, dict[str, Any]]:
         """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`); one whose ``zarr.json``
         cannot be read is left out with a warning naming its file."""
         out = {}
-        for name in self.children("evaluations"):
+        for name in self.children(L.EVALUATIONS):
             try:
-                out[name] = dict(self.root[f"evaluations/{name}"].attrs).get("result", {})
+                out[name] = dict(self.root[L.evaluation_key(name)].attrs).get("result", {})
             except Exception as e:  # a record of a past run: never a reason to fail the reader
                 log.warning("evaluation %s is unreadable: %s (%s)", name, damage_reason(e),
-                            self.where(f"evaluations/{name}/zarr.json"))
+                            self.where(f"{L.evaluation_key(name)}/{L.META}"))
         return out
 
     def summary(self) -> dict[str, Any]:
