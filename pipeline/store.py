@@ -33,6 +33,11 @@ tiled. Then it is committed:
   serialised, so two runs must not tile the same slides into one object store at the same time
   (one run never does). Stale staging prefixes are removed like folders (same host: dead pid;
   other hosts: after 24 h; without owner: objects older than an hour).
+
+The folder behaviour is in :class:`StoreWriter` and :class:`SlideStore`, the object-store one in
+their subclasses ``_ObjectStoreWriter`` and ``_ObjectSlideStore``, which ``StoreWriter(url)`` and
+``SlideStore(url)`` return: this module is the one place that knows which, and callers ask the
+writer or reader (e.g. :meth:`StoreWriter.feature_chunk_rows`) rather than branch on it.
 """
 
 from __future__ import annotations
@@ -302,17 +307,27 @@ class StagedSlide:
     path: Path | str
 
 
+def _kind(cls: type, base: type, remote: type, path: Any) -> type:
+    """The class a new ``base(path)`` is: ``remote`` for an object-store URL (unpickling passes no path)."""
+    return remote if cls is base and path is not None and is_remote(path) else cls
+
+
 class StoreWriter:
     """Writes slides into a store (folder or object-store URL). Safe for several processes writing different slides.
 
-    ``path`` is the folder (:class:`~pathlib.Path`) or the URL (``str``, no credentials in it).
+    ``path`` is the folder (:class:`~pathlib.Path`) or the URL (``str``, no credentials in it). The
+    folder behaviour is here; ``StoreWriter(url)`` is an :class:`_ObjectStoreWriter`, which keeps the
+    same interface with the object-store protocol (see the module docstring). Callers never need
+    to know which: ask the writer (e.g. :meth:`feature_chunk_rows`).
     """
 
+    is_remote = False
+    """Whether the store is on an object store (no atomic rename; see the module docstring)."""
+
+    def __new__(cls, path: str | Path | None = None, *args: Any, **kwargs: Any) -> "StoreWriter":
+        return super().__new__(_kind(cls, StoreWriter, _ObjectStoreWriter, path))
+
     def __init__(self, path: str | Path) -> None:
-        self._remote: ObjectLocation | None = None
-        if is_remote(path):
-            self._init_remote(str(path))
-            return
         self.path: Path | str = local_path(path).absolute()
         _check_store_path(self.path, create=True)
         try:
@@ -327,31 +342,12 @@ class StoreWriter:
         except OSError as e:
             raise StoreError(f"{self.path}: cannot create the store ({e.strerror or e})") from e
 
-    def _init_remote(self, url: str) -> None:
-        loc = self._remote = ObjectLocation(url)
-        self.path = loc.url
-        if _check_remote_root(loc, create=True) is None:
-            hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
-            loc.write_json(L.META, _group_doc({L.ROOT_ATTR: hlss}))
-        self._ensure_remote_group(L.PATIENTS)
-        self._ensure_remote_group(STAGING)
-        self._zstore = loc.zarr_store(read_only=False)
-
-    @property
-    def is_remote(self) -> bool:
-        """Whether the store is on an object store (no atomic rename; see the module docstring)."""
-        return self._remote is not None
-
     def __repr__(self) -> str:
         return f"StoreWriter({str(self.path)!r})"
 
     # -- reading what is there -------------------------------------------------------------
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any] | None:
         """Attributes of a committed slide group, or None if there is none."""
-        if self._remote is not None:
-            doc = self._remote.read_json(f"{L.slide_key(patient_id, slide_id)}/{L.META}")
-            attrs = (doc or {}).get("attributes")
-            return dict(attrs) if isinstance(attrs, dict) else None
         marker = self._slide_dir(patient_id, slide_id) / L.META
         try:
             return dict(json.loads(marker.read_text()).get("attributes", {}))
@@ -362,17 +358,10 @@ class StoreWriter:
     def stage(self) -> StagedSlide:
         """A new, empty staging group owned by this process."""
         token = _staging_token()
-        if self._remote is not None:
-            key = f"{STAGING}/{token}"
-            owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-            self._remote.write_json(f"{key}/{L.META}", _group_doc({"owner": owner}))
-            with self._remote.errors("opening a staging group"):
-                group = zarr.open_group(store=self._zstore, path=key, mode="r+")
-            return StagedSlide(token=token, group=group, path=key)
         path = self.path / STAGING / token
         # the owner is in the group's first zarr.json (one atomic write), so a writer killed at any
         # moment leaves either nothing, a bare folder named after it, or a group that names it
-        _ensure_group(path, {"owner": {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}})
+        _ensure_group(path, {"owner": _owner()})
         return StagedSlide(token=token, group=zarr.open_group(path, mode="r+"), path=path)
 
     def commit(self, staged: StagedSlide, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
@@ -382,9 +371,10 @@ class StoreWriter:
         """
         validate_id(patient_id, kind="patient_id")
         validate_id(slide_id, kind="slide_id")
-        if self._remote is not None:
-            self._commit_remote(staged, patient_id, slide_id, patient_attrs)
-            return
+        self._commit_slide(staged, patient_id, slide_id, patient_attrs)
+
+    def _commit_slide(self, staged: StagedSlide, patient_id: str, slide_id: str,
+                      patient_attrs: dict[str, Any]) -> None:
         meta = staged.path / L.META
         doc = json.loads(meta.read_text())
         doc.get("attributes", {}).pop("owner", None)
@@ -411,7 +401,7 @@ class StoreWriter:
         """Rows per chunk of a staged feature array filled ``batch_size`` rows at a time: one batch
         on an object store (where a partial chunk write re-reads and re-uploads the whole chunk),
         4096 in a folder."""
-        return batch_size if self._remote is not None else 4096
+        return 4096
 
     def stage_features(self, n: int, dim: int, dtype: str = "float32", chunk_rows: int = 4096,
                        fill_value: float = 0) -> zarr.Array:
@@ -433,9 +423,10 @@ class StoreWriter:
         if group not in _ARRAY_GROUPS:
             raise ValueError(f"group must be one of {_ARRAY_GROUPS}, got {group!r}")
         validate_id(name, kind="feature name" if group == L.FEATURES else "attribute run name")
-        if self._remote is not None:
-            self._commit_features_remote(array, patient_id, slide_id, name, attrs, expect_tiles_version, group)
-            return
+        self._commit_array(array, patient_id, slide_id, name, attrs, expect_tiles_version, group)
+
+    def _commit_array(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
+                      attrs: dict[str, Any], expect_tiles_version: str, group: str) -> None:
         staged_dir = _array_dir(array)
         current = self.slide_attrs(patient_id, slide_id)
         if current is None or tiles_version(current) != expect_tiles_version:
@@ -455,21 +446,13 @@ class StoreWriter:
 
     def discard_array(self, array: zarr.Array) -> None:
         """Drop a staged feature array (and its staging group) without committing it."""
-        if self._remote is not None:
-            self._remove_quietly(_array_key(array).rsplit("/", 1)[0])
-            return
         shutil.rmtree(_array_dir(array).parent, ignore_errors=True)
 
     def discard(self, staged: StagedSlide) -> None:
-        if self._remote is not None:
-            self._remove_quietly(str(staged.path))
-            return
         shutil.rmtree(staged.path, ignore_errors=True)
 
     def clean_staging(self) -> list[str]:
         """Remove staging groups left by writers that died (same host: pid gone; other hosts: after 24 h)."""
-        if self._remote is not None:
-            return self._clean_staging_remote()
         removed = []
         staging = self.path / STAGING
         host = socket.gethostname()
@@ -544,11 +527,6 @@ class StoreWriter:
     def write_evaluation(self, name: str, result: dict[str, Any]) -> None:
         """Record an evaluation (e.g. a kNN report) as the attributes of ``evaluations/<name>``, replacing any before."""
         validate_id(name, kind="evaluation name")
-        if self._remote is not None:  # one PUT of the group's zarr.json: atomic there too
-            self._ensure_remote_group(L.EVALUATIONS)
-            doc = json.loads(json.dumps(_group_doc({"result": result}), default=str))
-            self._remote.write_json(f"{L.evaluation_key(name)}/{L.META}", doc)
-            return
         _ensure_group(self.path / L.EVALUATIONS)
         group = self.path / L.evaluation_key(name)
         group.mkdir(exist_ok=True)
@@ -559,7 +537,159 @@ class StoreWriter:
     def _slide_dir(self, patient_id: str, slide_id: str) -> Path:
         return self.path / L.slide_key(patient_id, slide_id)
 
-    # -- object stores (see the module docstring for the protocol) ----------------------------
+    # -- following the manifest (labels, splits, patients) without retiling ----------------------
+    def slide_index(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Every committed slide group: ``{slide_id: [(patient_id, attrs), ...]}`` (several patients
+        when the store holds a slide id twice). On an object store: one listing per patient and one
+        GET per slide, 16 at a time."""
+        out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for (p, s), attrs in self._slide_docs():
+            if attrs is not None:
+                out.setdefault(s, []).append((p, attrs))
+        return out
+
+    def _slide_docs(self) -> list[tuple[tuple[str, str], dict[str, Any] | None]]:
+        """``((patient_id, slide_id), attrs or None)`` of every slide group."""
+        pairs = [(d.parent.parent.name, d.name) for d in sorted((self.path / L.PATIENTS).glob(f"*/{L.SLIDES}/*"))
+                 if d.is_dir()]
+        return [(ps, self.slide_attrs(*ps)) for ps in pairs]
+
+    def derived_sets(self, patient_id: str, slide_id: str) -> list[str]:
+        """``features/<name>`` and ``attributes/<run>`` arrays stored with a slide (complete or not):
+        what retiling it would make invalid."""
+        out = []
+        for group in _ARRAY_GROUPS:
+            names = self._child_names(L.array_key(patient_id, slide_id, group))
+            out += [f"{group}/{n}" for n in sorted(names) if n != L.META]
+        return out
+
+    def _child_names(self, key: str) -> list[str]:
+        """Names of the nodes under ``key`` (relative to the store root); [] when absent."""
+        folder = self.path / key
+        return [c.name for c in folder.iterdir() if c.is_dir()] if folder.is_dir() else []
+
+    def update_labels(self, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
+        """Set the known (not None) ``label``/``split`` of ``patient_attrs`` on the patient group and on
+        the slide's own attributes, rewriting each ``zarr.json`` whole (one atomic write or PUT)."""
+        known = {k: v for k, v in patient_attrs.items() if v is not None}
+        if not known:
+            return
+        self._set_labels(patient_id, L.slide_key(patient_id, slide_id), known)
+
+    def _set_labels(self, patient_id: str, key: str, known: dict[str, Any]) -> None:
+        _ensure_group(self.path / L.patient_key(patient_id), known)
+        _ensure_group(self.path / key, known)
+
+    def move_slide(self, old_patient: str, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
+        """Move a committed slide group (tiles, features and all) from ``old_patient`` to ``patient_id``.
+
+        Folder: one atomic rename. Object store (see the module docstring): the old ``zarr.json`` is
+        replaced FIRST by a ``status: "moving"`` marker naming the new patient and holding the old
+        document (so the slide is never listed complete under both), the objects are copied under the
+        new patient with the commit protocol, the old objects are removed LAST. A writer killed before
+        the last step leaves the marker: the next run moves the slide again from it (killed during the
+        copy) or removes what is left (killed after it, :meth:`remove_move_leftover`).
+        """
+        validate_id(patient_id, kind="patient_id")
+        validate_id(slide_id, kind="slide_id")
+        known = {k: v for k, v in patient_attrs.items() if v is not None}
+        src, dst = L.slide_key(old_patient, slide_id), L.slide_key(patient_id, slide_id)
+        self._move(src, dst, patient_id, known)
+
+    def _move(self, src: str, dst: str, patient_id: str, known: dict[str, Any]) -> None:
+        _ensure_group(self.path / L.patient_key(patient_id), known)
+        _ensure_group(self.path / L.slides_key(patient_id))
+        target = self.path / dst
+        if target.exists():
+            raise StoreError(f"{self.path}: {dst} already exists; not moving {src} over it")
+        os.replace(self.path / src, target)
+
+    def remove_move_leftover(self, old_patient: str, slide_id: str) -> None:
+        """Remove what a killed :meth:`move_slide` left under ``old_patient`` (a ``moving`` marker and
+        the objects it had already copied to their new patient)."""
+        shutil.rmtree(self.path / L.slide_key(old_patient, slide_id))
+
+
+class _ObjectStoreWriter(StoreWriter):
+    """:class:`StoreWriter` of an object-store URL: no rename, so every commit follows the object-store
+    protocol of the module docstring (marker FIRST, copy, final ``zarr.json`` LAST)."""
+
+    is_remote = True
+
+    def __init__(self, path: str | Path) -> None:
+        loc = self._remote = ObjectLocation(str(path))
+        self.path = loc.url
+        if _check_remote_root(loc, create=True) is None:
+            hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
+            loc.write_json(L.META, _group_doc({L.ROOT_ATTR: hlss}))
+        self._ensure_remote_group(L.PATIENTS)
+        self._ensure_remote_group(STAGING)
+        self._zstore = loc.zarr_store(read_only=False)
+
+    def feature_chunk_rows(self, batch_size: int) -> int:
+        return batch_size  # a partial chunk write re-reads and re-uploads the whole object
+
+    def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any] | None:
+        doc = self._remote.read_json(f"{L.slide_key(patient_id, slide_id)}/{L.META}")
+        attrs = (doc or {}).get("attributes")
+        return dict(attrs) if isinstance(attrs, dict) else None
+
+    def stage(self) -> StagedSlide:
+        token = _staging_token()
+        key = f"{STAGING}/{token}"
+        self._remote.write_json(f"{key}/{L.META}", _group_doc({"owner": _owner()}))
+        with self._remote.errors("opening a staging group"):
+            group = zarr.open_group(store=self._zstore, path=key, mode="r+")
+        return StagedSlide(token=token, group=group, path=key)
+
+    def discard_array(self, array: zarr.Array) -> None:
+        self._remove_quietly(_array_key(array).rsplit("/", 1)[0])
+
+    def discard(self, staged: StagedSlide) -> None:
+        self._remove_quietly(str(staged.path))
+
+    def write_evaluation(self, name: str, result: dict[str, Any]) -> None:
+        validate_id(name, kind="evaluation name")
+        self._ensure_remote_group(L.EVALUATIONS)
+        doc = json.loads(json.dumps(_group_doc({"result": result}), default=str))
+        self._remote.write_json(f"{L.evaluation_key(name)}/{L.META}", doc)
+
+    def _slide_docs(self) -> list[tuple[tuple[str, str], dict[str, Any] | None]]:
+        """One listing per patient and one GET per slide, 16 at a time."""
+        loc = self._remote
+        patients = [p for p in loc.children(L.PATIENTS) if p != L.META]
+        with ThreadPoolExecutor(16, thread_name_prefix="slide-index") as pool:
+            slides = pool.map(lambda p: loc.children(L.slides_key(p)), patients)
+            pairs = [(p, s) for p, names in zip(patients, slides) for s in names if s != L.META]
+            return list(zip(pairs, pool.map(lambda ps: self.slide_attrs(*ps), pairs)))
+
+    def _child_names(self, key: str) -> list[str]:
+        return self._remote.children(key)
+
+    def _set_labels(self, patient_id: str, key: str, known: dict[str, Any]) -> None:
+        self._ensure_remote_group(L.patient_key(patient_id), known)
+        doc = self._remote.read_json(f"{key}/{L.META}")
+        if doc is not None and any((doc.get("attributes") or {}).get(k) != v for k, v in known.items()):
+            doc.setdefault("attributes", {}).update(known)
+            self._remote.write_json(f"{key}/{L.META}", doc)
+
+    def _move(self, src: str, dst: str, patient_id: str, known: dict[str, Any]) -> None:
+        loc, token = self._remote, _staging_token()
+        doc = loc.read_json(f"{src}/{L.META}")
+        if doc is None:
+            raise StoreError(f"{self.path}: {src} is gone; rerun")
+        doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
+        marker = {L.STATUS: L.MOVING, "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
+        loc.write_json(f"{src}/{L.META}", _group_doc(marker))
+        self._ensure_remote_group(L.patient_key(patient_id), known)
+        self._ensure_remote_group(L.slides_key(patient_id))
+        pending = _group_doc({L.STATUS: L.WRITING, "writer": token, "started": _now()})
+        if self._replace_remote(src, dst, pending, doc, token):
+            loc.remove_tree(src)
+
+    def remove_move_leftover(self, old_patient: str, slide_id: str) -> None:
+        self._remote.remove_tree(L.slide_key(old_patient, slide_id))
+
     def _ensure_remote_group(self, key: str, attrs: dict[str, Any] | None = None) -> None:
         """Make ``key`` a group holding at least ``attrs``: one PUT of its ``zarr.json`` when needed."""
         loc = self._remote
@@ -594,8 +724,8 @@ class StoreWriter:
         loc.write_json(f"{dst}/{L.META}", final)  # LAST: the one PUT that makes it complete (or failed)
         return True
 
-    def _commit_remote(self, staged: StagedSlide, patient_id: str, slide_id: str,
-                       patient_attrs: dict[str, Any]) -> None:
+    def _commit_slide(self, staged: StagedSlide, patient_id: str, slide_id: str,
+                      patient_attrs: dict[str, Any]) -> None:
         loc, key = self._remote, str(staged.path)
         doc = loc.read_json(f"{key}/{L.META}")
         if doc is None:
@@ -610,9 +740,8 @@ class StoreWriter:
         finally:
             self._remove_quietly(key)
 
-    def _commit_features_remote(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
-                                attrs: dict[str, Any], expect_tiles_version: str,
-                                group: str = L.FEATURES) -> None:
+    def _commit_array(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
+                      attrs: dict[str, Any], expect_tiles_version: str, group: str) -> None:
         loc = self._remote
         key = _array_key(array)
         staged_group = key.rsplit("/", 1)[0]
@@ -640,7 +769,9 @@ class StoreWriter:
         except Exception as e:  # clean-up only: the next clean_staging retries
             log.debug("%s: could not remove %s: %s", self.path, key, type(e).__name__)
 
-    def _clean_staging_remote(self) -> list[str]:
+    def clean_staging(self) -> list[str]:
+        """Remove staging prefixes of dead writers (same host: pid gone; other hosts: after 24 h;
+        without owner: objects older than an hour)."""
         loc, host, removed = self._remote, socket.gethostname(), []
         for name in loc.children(STAGING):
             if name == L.META:
@@ -660,107 +791,16 @@ class StoreWriter:
                 removed.append(name)
         return removed
 
-    # -- following the manifest (labels, splits, patients) without retiling ----------------------
-    def slide_index(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-        """Every committed slide group: ``{slide_id: [(patient_id, attrs), ...]}`` (several patients
-        when the store holds a slide id twice). On an object store: one listing per patient and one
-        GET per slide, 16 at a time."""
-        if self._remote is not None:
-            loc = self._remote
-            patients = [p for p in loc.children(L.PATIENTS) if p != L.META]
-            with ThreadPoolExecutor(16, thread_name_prefix="slide-index") as pool:
-                slides = pool.map(lambda p: loc.children(L.slides_key(p)), patients)
-                pairs = [(p, s) for p, names in zip(patients, slides) for s in names if s != L.META]
-                docs = list(pool.map(lambda ps: self.slide_attrs(*ps), pairs))
-        else:
-            pairs = [(d.parent.parent.name, d.name) for d in sorted((self.path / L.PATIENTS).glob(f"*/{L.SLIDES}/*"))
-                     if d.is_dir()]
-            docs = [self.slide_attrs(p, s) for p, s in pairs]
-        out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for (p, s), attrs in zip(pairs, docs):
-            if attrs is not None:
-                out.setdefault(s, []).append((p, attrs))
-        return out
-
-    def derived_sets(self, patient_id: str, slide_id: str) -> list[str]:
-        """``features/<name>`` and ``attributes/<run>`` arrays stored with a slide (complete or not):
-        what retiling it would make invalid."""
-        out = []
-        for group in _ARRAY_GROUPS:
-            if self._remote is not None:
-                names = self._remote.children(L.array_key(patient_id, slide_id, group))
-            else:
-                folder = self._slide_dir(patient_id, slide_id) / group
-                names = [c.name for c in folder.iterdir() if c.is_dir()] if folder.is_dir() else []
-            out += [f"{group}/{n}" for n in sorted(names) if n != L.META]
-        return out
-
-    def update_labels(self, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
-        """Set the known (not None) ``label``/``split`` of ``patient_attrs`` on the patient group and on
-        the slide's own attributes, rewriting each ``zarr.json`` whole (one atomic write or PUT)."""
-        known = {k: v for k, v in patient_attrs.items() if v is not None}
-        if not known:
-            return
-        key = L.slide_key(patient_id, slide_id)
-        if self._remote is not None:
-            self._ensure_remote_group(L.patient_key(patient_id), known)
-            doc = self._remote.read_json(f"{key}/{L.META}")
-            if doc is not None and any((doc.get("attributes") or {}).get(k) != v for k, v in known.items()):
-                doc.setdefault("attributes", {}).update(known)
-                self._remote.write_json(f"{key}/{L.META}", doc)
-            return
-        _ensure_group(self.path / L.patient_key(patient_id), known)
-        _ensure_group(self._slide_dir(patient_id, slide_id), known)
-
-    def move_slide(self, old_patient: str, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
-        """Move a committed slide group (tiles, features and all) from ``old_patient`` to ``patient_id``.
-
-        Folder: one atomic rename. Object store (see the module docstring): the old ``zarr.json`` is
-        replaced FIRST by a ``status: "moving"`` marker naming the new patient and holding the old
-        document (so the slide is never listed complete under both), the objects are copied under the
-        new patient with the commit protocol, the old objects are removed LAST. A writer killed before
-        the last step leaves the marker: the next run moves the slide again from it (killed during the
-        copy) or removes what is left (killed after it, :meth:`remove_move_leftover`).
-        """
-        validate_id(patient_id, kind="patient_id")
-        validate_id(slide_id, kind="slide_id")
-        known = {k: v for k, v in patient_attrs.items() if v is not None}
-        src, dst = L.slide_key(old_patient, slide_id), L.slide_key(patient_id, slide_id)
-        if self._remote is not None:
-            loc, token = self._remote, _staging_token()
-            doc = loc.read_json(f"{src}/{L.META}")
-            if doc is None:
-                raise StoreError(f"{self.path}: {src} is gone; rerun")
-            doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
-            marker = {L.STATUS: L.MOVING, "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
-            loc.write_json(f"{src}/{L.META}", _group_doc(marker))
-            self._ensure_remote_group(L.patient_key(patient_id), known)
-            self._ensure_remote_group(L.slides_key(patient_id))
-            pending = _group_doc({L.STATUS: L.WRITING, "writer": token, "started": _now()})
-            if self._replace_remote(src, dst, pending, doc, token):
-                loc.remove_tree(src)
-            return
-        _ensure_group(self.path / L.patient_key(patient_id), known)
-        _ensure_group(self.path / L.slides_key(patient_id))
-        target = self.path / dst
-        if target.exists():
-            raise StoreError(f"{self.path}: {dst} already exists; not moving {src} over it")
-        os.replace(self.path / src, target)
-
-    def remove_move_leftover(self, old_patient: str, slide_id: str) -> None:
-        """Remove what a killed :meth:`move_slide` left under ``old_patient`` (a ``moving`` marker and
-        the objects it had already copied to their new patient)."""
-        key = L.slide_key(old_patient, slide_id)
-        if self._remote is not None:
-            self._remote.remove_tree(key)
-        else:
-            shutil.rmtree(self.path / key)
-
 
 def moved_doc(attrs: dict[str, Any]) -> dict[str, Any] | None:
     """The slide document a ``moving`` marker (a killed :meth:`StoreWriter.move_slide`) holds, else None."""
     doc = attrs.get("moved_doc") if attrs.get(L.STATUS) == L.MOVING else None
     return doc if isinstance(doc, dict) else None
+
+
+def _owner() -> dict[str, Any]:
+    """Who writes a staging group: host, pid and start time (epoch s), to tell dead writers."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
 
 def _staging_token() -> str:
@@ -881,19 +921,18 @@ class SlideStore:
     ...     tiles = store.tiles(rec.patient_id, rec.slide_id)   # (N, T, T, 3) uint8; tiles[i] reads one tile
 
     Every accessor raises :class:`StoreDamageError` (patient, slide, array, file) for what cannot
-    be read, and KeyError for what is not there.
+    be read, and KeyError for what is not there. ``SlideStore(url)`` of an object store is an
+    :class:`_ObjectSlideStore` (same interface).
     """
 
+    is_remote = False
+    """Whether the store is on an object store."""
+
+    def __new__(cls, path: str | Path | None = None, *args: Any, **kwargs: Any) -> "SlideStore":
+        return super().__new__(_kind(cls, SlideStore, _ObjectSlideStore, path))
+
     def __init__(self, path: str | Path) -> None:
-        self.is_remote = is_remote(path)
-        if self.is_remote:
-            loc = ObjectLocation(str(path))
-            self.path: Path | str = loc.url
-            _check_remote_root(loc, create=False)
-            with loc.errors("opening the store"):
-                self.root = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
-            return
-        self.path = local_path(path)
+        self.path: Path | str = local_path(path)
         _check_store_path(self.path, create=False)
         if not (self.path / L.META).exists():
             raise StoreError(f"{self.path}: not an hlss store (no zarr.json)")
@@ -908,30 +947,28 @@ class SlideStore:
 
     def where(self, key: str) -> str:
         """The file (folder store) or URL (object store) of ``key``, a path relative to the store root."""
-        return f"{self.path}/{key.strip('/')}" if self.is_remote else str(Path(self.path) / key.strip("/"))
+        return str(Path(self.path) / key.strip("/"))
 
     def children(self, key: str) -> list[str]:
         """Names of the nodes under ``key`` as the storage lists them, readable metadata or not."""
-        if not self.is_remote:
-            folder = Path(self.path) / key
-            return sorted(c.name for c in folder.iterdir() if c.is_dir()) if folder.is_dir() else []
-
-        async def listing() -> list[str]:
-            return [n async for n in self.root.store.list_dir(key.strip("/"))]
-
-        return sorted(n for n in sync(listing()) if n != L.META)
+        folder = Path(self.path) / key
+        return sorted(c.name for c in folder.iterdir() if c.is_dir()) if folder.is_dir() else []
 
     def node(self, key: str, patient_id: str, slide_id: str | None = None, array: str | None = None):
         """The group or array at ``key``; KeyError if absent, :class:`StoreDamageError` if unreadable."""
         try:
             return self.root[key]
         except KeyError:
-            if self.is_remote or not (Path(self.path) / key).is_dir():
+            if not self._bare_node(key):
                 raise
             error: BaseException = FileNotFoundError(key)  # a folder without its zarr.json
         except Exception as e:
             error = e
         raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/{L.META}"), damage_reason(error))
+
+    def _bare_node(self, key: str) -> bool:
+        """Whether ``key`` is there without its ``zarr.json`` (a folder; objects have no such state)."""
+        return (Path(self.path) / key).is_dir()
 
     def patients(self) -> list[str]:
         """Every patient id, its metadata readable or not (see :meth:`patient_attrs`)."""
@@ -1135,3 +1172,28 @@ class SlideStore:
             "slides": rows,
             "parameters": params,
         }
+
+
+class _ObjectSlideStore(SlideStore):
+    """:class:`SlideStore` of an object-store URL: reads through zarr's ``FsspecStore``."""
+
+    is_remote = True
+
+    def __init__(self, path: str | Path) -> None:
+        loc = ObjectLocation(str(path))
+        self.path = loc.url
+        _check_remote_root(loc, create=False)
+        with loc.errors("opening the store"):
+            self.root = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
+
+    def where(self, key: str) -> str:
+        return f"{self.path}/{key.strip('/')}"
+
+    def children(self, key: str) -> list[str]:
+        async def listing() -> list[str]:
+            return [n async for n in self.root.store.list_dir(key.strip("/"))]
+
+        return sorted(n for n in sync(listing()) if n != L.META)
+
+    def _bare_node(self, key: str) -> bool:
+        return False
