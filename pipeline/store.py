@@ -1005,8 +1005,8 @@ class SlideStore:
                 continue
             except KeyError:  # listed, so its zarr.json is what is missing
                 key = L.slide_key(patient_id, s)
-                yield SlideRecord(patient_id, s, {}, StoreDamageError(patient_id, s, None, self.where(f"{key}/{L.META}"),
-                                                                   "zarr.json is missing"))
+                where = self.where(f"{key}/{L.META}")
+                yield SlideRecord(patient_id, s, {}, StoreDamageError(patient_id, s, None, where, "zarr.json is missing"))
                 continue
             if status is None or attrs.get(L.STATUS) == status:
                 yield SlideRecord(patient_id, s, attrs)

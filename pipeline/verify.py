@@ -158,7 +158,8 @@ def _arrays(st: SlideStore, p: str, s: str, check: SlideCheck) -> Iterator[tuple
             check.damage.append(e)
             continue
         except KeyError:
-            check.damage.append(StoreDamageError(p, s, child, st.where(f"{base}/{child}/{L.META}"), "zarr.json is missing"))
+            check.damage.append(StoreDamageError(p, s, child, st.where(f"{base}/{child}/{L.META}"),
+                                                 "zarr.json is missing"))
             continue
         if not hasattr(node, "shape"):  # a group: its arrays
             for sub in st.children(f"{base}/{child}"):
@@ -189,8 +190,9 @@ def _layout_problems(st: SlideStore, rec: SlideRecord, name: str, arr: CheckedAr
         name.split("/")[0] in _DERIVED and arr.attrs.get(L.TILES_VERSION) == tiles_version(rec.attrs))
     if rec.status == L.COMPLETE and per_tile and (not arr.ndim or arr.shape[0] != n):
         bad(f"shape {tuple(arr.shape)}, but the slide has n_tiles {n}")
-    if rec.status == L.COMPLETE and name == L.TILES and tuple(arr.shape[1:]) != (rec.attrs.get(L.TILE_SIZE),) * 2 + (3,):
-        bad(f"shape {tuple(arr.shape)}, but tiles are {rec.attrs.get('tile_size')} px RGB")
+    tile_size = rec.attrs.get(L.TILE_SIZE)
+    if rec.status == L.COMPLETE and name == L.TILES and tuple(arr.shape[1:]) != (tile_size,) * 2 + (3,):
+        bad(f"shape {tuple(arr.shape)}, but tiles are {tile_size} px RGB")
     if rec.status == L.COMPLETE and name == L.COORDS and arr.shape[1:] != (2,):
         bad(f"shape {tuple(arr.shape)}, expected (n_tiles, 2)")
     return out

@@ -35,7 +35,8 @@ def tiled(tmp_path_factory) -> tuple[Path, str, str]:
     from pipeline.synthetic import HETissueRenderer, write_slide
 
     tmp = tmp_path_factory.mktemp("layout")
-    path = write_slide(tmp / "s.svs", 1024, 768, HETissueRenderer(1024, 768, tissue_class=0, stain_seed=0, seed=3), mpp=0.5)
+    renderer = HETissueRenderer(1024, 768, tissue_class=0, stain_seed=0, seed=3)
+    path = write_slide(tmp / "s.svs", 1024, 768, renderer, mpp=0.5)
     writer = StoreWriter(tmp / "s.zarr")
     result = tile_slide(SlideSpec(path, "P1", "S1", label="a"), writer, TilingParams(tile_size=128))
     assert result.status == L.COMPLETE, result.error
