@@ -167,7 +167,7 @@ def spec(name: str) -> ArraySpec:
     """The :class:`ArraySpec` of array ``name`` of a slide (``tiles``, ``tile_qc/focus``, ``features/x``...)."""
     group, _, _ = name.partition("/")
     for s in SLIDE_ARRAYS:
-        if s.name == name or ("/" in name and s.name.split("/")[0] == group):
+        if s.name == name or ("/" in name and "/" in s.name and s.name.split("/")[0] == group):
             return s
     raise KeyError(f"{name!r} is not an array of the store layout")
 

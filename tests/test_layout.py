@@ -97,8 +97,9 @@ def test_reader_and_layout_agree_on_required_arrays(tiled):
         assert np.dtype(reader.array(p, s, name).dtype) == np.dtype(dtype), name
     assert reader.feature_names(p, s) == ["enc"] and reader.attribute_runs(p, s) == ["run"]
     assert L.spec("tile_qc/focus").name == f"{L.TILE_QC}/<m>" and L.spec("features/x").dtype == "float32"
-    with pytest.raises(KeyError, match="not an array"):
-        L.spec("nope")
+    for name in ("nope", "tiles/x"):
+        with pytest.raises(KeyError, match="not an array"):
+            L.spec(name)
 
 
 # modules that may know whether a store is local or remote: the store itself and where the
