@@ -38,12 +38,13 @@ from pipeline import argtypes as at
 from pipeline.escape import terminal
 from pipeline.ids import InvalidIdError, sanitize_id
 from pipeline.attribute_maps import colormap, render_heatmap, top_attributes
+from pipeline import layout
 from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_version
 
 __all__ = ["ExplainError", "ExplainRun", "AttributeMap", "load_explain_run", "explain_slide", "explain_patient",
            "top_attributes", "colormap", "render_heatmap", "add_parser", "run"]
 
-GROUP = "attributes"
+GROUP = layout.ATTRIBUTES
 
 
 class ExplainError(ValueError):
@@ -236,7 +237,7 @@ def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: in
     tiles = reader.tiles(patient, slide)
     writer = StoreWriter(reader.path)
     a = len(er.names)
-    staged = writer.stage_features(n, a, "float32", chunk_rows=batch_size if writer.is_remote else 4096)
+    staged = writer.stage_features(n, a, "float32", chunk_rows=writer.feature_chunk_rows(batch_size))
     out = np.zeros((n, a), np.float32)
     try:
         starts = ((s,) for s in range(0, n, batch_size))

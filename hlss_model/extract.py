@@ -179,8 +179,7 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     reader, writer = SlideStore(store), StoreWriter(store)
     writer.clean_staging()
-    # on an object store a partial chunk write re-reads and re-uploads the whole chunk: one chunk per batch
-    chunk_rows = batch_size if writer.is_remote else 4096
+    chunk_rows = writer.feature_chunk_rows(batch_size)
     run = _Runner(encoders, device, amp)
     report, t0 = ExtractReport(), time.perf_counter()
     wanted = None if slides is None else {(p, s) for p, s in slides}

@@ -40,6 +40,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import layout
 from .escape import terminal
 from .files import atomic_write, remove_owned, remove_temporaries, write_csv
 
@@ -172,7 +173,7 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
             report.skipped.append((p, s, f"features {features!r} have shape {tuple(feats_arr.shape)}, "
                                          f"coords ({n}, 2): not aligned; re-extract"))
             continue
-        feat_attrs = {k: v for k, v in dict(feats_arr.attrs).items() if k != "complete"}
+        feat_attrs = {k: v for k, v in dict(feats_arr.attrs).items() if k != layout.ARRAY_COMPLETE}
         pattrs = st.patient_attrs(p)
         if fmt in ("clam-h5", "both"):
             path = out / H5_DIR / f"{s}.h5"
