@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from .escape import terminal
+from pipeline.escape import terminal
 
 __all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "check_device_name", "weights_file",
            "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import argtypes as at
-from .escape import terminal
+from pipeline.escape import terminal
 
 __all__ = ["main", "build_parser"]
 
