@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from hlss.cli import build_parser, main
 
 
 def test_tile_and_info_exit_codes(make_slide, tmp_path, capsys):
@@ -54,7 +54,7 @@ def test_missing_source_and_file_store_exit_2(make_slide, tmp_path, capsys):
 
 
 def test_argparse_errors_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "tile"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hlss", "tile"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--store" in proc.stderr
 
 
@@ -66,7 +66,7 @@ def test_demo_cohort_command(tmp_path, capsys):
     assert main(["demo-cohort", str(tmp_path / "e"), "--slides-per-patient", "x"]) == 2
 
 
-# -- bad values are refused before any work (pipeline/argtypes.py) ---------------------------------
+# -- bad values are refused before any work (hlss/argtypes.py) -------------------------------------
 
 _NO_CUDA = "CUDA is not available on this machine; use auto or cpu"
 BAD_VALUES = [  # (argv, the option named, what the message says is allowed or wrong)
@@ -212,12 +212,12 @@ def test_output_piped_into_a_closed_reader_ends_quietly(train_store, extra):
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `| head -1` that has already exited
     try:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "info", str(train_store), *extra],
+        proc = subprocess.run([sys.executable, "-m", "hlss", "info", str(train_store), *extra],
                               stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write_end)
     assert proc.stderr == "" and proc.returncode == 141
-    shell = subprocess.run(["bash", "-c", f"{sys.executable} -m pipeline.cli info {train_store} {' '.join(extra)} "
+    shell = subprocess.run(["bash", "-c", f"{sys.executable} -m hlss info {train_store} {' '.join(extra)} "
                                           "| head -1"], capture_output=True, text=True, timeout=120)
     assert shell.stderr == "" and len(shell.stdout.splitlines()) == 1
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline import features as features_mod
-from pipeline.cli import main
+from hlss.cli import main
 from pipeline.encoders import timm_encoder
 from pipeline.features import extract_features
 from pipeline.store import SlideStore, StoreError, StoreWriter, tiles_version

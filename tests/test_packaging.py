@@ -35,7 +35,7 @@ def test_console_script_and_codec_entry_point_are_installed():
 
     assert any(ep.name == "hlss" for ep in entry_points(group="console_scripts"))
     assert any(ep.name == "hlss.jpeg" for ep in entry_points(group="zarr.codecs"))
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "hlss", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "tile" in out.stdout and "demo-cohort" in out.stdout and "info" in out.stdout
 
 
