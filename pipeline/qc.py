@@ -34,7 +34,6 @@ between calls: about 0.1-0.16 ms per 256 px tile on one core, 5-6 % of single-th
 
 from __future__ import annotations
 
-import io
 import logging
 import textwrap
 import threading
@@ -46,7 +45,7 @@ import numpy as np
 
 __all__ = [
     "QC_FIELDS", "QC_MAX_PX", "QC_MIN_PX", "OUTLINE_RGB", "TILE_RGB", "TileFilter", "tile_measures", "tile_rects",
-    "picture_size", "render_qc", "encode_png", "export_qc",
+    "picture_size", "render_qc", "export_qc",
 ]
 
 log = logging.getLogger(__name__)
@@ -398,14 +397,6 @@ def qc_caption(patient_id: str, slide_id: str, attrs: Mapping[str, Any], n_tiles
     if error:
         lines.append(f"FAILED: {error}")
     return lines
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
 
 
 def export_qc(store, out_dir: str | Path, status: str | None = None) -> list[Path]:

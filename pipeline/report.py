@@ -31,7 +31,7 @@ import numpy as np
 
 from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned
 from .location import StoreError
-from .qc import encode_png
+from .png import encode_png
 
 __all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "report_cohort",
            "slide_picture", "read_metrics"]
