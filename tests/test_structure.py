@@ -34,7 +34,8 @@ MODULES = _modules()
 
 def _imported(name: str, path: Path) -> list[tuple[str, int]]:
     """(module, line) of every import in ``name`` that names one of the four packages, relative imports
-    resolved; ``from X import y`` counts as importing ``X.y`` when that is a module, else ``X``."""
+    resolved; ``from X import y`` counts as importing ``X.y`` when that is a module, else ``X``. The
+    modules of a package's lazy exports (its ``_WHERE`` table, :mod:`pipeline.lazy`) count too."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -48,6 +49,10 @@ def _imported(name: str, path: Path) -> list[tuple[str, int]]:
             for a in node.names:
                 full = f"{base}.{a.name}"
                 out.append((full if full in MODULES else base, node.lineno))
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_WHERE" for t in node.targets):
+            for value in node.value.values:
+                module = value.value
+                out.append((f"{package}{module}" if module.startswith(".") else module, value.lineno))
     return [(m, line) for m, line in out if m.split(".")[0] in LAYERS]
 
 
@@ -103,6 +108,8 @@ def test_the_parser_sees_lazy_relative_and_from_imports():
     assert {"hlss.commands", "hlss.exit", "pipeline.escape"} <= set(imported)
     lazy = {m for m, _ in _imported("hlss.commands.model", MODULES["hlss.commands.model"])}
     assert {"hlss_model.train", "pipeline.store", "hlss.argtypes"} <= lazy  # inside functions, relative
+    exported = {m for m, _ in _imported("pipeline", MODULES["pipeline"])}
+    assert {"pipeline.codecs", "pipeline.store", "pipeline.runner"} <= exported  # the lazy exports' modules
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
