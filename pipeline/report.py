@@ -563,9 +563,10 @@ def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | N
 
 def report_cohort(store, out: Path, run_dirs: Sequence[Path] = (), title: str | None = None, max_px: int = MAX_PX,
                   pictures: Literal["embed", "files"] = "embed") -> tuple[Path, list[str]]:
-    """:func:`write_report` of ``store`` (a :class:`~pipeline.store.SlideStore` or its path/URL) with the patients' split of ``run_dirs`` (default:
-    the runs the store's kNN evaluations name, :func:`recorded_runs`); returns the report's path and
-    the errors of the slides found damaged on the way (each also a "damaged" row of the report).
+    """:func:`write_report` of ``store`` (a :class:`~pipeline.store.SlideStore` or its path/URL) with
+    the patients' split of ``run_dirs`` (default: the runs the store's kNN evaluations name,
+    :func:`recorded_runs`); returns the report's path and the errors of the slides found damaged on
+    the way (each also a "damaged" row of the report).
 
     Raises :class:`~pipeline.location.StoreError` for an unusable store, ValueError for a ``run_dirs``
     entry that is not a folder, OSError when ``out`` cannot be written.

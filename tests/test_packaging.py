@@ -39,6 +39,12 @@ def test_console_script_and_codec_entry_point_are_installed():
     assert out.returncode == 0 and "tile" in out.stdout and "demo-cohort" in out.stdout and "info" in out.stdout
 
 
+def test_the_hlss_command_is_the_hlss_package():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["hlss"] == "hlss.cli:main"
+    assert "hlss*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
+
+
 def test_license_is_apache_2():
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
