@@ -165,8 +165,7 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", "hlss-pool", "--type", "process"], env=env,
                        cwd=work, check=True, capture_output=True, timeout=120)
         deployed = subprocess.run([sys.executable, "-m", "hlss", "deploy", "--pool", "hlss-pool"], env=serve_env,
-                                  cwd=work,
-                                  capture_output=True, text=True, timeout=120)
+                                  cwd=work, capture_output=True, text=True, timeout=120)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert deployment("reprocess/nightly")["work_pool_name"] == "hlss-pool"
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "hlss-pool"],
