@@ -16,16 +16,17 @@ __all__ = ["STORE_HELP", "add_store", "resolve_store"]
 STORE_HELP = "store folder or URL (s3://bucket/path)"
 
 
-def add_store(p: argparse.ArgumentParser, usage: str, required: bool = True, help: str = STORE_HELP) -> None:
+def add_store(p: argparse.ArgumentParser, usage: str | None, help: str = STORE_HELP) -> None:
     """Add the store to ``p`` as an optional positional ``STORE`` and as ``--store STORE``.
 
-    ``usage``: how the command is called with its store, for the error when none is given
-    (``required``); :func:`resolve_store` merges the two into ``args.store`` after parsing.
+    ``usage``: how the command is called with its store, for the error when none is given; None
+    when the store may be left out (the command has a default). :func:`resolve_store` merges the two
+    forms into ``args.store`` after parsing.
     """
     p.add_argument("store", nargs="?", metavar="STORE", help=help)
     p.add_argument("--store", dest="store_option", metavar="STORE", help="the store, as an option instead of the "
                                                                          "positional (both accepted)")
-    p.set_defaults(store_usage=usage if required else None)
+    p.set_defaults(store_usage=usage)
 
 
 def resolve_store(args: argparse.Namespace) -> None:
@@ -38,4 +39,4 @@ def resolve_store(args: argparse.Namespace) -> None:
         raise UsageError(f"two stores given ({positional} and --store {option}); give one")
     args.store = positional or option
     if not args.store and args.store_usage:
-        raise UsageError(f"give the store: {args.store_usage}")
+        raise UsageError(f"give the store: {args.store_usage} (or --store STORE)")

@@ -32,7 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("tile", help="tile a folder of slides or a manifest CSV into a store")
     t.add_argument("source", type=Path, help="folder of slides (searched recursively) or manifest .csv")
-    add_store(t, "hlss tile SOURCE STORE (or --store STORE)",
+    add_store(t, "hlss tile SOURCE STORE",
               help="store folder (created if missing) or URL (s3://bucket/path)")
     t.add_argument("--target-mpp", type=at.float_in(0.01, 100, " µm/px"), default=0.5,
                    help="µm per px of the tiles, 0.01-100 (default 0.5)")
@@ -65,7 +65,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=info)
 
     v = sub.add_parser("verify", help="read every chunk of every slide; report damage; --repair retiles damaged slides")
-    add_store(v, "hlss verify STORE (or --store STORE)")
+    add_store(v, "hlss verify STORE")
     v.add_argument("--repair", action="store_true",
                    help="retile damaged slides from their source files (when there and unchanged) and name the "
                         "feature sets to re-extract; nothing else is removed")

@@ -26,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "(or PREFECT_API_URL's)")
     w.add_argument("--config", help="YAML flow settings (default $HLSS_FLOW_CONFIG); flags override it")
     w.add_argument("--source", help="folder of slides or manifest .csv")
-    add_store(w, "", required=False, help="store folder or URL (s3://bucket/path); default from the flow settings")
+    add_store(w, None, help="store folder or URL (s3://bucket/path); default from the flow settings")
     w.add_argument("--run-dir", help="training run folder")
     w.add_argument("--train-config", type=at.as_text(at.readable_file),
                    help="YAML training config (see hlss_model/config.py)")

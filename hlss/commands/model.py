@@ -83,7 +83,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def train(args: argparse.Namespace) -> int:
     from hlss_model.config import ConfigError, TrainConfig
     from hlss_model.train import train as run_training
-
     from pipeline.store import StoreError
 
     try:
@@ -169,7 +168,6 @@ def extract(args: argparse.Namespace) -> int:
 
 def knn(args: argparse.Namespace) -> int:
     from hlss_model.evaluate import knn_from_store
-
     from pipeline.store import StoreError
 
     encoder, split = None, None
