@@ -249,7 +249,7 @@ def test_torchrun_two_processes_train_with_gathered_embeddings(train_store, tiny
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                 "--master-port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([*torchrun, "-m", "hlss_model.train", "--store", str(train_store), "--out",
+    out = subprocess.run([*torchrun, "-m", "hlss", "train", "--store", str(train_store), "--out",
                           str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"), "--no-progress"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
