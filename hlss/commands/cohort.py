@@ -45,7 +45,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default="auto")
     t.add_argument("--compression", type=at.compression, default=None,
                    help="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
-    t.add_argument("--slide-timeout", type=at.float_in(0, 1e9, " s"), metavar="SECONDS",
+    t.add_argument("--slide-timeout", type=at.float_in(0, 7 * 24 * 3600, " s"), metavar="SECONDS",
                    help="a slide still tiling after this many seconds fails alone and its worker is stopped "
                         "(default 1800; 0: no limit)")
     t.add_argument("--workers", type=at.positive_int, default=1,

@@ -61,6 +61,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--max-tiles-per-slide", type=at.positive_int, help="seeded subsample of larger slides")
     k.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     k.add_argument("--seed", type=int, default=0, help="seed of the patient split when the manifest has none")
+    k.add_argument("--json", type=Path, help="also write the report as JSON here")
     k.set_defaults(func=knn)
 
     x = sub.add_parser("explain", help="per-tile similarity to the language attributes of an HLSS run: "
