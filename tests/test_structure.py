@@ -168,3 +168,22 @@ def test_no_pipeline_module_imports_torch():
             importlib.import_module(name)
             assert "torch" not in sys.modules, name + " imports torch"
     """)
+
+
+def test_the_curated_names_resolve_and_the_readme_uses_only_them():
+    """Every package's ``__all__`` resolves (lazily), and each ``from hlss import ...`` of the README names one."""
+    import re
+
+    import flows
+    import hlss
+    import hlss_model
+    import pipeline
+
+    for package in (pipeline, hlss_model, flows, hlss):
+        missing = [n for n in package.__all__ if not hasattr(package, n)]
+        assert not missing, f"{package.__name__} does not resolve {missing}"
+        assert set(package.__all__) <= set(dir(package))
+    assert hlss.SlideStore is pipeline.SlideStore and hlss.knn_from_store is hlss_model.knn_from_store
+    readme = (ROOT / "README.md").read_text()
+    used = {n.strip() for line in re.findall(r"^from hlss import (.+?)(?:#|$)", readme, re.M) for n in line.split(",")}
+    assert used and used <= set(hlss.__all__), used - set(hlss.__all__)
