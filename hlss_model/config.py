@@ -16,17 +16,16 @@ are errors (a typo must not silently train with a default)::
 from __future__ import annotations
 
 import dataclasses
-from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.argtypes import check_device_name, weights_file
 from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
+from .checks import check_device_name, check_weights_file
 
 __all__ = ["SamplerConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "ConfigError", "METHODS"]
 
@@ -78,8 +77,8 @@ class ModelConfig:
             raise ConfigError(f"model.head_init must be centered or raw, got {self.head_init!r}")
         if self.weights is not None:
             try:
-                weights_file(str(self.weights))
-            except ArgumentTypeError as e:
+                check_weights_file(self.weights)
+            except ValueError as e:
                 raise ConfigError(f"model.weights: {e}") from None
 
 

@@ -9,7 +9,7 @@ Checkpoints are written to a temporary folder and renamed, so a kill leaves the 
 A run folder that never reached its first checkpoint holds nothing worth keeping: training into it
 again restarts it (with the config given now) and says so in :attr:`TrainResult.restarted`; a folder
 with a checkpoint is only ever resumed, with its own config.
-Multi-GPU: launch with ``torchrun --nproc-per-node N -m hlss_model.train ...``; embeddings are gathered
+Multi-GPU: launch with ``torchrun --nproc-per-node N -m hlss train ...``; embeddings are gathered
 across ranks before the loss, as HiDisc does.
 """
 
@@ -327,11 +327,3 @@ def _load_checkpoint(run: RunFolder, step: int, model: HLSSModel, optimizer, sch
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-
-
-if __name__ == "__main__":  # torchrun --nproc-per-node N -m hlss_model.train --store S --out R [--config C]
-    import sys
-
-    from pipeline.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

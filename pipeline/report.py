@@ -16,29 +16,25 @@ encoded, so a report grows by roughly 1-2 MB per slide (``max_px`` lowers this).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import html
 import json
 import logging
 import math
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from .argtypes import int_in
-from .escape import terminal
 from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned, utc_now
 from .location import StoreError
-from .qc import encode_png
+from .png import encode_png
 from .run_folder import RunFolder, read_metrics, run_split
 
-__all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "add_parser",
-           "run", "slide_picture", "read_metrics"]
+__all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "report_cohort",
+           "slide_picture", "read_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -526,50 +522,25 @@ def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | N
     return out
 
 
-# -- command --------------------------------------------------------------------------------------
+def report_cohort(store, out: Path, run_dirs: Sequence[Path] = (), title: str | None = None, max_px: int = MAX_PX,
+                  pictures: Literal["embed", "files"] = "embed") -> tuple[Path, list[str]]:
+    """:func:`write_report` of ``store`` (a :class:`~pipeline.store.SlideStore` or its path/URL) with
+    the patients' split of ``run_dirs`` (default: the runs the store's kNN evaluations name,
+    :func:`recorded_runs`); returns the report's path and the errors of the slides found damaged on
+    the way (each also a "damaged" row of the report).
 
+    Raises :class:`~pipeline.location.StoreError` for an unusable store, ValueError for a ``run_dirs``
+    entry that is not a folder, OSError when ``out`` cannot be written.
+    """
+    from .store import SlideStore
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    r = sub.add_parser("report", help="a static HTML cohort report: slides table, QC pictures, training curves, kNN")
-    r.add_argument("store", help="store folder or URL")
-    r.add_argument("--out", type=Path, required=True, help="HTML file to write (e.g. report.html)")
-    r.add_argument("--run", type=Path, action="append", default=[], metavar="RUN_DIR",
-                   help="a training run folder: its loss curve and knn-*.json (repeatable; default: the runs "
-                        "the store's kNN evaluations name, when they exist here)")
-    r.add_argument("--title", help="report title (default: the store path)")
-    r.add_argument("--max-px", type=int_in(16, 8192, " px"), default=MAX_PX,
-                   help=f"longest side of the pictures, 16-8192 (default {MAX_PX})")
-    r.add_argument("--pictures", choices=("embed", "files"), default="embed",
-                   help="embed the pictures in the HTML file (default), or write them as PNG files next to it, "
-                        "redrawn only when their slide changed (big cohorts, nightly reports)")
-    r.set_defaults(func=run)
-    return r
-
-
-def run(args: argparse.Namespace) -> int:
-    from .store import SlideStore, StoreError
-
-    def fail(msg: str) -> int:
-        print(f"hlss report: error: {terminal(msg, newlines=True)}", file=sys.stderr)
-        return 2
-
-    try:
-        store = SlideStore(args.store)
-    except (StoreError, OSError, KeyError, ValueError) as e:
-        return fail(str(e))
-    for d in args.run:
+    if not hasattr(store, "summary"):
+        store = SlideStore(store)
+    for d in run_dirs:
         if not Path(d).is_dir():
-            return fail(f"{d}: not a run folder")
-    runs = args.run or recorded_runs(store)
+            raise ValueError(f"{d}: not a run folder")
+    runs = list(run_dirs) or recorded_runs(store)
     summary = store.summary()
     table = slide_table(store, summary, run_split(runs))
-    try:
-        out = write_report(store, args.out, runs, title=args.title, max_px=args.max_px, pictures=args.pictures,
-                           summary=summary, table=table)
-    except OSError as e:
-        return fail(f"{args.out}: {e}")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    damaged = [row["error"] for row in table if row["status"] == "damaged"]
-    for error in damaged:
-        print(f"  DAMAGED {error}", file=sys.stderr)
-    return 1 if damaged else 0
+    path = write_report(store, out, runs, title=title, max_px=max_px, pictures=pictures, summary=summary, table=table)
+    return path, [row["error"] for row in table if row["status"] == "damaged"]

@@ -1055,7 +1055,7 @@ class SlideStore:
 
     def qc_png(self, patient_id: str, slide_id: str) -> bytes:
         """The QC picture encoded as PNG."""
-        from .qc import encode_png
+        from .png import encode_png
 
         return encode_png(self.qc_image(patient_id, slide_id))
 

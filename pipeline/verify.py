@@ -17,9 +17,6 @@ the old version, are named for re-extraction. Nothing else is removed.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,7 +28,7 @@ from . import layout as L
 from .store import (CheckedArray, SlideRecord, SlideStore, StoreDamageError, StoreError, bad_chunks, chunk_grid,
                     damage_reason, has_checksums, tiles_version)
 
-__all__ = ["SlideCheck", "VerifyReport", "verify_store", "verify_slide", "add_parser", "run"]
+__all__ = ["SlideCheck", "VerifyReport", "verify_store", "verify_slide"]
 
 _REQUIRED = {L.COMPLETE: L.REQUIRED_DTYPES}
 _PER_TILE = L.PER_TILE  # first axis: one row per tile
@@ -301,37 +298,3 @@ def _tiling_params(st: SlideStore, rec: SlideRecord):
     if params.params_hash(mpp) != a.get("params_hash"):
         raise ValueError("they do not reproduce the slide's params_hash")
     return params, mpp
-
-
-# -- command --------------------------------------------------------------------------------------
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    v = sub.add_parser("verify", help="read every chunk of every slide; report damage; --repair retiles damaged slides")
-    v.add_argument("store", nargs="?", help="store folder or URL")
-    v.add_argument("--store", dest="store_option", metavar="STORE", help="the store (instead of the positional)")
-    v.add_argument("--repair", action="store_true",
-                   help="retile damaged slides from their source files (when there and unchanged) and name the "
-                        "feature sets to re-extract; nothing else is removed")
-    v.add_argument("--json", action="store_true", help="machine-readable output")
-    v.set_defaults(func=run)
-    return v
-
-
-def run(args: argparse.Namespace) -> int:
-    """``hlss verify``: 0 intact (or every damaged slide repaired), 1 damage left, 2 unusable store or arguments."""
-    def fail(msg: str) -> int:
-        print(f"hlss verify: error: {msg}", file=sys.stderr)
-        return 2
-
-    if args.store and args.store_option and args.store != args.store_option:
-        return fail(f"two stores given ({args.store} and --store {args.store_option}); give one")
-    location = args.store or args.store_option
-    if not location:
-        return fail("give the store: hlss verify STORE (or --store STORE)")
-    try:
-        report = verify_store(location, repair=args.repair)
-    except StoreError as e:
-        return fail(str(e))
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
-    return report.exit_code

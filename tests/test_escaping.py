@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from pipeline.cli import main
+from hlss.cli import main
 from pipeline.escape import markdown, terminal
 
 LABEL = ("red\x1b[31m\x1b]8;;http://evil\x07\r\x08\u202e [click](javascript:alert(1)) ![i](http://e/i.png) "

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hlss_model import extract as features_mod
-from pipeline.cli import main
+from hlss.cli import main
 from hlss_model.encoders import timm_encoder
 from hlss_model.extract import extract_features
 from pipeline.store import SlideStore, StoreError, StoreWriter, tiles_version

@@ -417,11 +417,11 @@ def test_unreachable_prefect_api_is_a_clear_error(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
     for cmd in (["serve"], ["run", "--source", str(tmp_path), "--store", str(tmp_path / "s"), "--run-dir",
                             str(tmp_path / "r")]):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *cmd], env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "hlss", *cmd], env=env, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "Prefect API at http://127.0.0.1:9/api is unreachable" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "hlss", "serve"], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, timeout=120)
     assert proc.returncode == 2 and "prefect server start" in proc.stderr
 
@@ -436,7 +436,7 @@ def test_hlss_run_uses_a_temporary_local_server(tmp_path, train_yaml):
     cfg.write_text(yaml.safe_dump({"tiling": TILING, "training": {"config": str(train_yaml)},
                                    "evaluation": {"k": 5}, "extraction": {"name": "demo"}}))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--source", str(manifest),
+    cmd = [sys.executable, "-m", "hlss", "run", "--config", str(cfg), "--source", str(manifest),
            "--store", str(tmp_path / "store"), "--run-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]

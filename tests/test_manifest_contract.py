@@ -85,7 +85,7 @@ def test_a_feature_name_is_checked_before_any_extraction(tiled):
 
 
 def _tile_cli(manifest: Path, store: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "tile", str(manifest), "--store", str(store),
+    return subprocess.run([sys.executable, "-m", "hlss", "tile", str(manifest), "--store", str(store),
                            "--target-mpp", "1", "--tile-size", "64", "--no-progress"],
                           capture_output=True, text=True, timeout=300)
 

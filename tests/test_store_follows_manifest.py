@@ -144,7 +144,7 @@ def test_ids_that_differ_only_by_case_from_stored_ones_are_refused(cohort, make_
 
 
 def _tile_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "tile", *args, "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "hlss", "tile", *args, "--no-progress"],
                           capture_output=True, text=True, timeout=300)
 
 

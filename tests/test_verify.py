@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from hlss.cli import main
 from pipeline.config import TilingParams
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
