@@ -23,13 +23,13 @@ test-data: setup
 
 demo: setup
 	$(VENV)/bin/hlss demo-cohort $(DEMO_DIR)/slides --patients 12 --slides-per-patient 1-2
-	$(VENV)/bin/hlss run --config configs/demo-flows.yaml --source $(DEMO_DIR)/slides/manifest.csv \
-		--store $(DEMO_DIR)/cohort.zarr --run-dir $(DEMO_DIR)/run
+	$(VENV)/bin/hlss run $(DEMO_DIR)/cohort.zarr --config configs/demo-flows.yaml --source $(DEMO_DIR)/slides/manifest.csv \
+		--run-dir $(DEMO_DIR)/run
 	$(VENV)/bin/hlss info $(DEMO_DIR)/cohort.zarr
 	@echo; echo "kNN of the demo encoder at initialisation (held-out patients of the manifest), for comparison:"
-	$(VENV)/bin/hlss knn --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run --initial --k 20
+	$(VENV)/bin/hlss knn $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run --initial --k 20
 	@echo; echo "Attribute maps of the first slide, then the cohort report with them:"
-	$(VENV)/bin/hlss explain --store $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run \
+	$(VENV)/bin/hlss explain $(DEMO_DIR)/cohort.zarr --checkpoint $(DEMO_DIR)/run \
 		--slide $$(sed -n 2p $(DEMO_DIR)/slides/manifest.csv | cut -d, -f3) --out $(DEMO_DIR)/explain
 	$(VENV)/bin/hlss report $(DEMO_DIR)/cohort.zarr --out $(DEMO_DIR)/report.html
 	@echo

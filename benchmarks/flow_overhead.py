@@ -95,7 +95,7 @@ def _overhead(args, manifest: Path, work: Path, cfg, params) -> None:
     from hlss_model.evaluate import knn_from_store
     from hlss_model.runs import read_run, run_encoder
     from hlss_model.train import train
-    from pipeline.features import extract_features
+    from hlss_model.extract import extract_features
     from pipeline.runner import tile_cohort
 
     n_slides = sum(1 for _ in open(manifest)) - 1

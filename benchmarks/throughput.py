@@ -45,8 +45,8 @@ from hlss_model.data import CohortIndex, HierarchicalBatchSampler, PatientDatase
 from hlss_model.losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from hlss_model.model import HLSSModel, create_backbone
 from pipeline.config import TilingParams
-from pipeline.encoders import Encoder, timm_encoder
-from pipeline.features import extract_features
+from hlss_model.encoders import Encoder, timm_encoder
+from hlss_model.extract import extract_features
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
 from pipeline.synthetic import make_demo_cohort

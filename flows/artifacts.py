@@ -29,7 +29,8 @@ from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pipeline.escape import markdown
-from pipeline.report import run_split, slide_table, write_report
+from pipeline.report import slide_table, write_report
+from pipeline.run_folder import RunFolder, run_split
 from pipeline.store import SlideStore
 
 __all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown", "table_artifact_rows"]
@@ -84,7 +85,7 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
     logger = get_run_logger()
     try:
         reader = SlideStore(store)
-        run_dirs = [report.parent] if report is not None and (report.parent / "metrics.jsonl").is_file() else []
+        run_dirs = [report.parent] if report is not None and RunFolder(report.parent).metrics.is_file() else []
         cohort = reader.summary()
         table = slide_table(reader, cohort, run_split(run_dirs))  # the report's table, read once for both
         create_table_artifact(table_artifact_rows(table), key=f"{flow}-slides",

@@ -2,7 +2,7 @@
 
 Run against a Prefect server (``prefect server start``; ``PREFECT_API_URL`` pointing at it)::
 
-    hlss serve --config hlss-flows.yaml          # or: python -m flows.serve --config ...
+    hlss serve --config hlss-flows.yaml
     prefect deployment run tile-and-train/default --watch
     prefect deployment run tile-and-train/default --param workers=4 --params '{"training": {"resume": true}}'
 
@@ -12,15 +12,9 @@ configured machine needs no parameters; ``--param``/``--params`` override them p
 
 from __future__ import annotations
 
-import argparse
-import sys
+from .settings import FlowConfigError, FlowDefaults
 
-from pipeline import argtypes as at
-from pipeline.escape import terminal
-
-from .settings import FlowConfigError, FlowDefaults, load_defaults
-
-__all__ = ["build_deployments", "check_api", "serve", "deploy_to_pool", "main"]
+__all__ = ["PrefectAPIError", "build_deployments", "check_api", "serve", "deploy_to_pool"]
 
 
 class PrefectAPIError(RuntimeError):
@@ -98,45 +92,3 @@ def deploy_to_pool(defaults: FlowDefaults, pool: str, schedule: bool = True) -> 
                print_next_steps_message=False, ignore_warnings=True)
     except ValueError as e:  # e.g. no such work pool
         raise PrefectAPIError(f"{e} (`prefect work-pool create {pool} --type process`)") from e
-
-
-def add_arguments(p: argparse.ArgumentParser, pool: bool = False) -> None:
-    if pool:
-        p.add_argument("--pool", required=True, help="the Prefect work pool whose workers run the flows")
-    p.add_argument("--config", type=at.as_text(at.readable_file),
-                   help="YAML flow settings (default $HLSS_FLOW_CONFIG); see flows/settings.py")
-    p.add_argument("--cron", type=at.cron,
-                   help="cron schedule of reprocess/nightly (default from the config, else 0 2 * * *)")
-    p.add_argument("--no-schedule", action="store_true", help="serve reprocess/nightly without its schedule")
-    if not pool:
-        p.add_argument("--limit", type=at.positive_int,
-                       help="flow runs executed at once by this process (default: no limit)")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """``hlss serve`` (or ``hlss deploy`` when ``args`` has a pool)."""
-    pool = getattr(args, "pool", None)
-    try:
-        defaults = load_defaults(args.config)
-        if args.cron:
-            defaults = defaults.model_copy(update={"reprocess_cron": args.cron})
-        if pool:
-            deploy_to_pool(defaults, pool, schedule=not args.no_schedule)
-            print(f"deployed tile-and-train/default, extract-features/default and reprocess/nightly to work pool "
-                  f"{pool!r}; start a worker with `prefect worker start --pool {pool}`")
-        else:
-            serve(defaults, limit=args.limit, schedule=not args.no_schedule)
-    except (FlowConfigError, PrefectAPIError) as e:
-        print(f"hlss {'deploy' if pool else 'serve'}: error: {terminal(e, newlines=True)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run_from_args(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,28 +9,27 @@ content and parameters (tiling), weights fingerprints (features) and the run's o
 from __future__ import annotations
 
 import itertools
-import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
+from hlss_model.extract import ExtractReport, resolve_device
 from pipeline.cohort import SlideSpec, discover_cohort
 from pipeline.config import TilingParams
-from pipeline.features import ExtractReport, resolve_device
-from pipeline.report import read_metrics
+from pipeline.files import utc_now
+from pipeline.run_folder import RunFolder, is_run_folder, read_metrics, read_run
 from pipeline.store import SlideStore, StoreError, StoreWriter
-from pipeline.runner import CohortPlan, apply_updates, dropped_by, plan_cohort
-from pipeline.tiler import SlideResult, record_failure
+from pipeline.runner import WORKER_RETRIES, CohortPlan, apply_updates, dropped_by, plan_cohort, slide_failed, tile_one
+from pipeline.tiler import SlideResult
 
-from .executor import SlideExecutor
+from .executor import SlideExecutor, WorkerLost
 from .limits import device_slot
 from .settings import EvaluationSettings, ExtractionSettings, TrainingSettings
-from .work import EncoderSpec, extract_slides, tile_one
+from .work import EncoderSpec, extract_slides
 
 __all__ = [
     "plan_slides", "tile_slides", "tile_phase", "rederived", "run_state", "training_curve", "train_step",
@@ -81,10 +80,16 @@ def plan_slides(source: str, store: str, params: TilingParams, force: bool = Fal
     return plan
 
 
-@task(name="tile-slide", task_run_name="tile {spec.patient_id}/{spec.slide_id}", retries=2,
-      retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _worker_died(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a slide only when its worker process died, as ``hlss tile`` does."""
+    return isinstance(state.data, WorkerLost)
+
+
+@task(name="tile-slide", task_run_name="tile {spec.patient_id}/{spec.slide_id}", retries=WORKER_RETRIES,
+      retry_delay_seconds=2, retry_condition_fn=_worker_died, cache_policy=NO_CACHE)
 def tile_slide_task(spec: SlideSpec, store: str, params: TilingParams, threads: int, executor_key: str) -> SlideResult:
-    """One slide, in a worker process; a dead worker raises, so Prefect retries the slide."""
+    """One slide in a worker process (:func:`pipeline.runner.tile_one`, the work of ``hlss tile``); a dead
+    worker raises :class:`~flows.executor.WorkerLost`, so Prefect retries the slide."""
     result = _EXECUTORS[executor_key].run(tile_one, spec, store, params, threads)
     logger = get_run_logger()
     if result.status == "failed":
@@ -99,7 +104,7 @@ def tile_slides(todo: list[SlideSpec], store: str, params: TilingParams, threads
     """Tile ``todo`` as one ``tile-slide`` task per slide, ``slots`` at a time.
 
     A slide whose task fails after its retries is recorded as failed in the store (unless a
-    complete version is there) and reported; the other slides go on.
+    complete version is there, :func:`pipeline.runner.slide_failed`) and reported; the other slides go on.
     """
     def submit(spec: SlideSpec) -> PrefectFuture:
         return tile_slide_task.submit(spec, store, params, threads, executor_key)
@@ -108,9 +113,8 @@ def tile_slides(todo: list[SlideSpec], store: str, params: TilingParams, threads
         outcome = future.result(raise_on_failure=False)
         if isinstance(outcome, SlideResult):
             return outcome
-        error = f"{spec.path}: {type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) \
-            else f"{spec.path}: task ended {future.state.name}"
-        return record_failure(StoreWriter(store), spec, params, error)
+        error = outcome if isinstance(outcome, BaseException) else f"{spec.path}: task ended {future.state.name}"
+        return slide_failed(store, spec, params, error)
 
     return _windowed(todo, submit, finish, slots)
 
@@ -161,15 +165,13 @@ def run_state(run_dir: str) -> dict[str, Any]:
     """``{exists, step, steps, finished}`` of a training run folder; ``exists``: it holds a checkpoint
     (a start that never reached one is restarted, see :func:`hlss_model.train.train`)."""
     from hlss_model.config import TrainConfig
-    from hlss_model.runs import has_checkpoint
 
-    out = Path(run_dir).expanduser()
-    if not (out / "config.yaml").is_file() or not has_checkpoint(out):
+    run = RunFolder(run_dir)
+    if not run.config.is_file() or not run.has_checkpoint():
         return {"exists": False, "step": 0, "steps": None, "finished": False}
-    steps = TrainConfig.from_yaml(out / "config.yaml").steps
-    latest = out / "latest.json"
-    step = json.loads(latest.read_text())["step"] if latest.is_file() else 0
-    finished = step >= steps and (out / "model.safetensors").is_file()
+    steps = TrainConfig.from_yaml(run.config).steps
+    step = run.latest_step()
+    finished = step >= steps and run.model.is_file()
     return {"exists": True, "step": step, "steps": steps, "finished": finished}
 
 
@@ -198,12 +200,12 @@ def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str
             raise RuntimeError(f"run_dir {run_dir}: a resumed run keeps its saved config ({state['steps']} steps); "
                                "drop training.steps or choose another run_dir")
     else:
-        saved_yaml = Path(run_dir).expanduser() / "config.yaml"  # resuming a start without a checkpoint: its config
+        saved_yaml = RunFolder(run_dir).config  # resuming a start without a checkpoint: its config
         source = training.config or (saved_yaml if training.resume and saved_yaml.is_file() else None)
         cfg = (TrainConfig.from_yaml(source) if source else TrainConfig()).with_overrides(
             steps=training.steps, method=training.method, device=training.device)
         status = "trained"
-    saved = TrainConfig.from_yaml(Path(run_dir).expanduser() / "config.yaml") if cfg is None else cfg
+    saved = TrainConfig.from_yaml(RunFolder(run_dir).config) if cfg is None else cfg
     device = training.device or saved.device
     with device_slot(str(resolve_device(device))) as slot:
         logger.info("training in %s (device slot %s)", run_dir, slot)
@@ -228,7 +230,7 @@ def _log_every(logger, every: int) -> Callable[[int, dict], None]:
 
 def _metrics(run_dir: str) -> list[dict[str, Any]]:
     """The rows of the run's metrics.jsonl that have a step and a loss (empty when there is none)."""
-    return [r for r in read_metrics(Path(run_dir).expanduser()) if "loss" in r and "step" in r]
+    return [r for r in read_metrics(run_dir) if "loss" in r and "step" in r]
 
 
 def _final_metrics(run_dir: str) -> dict[str, Any]:
@@ -248,7 +250,7 @@ def training_curve(run_dir: str, points: int = 20) -> list[tuple[int, float]]:
 
 # -- extraction --------------------------------------------------------------------------------
 
-@task(name="extract-features", task_run_name="extract {extraction.name} ({shard})", cache_policy=NO_CACHE)
+@task(name="extract-slide-features", task_run_name="extract {extraction.name} ({shard})", cache_policy=NO_CACHE)
 def extract_task(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
                  extraction: ExtractionSettings, executor_key: str | None, shard: str = "all") -> ExtractReport:
     """Features of ``slides`` for each encoder: on the cluster when there is one, else here.
@@ -307,10 +309,9 @@ def knn_step(store: str, feature: str, run_dir: str | None, evaluation: Evaluati
     Returns the report as a dict, or ``{"skipped": reason}`` when the cohort has no labels to test.
     """
     from hlss_model.evaluate import knn_from_store
-    from hlss_model.runs import read_run
 
     logger = get_run_logger()
-    split = read_run(run_dir)["split"] if run_dir and (Path(run_dir).expanduser() / "run.json").is_file() else None
+    split = read_run(run_dir)["split"] if run_dir and is_run_folder(run_dir) else None
     try:
         report = knn_from_store(store, features=feature, split=split, k=evaluation.k,
                                 temperature=evaluation.temperature,
@@ -322,8 +323,8 @@ def knn_step(store: str, feature: str, run_dir: str | None, evaluation: Evaluati
         logger.warning("kNN left out a damaged slide: %s", damage)
     logger.info("kNN on %s:\n%s", feature, report.table())
     doc = {**report.to_dict(), "feature": feature, "run_dir": run_dir,
-           "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "evaluated": utc_now()}
     StoreWriter(store).write_evaluation(f"knn-{feature}", doc)
     if run_dir:
-        (Path(run_dir).expanduser() / f"knn-{feature}.json").write_text(json.dumps(doc, indent=2))
+        RunFolder(run_dir).write_knn(feature, doc)
     return doc

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hlss_model.extract import ExtractReport
 from pipeline.escape import markdown as md
-from pipeline.features import ExtractReport
 from pipeline.tiler import SlideResult
 
 __all__ = ["slide_rows", "run_summary", "summary_markdown"]

@@ -1,7 +1,8 @@
 """The units of work the flows hand to worker processes (a local pool or a Dask cluster).
 
 Plain, picklable functions of plain values: a worker needs the package installed and the slides,
-store and run folders reachable at the same paths (or URLs), nothing else.
+store and run folders reachable at the same paths (or URLs), nothing else. A slide's tiling is
+:func:`pipeline.runner.tile_one`, the same work as ``hlss tile``.
 """
 
 from __future__ import annotations
@@ -9,22 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hlss_model.settings import EncoderSpec
-from pipeline.cohort import SlideSpec
-from pipeline.config import TilingParams
-from pipeline.runner import limit_worker_threads
-from pipeline.store import StoreWriter
-from pipeline.tiler import SlideResult, tile_slide
 
 if TYPE_CHECKING:  # torch stays out of tiling workers (it adds seconds to every worker's start)
-    from pipeline.features import ExtractReport
+    from hlss_model.extract import ExtractReport
 
-__all__ = ["EncoderSpec", "tile_one", "extract_slides"]
-
-
-def tile_one(spec: SlideSpec, store: str, params: TilingParams, threads: int = 1) -> SlideResult:
-    """Tile one slide into ``store`` using ``threads`` cores (see :func:`pipeline.tiler.tile_slide`)."""
-    limit_worker_threads(threads)
-    return tile_slide(spec, StoreWriter(store), params, overlap=threads > 1)
+__all__ = ["EncoderSpec", "extract_slides"]
 
 
 def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
@@ -34,7 +24,7 @@ def extract_slides(store: str, encoders: list[EncoderSpec], slides: list[tuple[s
 
     ``tile_filter``: QC limits (:class:`pipeline.qc.TileFilter` fields); tiles outside them get NaN rows.
     """
-    from pipeline.features import extract_features
+    from hlss_model.extract import extract_features
     from pipeline.qc import TileFilter
 
     return extract_features(store, [e.build() for e in encoders], batch_size=batch_size, device=device,

@@ -17,7 +17,6 @@ are errors (a typo must not silently train with a default)::
 from __future__ import annotations
 
 import dataclasses
-from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -25,11 +24,11 @@ from typing import Any, get_type_hints
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from pipeline.argtypes import check_device_name, weights_file
 from pipeline.config import STRICT
 from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
+from .checks import check_device_name, check_weights_file
 from .settings import METHODS
 
 __all__ = ["SamplerConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "ConfigError", "METHODS"]
@@ -84,8 +83,8 @@ class ModelConfig:
             raise ConfigError(f"model.head_init must be centered or raw, got {self.head_init!r}")
         if self.weights is not None:
             try:
-                weights_file(str(self.weights))
-            except ArgumentTypeError as e:
+                check_weights_file(self.weights)
+            except ValueError as e:
                 raise ConfigError(f"model.weights: {e}") from None
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.qc import TileFilter
+from pipeline import layout
 from pipeline.store import SlideStore, StoreDamageError, StoreError
 
 from .augment import AugmentParams, HEAugment
@@ -143,11 +144,11 @@ class CohortIndex:
 
 def _usable_tiles(store: SlideStore, patient: str, slide: str) -> int:
     """The slide's tile count, once its ``tiles`` array opens with that many rows (StoreDamageError if not)."""
-    n = int(store.slide_attrs(patient, slide).get("n_tiles", 0))
+    n = int(store.slide_attrs(patient, slide).get(layout.N_TILES, 0))
     if n > 0:
         tiles = store.tiles(patient, slide)
         if tiles.shape[0] != n:
-            raise StoreDamageError(patient, slide, "tiles", store.where(f"{tiles.path}/zarr.json"),
+            raise StoreDamageError(patient, slide, layout.TILES, store.where(f"{tiles.path}/{layout.META}"),
                                    f"{tiles.shape[0]} tiles, but the slide has n_tiles {n}")
     return n
 

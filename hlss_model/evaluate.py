@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.encoders import Encoder
-from pipeline.features import embed_tiles, sample_rows
+from .encoders import Encoder
+from .extract import embed_tiles, sample_rows
 from pipeline.store import SlideStore, StoreDamageError
 
 from .knn import FeatureTable, KnnReport, knn_evaluate, split_patients
@@ -106,6 +106,6 @@ def knn_from_store(store: str | Path, features: str | None = None, encoder: Enco
 
 
 def _subsample(arr, limit: int | None, seed: int) -> np.ndarray:
-    """Stored features of the rows :func:`~pipeline.features.sample_rows` picks (all rows when few)."""
+    """Stored features of the rows :func:`~hlss_model.extract.sample_rows` picks (all rows when few)."""
     rows = sample_rows(arr.shape[0], limit, seed)
     return np.asarray(arr[:] if rows is None else arr.get_orthogonal_selection((rows,)), dtype=np.float32)

@@ -19,33 +19,31 @@ Summaries (:func:`pipeline.attribute_maps.top_attributes`) average a column over
 (or over every tile of a patient's slides); :func:`pipeline.attribute_maps.render_heatmap` paints one
 column over the slide thumbnail. Both read stored arrays only, so the cohort report uses them without torch.
 
-This module imports torch only inside the functions that need it, so ``add_parser`` is cheap.
+This module imports torch only inside the functions that need it, so importing it is cheap.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import argtypes as at
-from pipeline.escape import terminal
 from pipeline.ids import InvalidIdError, sanitize_id
 from pipeline.attribute_maps import colormap, render_heatmap, top_attributes
+from pipeline import layout
 from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_version
 
 from .settings import EXTRACTION
 
 __all__ = ["ExplainError", "ExplainRun", "AttributeMap", "load_explain_run", "explain_slide", "explain_patient",
-           "top_attributes", "colormap", "render_heatmap", "add_parser", "run"]
+           "top_attributes", "colormap", "render_heatmap", "SlideExplanation",
+           "explain_and_draw"]
 
-GROUP = "attributes"
+GROUP = layout.ATTRIBUTES
 
 
 class ExplainError(ValueError):
@@ -104,8 +102,9 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
         return run
     import torch
 
-    from pipeline.encoders import state_fingerprint
+    from pipeline.run_folder import RunFolder
 
+    from .encoders import state_fingerprint
     from .runs import load_run_model, read_run
 
     path = Path(run).expanduser()
@@ -116,7 +115,7 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
     if meta.get("method") != "hlss":
         raise ExplainError(f"{path}: a {meta.get('method')!r} run has no attribute text embeddings "
                            "(HiDisc trains without language); attribute maps need an HLSS run")
-    if not (path / "attributes.safetensors").is_file():
+    if not RunFolder(path).attributes.is_file():
         raise ExplainError(f"{path}: HLSS run without attributes.safetensors")
     try:
         model, meta = load_run_model(path)
@@ -124,7 +123,7 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
         raise ExplainError(str(e)) from None
     from safetensors.torch import load_file
 
-    emb = load_file(str(path / "attributes.safetensors"))
+    emb = load_file(str(RunFolder(path).attributes))
     named = meta.get("attributes") or {}
     levels, names, rows = [], [], []
     order = [lv for lv in named if lv in emb] + [lv for lv in emb if lv not in named]  # run.json's level order
@@ -161,12 +160,12 @@ def load_explain_run(run: str | Path | ExplainRun, name: str | None = None) -> E
 
 def _run_sentences(path: Path, meta: dict) -> dict[tuple[str, str], tuple[str, ...]]:
     """The attribute sentences of a run, when the attribute file it was trained with is still the same."""
-    try:
-        import yaml
+    from pipeline.run_folder import RunFolder
 
+    try:
         from .text import LEVELS, load_attributes
 
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        cfg = RunFolder(path).read_config()
         attrs = load_attributes((cfg.get("model") or {}).get("attributes"))
         if meta.get("attributes_hash") and attrs.content_hash() != meta["attributes_hash"]:
             return {}
@@ -226,7 +225,7 @@ def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: in
 
     import torch
 
-    from pipeline.features import read_ahead, resolve_device
+    from .extract import read_ahead, resolve_device
 
     from .augment import EvalTransform
 
@@ -238,7 +237,7 @@ def _compute(reader: SlideStore, er: ExplainRun, patient: str, slide: str, n: in
     tiles = reader.tiles(patient, slide)
     writer = StoreWriter(reader.path)
     a = len(er.names)
-    staged = writer.stage_features(n, a, "float32", chunk_rows=batch_size if writer.is_remote else 4096)
+    staged = writer.stage_features(n, a, "float32", chunk_rows=writer.feature_chunk_rows(batch_size))
     out = np.zeros((n, a), np.float32)
     try:
         starts = ((s,) for s in range(0, n, batch_size))
@@ -271,26 +270,7 @@ def explain_patient(store: str | Path | SlideStore, run: str | Path | ExplainRun
     return maps, top_attributes(scores, er.names, er.levels, k)
 
 
-# -- command line -------------------------------------------------------------------------------------
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Add ``hlss explain`` to an ``add_subparsers()`` object (no torch import)."""
-    e = sub.add_parser("explain", help="per-tile similarity to the language attributes of an HLSS run: "
-                                       "heatmaps and top attributes per slide and patient")
-    e.add_argument("--store", required=True, help="store folder or URL")
-    e.add_argument("--checkpoint", required=True, type=Path, help="HLSS training run folder")
-    e.add_argument("--slide", required=True, help="slide id")
-    e.add_argument("--attribute", action="append", default=[], metavar="[LEVEL:]NAME",
-                   help="draw a heatmap of this attribute (repeatable; default: the top one of each level)")
-    e.add_argument("--out", type=Path, default=Path("explain"), help="folder for <slide>_<level>_<attribute>.png")
-    e.add_argument("--top", type=at.positive_int, default=3, help="attributes listed per level (default 3)")
-    e.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    e.add_argument("--batch-size", type=at.positive_int, default=128)
-    e.add_argument("--force", action="store_true", help="recompute stored scores (replacing another run's "
-                                                        "scores stored under the same name)")
-    e.add_argument("--name", help="store the scores as attributes/NAME (default: the run folder's name)")
-    return e
+# -- one slide and its patient, drawn (``hlss explain``) ----------------------------------------------
 
 
 def _find_slide(reader: SlideStore, slide: str) -> str:
@@ -316,65 +296,64 @@ def _chosen(er: ExplainRun, wanted: list[str], top: dict[str, list[tuple[str, fl
     return out
 
 
-def _print_top(er: ExplainRun, header: str, top: dict[str, list[tuple[str, float]]]) -> None:
-    print(terminal(header))
-    for level, items in top.items():
-        for rank, (name, score) in enumerate(items, 1):
-            sentence = (er.sentences.get((level, name)) or ("",))[0]
-            print(terminal(f"  {level:<8} {rank}. {name:<28} {score:+.4f}" + (f"  {sentence}" if sentence else "")))
+@dataclass
+class SlideExplanation:
+    """One slide explained with the rest of its patient (what ``hlss explain`` prints and draws).
+
+    ``top`` / ``patient_top``: level -> [(attribute, mean score)] best first, over the slide's tiles /
+    over every tile of the patient's explained slides (``maps``, the slide's first); ``damaged``: the
+    damage of the patient's slides left out; ``written``: the heatmap PNGs.
+    """
+
+    run: ExplainRun
+    patient: str
+    slide: AttributeMap
+    top: dict[str, list[tuple[str, float]]]
+    maps: list[AttributeMap]
+    patient_top: dict[str, list[tuple[str, float]]]
+    damaged: list[Any]
+    written: list[Path]
 
 
-def run(args: argparse.Namespace) -> int:
-    """``hlss explain``: 0 on success, 2 for a bad request (unknown slide, non-HLSS run, unusable store)."""
-    from pipeline.location import StoreError
+def explain_and_draw(store: str | Path | SlideStore, run: str | Path, slide: str, out: str | Path, *,
+                     attributes: Sequence[str] = (), top: int = 3, name: str | None = None, batch_size: int = 128,
+                     device: str = "auto", force: bool = False) -> SlideExplanation:
+    """Explain ``slide`` (scores stored, or reused) and the other slides of its patient; draw a heatmap
+    ``<out>/<slide>_<level>_<attribute>.png`` of each of ``attributes`` (``[LEVEL:]NAME``; default the
+    top one of each level). ``top``: attributes listed per level.
 
-    def fail(msg: str) -> int:
-        print(f"hlss explain: error: {terminal(msg, newlines=True)}", file=sys.stderr)
-        return 2
-
-    if args.top < 1:
-        return fail("--top must be >= 1")
-    try:
-        reader = SlideStore(args.store)
-        patient = _find_slide(reader, args.slide)
-        if reader.slide_attrs(patient, args.slide).get("status") != "complete":
-            raise ExplainError(f"slide {args.slide!r} is not complete (status "
-                               f"{reader.slide_attrs(patient, args.slide).get('status')!r}); tile it first")
-        er = load_explain_run(args.checkpoint, args.name)
-        kw = dict(batch_size=args.batch_size, device=args.device, force=args.force)
-        amap = explain_slide(reader, er, patient, args.slide, **kw)
-        top = amap.top(args.top)
-        chosen = _chosen(er, list(args.attribute), top)
-        maps, damaged = [amap], [r.damage for r in reader.patient_records(patient, "complete") if r.damage]
-        for s in reader.slides(patient):
-            if s == args.slide:
-                continue
-            try:
-                maps.append(explain_slide(reader, er, patient, s, **kw))
-            except StoreDamageError as e:  # another slide of the patient: left out of the patient's top list
-                damaged.append(e)
-    except StoreDamageError as e:
-        print(f"hlss explain: error: {e}; `hlss verify --repair` retiles the slide", file=sys.stderr)
-        return 1
-    except (ExplainError, StoreError, InvalidIdError, FileNotFoundError, KeyError) as e:
-        return fail(str(e).strip("'\""))
-    except ValueError as e:  # e.g. CUDA asked for but absent
-        return fail(str(e))
-    args.out.mkdir(parents=True, exist_ok=True)
+    Raises :class:`ExplainError` for a bad request (unknown slide or attribute, slide not complete,
+    not an HLSS run), :class:`~pipeline.store.StoreDamageError` when the slide itself is damaged
+    (damage of the patient's other slides is collected in ``damaged``), StoreError for an unusable store.
+    """
+    if top < 1:
+        raise ExplainError("--top must be >= 1")
+    reader = _open(store)
+    patient = _find_slide(reader, slide)
+    status = reader.slide_attrs(patient, slide).get("status")
+    if status != "complete":
+        raise ExplainError(f"slide {slide!r} is not complete (status {status!r}); tile it first")
+    er = load_explain_run(run, name)
+    kw = dict(batch_size=batch_size, device=device, force=force)
+    amap = explain_slide(reader, er, patient, slide, **kw)
+    slide_top = amap.top(top)
+    chosen = _chosen(er, list(attributes), slide_top)
+    maps, damaged = [amap], [r.damage for r in reader.patient_records(patient, "complete") if r.damage]
+    for other in reader.slides(patient):
+        if other == slide:
+            continue
+        try:
+            maps.append(explain_slide(reader, er, patient, other, **kw))
+        except StoreDamageError as e:  # another slide of the patient: left out of the patient's top list
+            damaged.append(e)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for level, name in chosen:
-        col = amap.column(level, name)
-        title = f"{patient}/{args.slide}  {level}: {name}  (cosine to the attribute text, run {er.name})"
-        path = args.out / f"{args.slide}_{level}_{name}.png"
-        render_heatmap(reader, patient, args.slide, col, title).save(path)
+    for level, attr in chosen:
+        title = f"{patient}/{slide}  {level}: {attr}  (cosine to the attribute text, run {er.name})"
+        path = out / f"{slide}_{level}_{attr}.png"
+        render_heatmap(reader, patient, slide, amap.column(level, attr), title).save(path)
         written.append(path)
-    state = "reused stored scores" if amap.reused else "computed"
-    _print_top(er, f"slide {args.slide} (patient {patient}, {len(amap.scores)} tiles, {state}):", top)
     scores = np.concatenate([m.scores for m in maps])
-    _print_top(er, f"patient {patient} ({len(maps)} slide(s), {len(scores)} tiles):",
-               top_attributes(scores, er.names, er.levels, args.top))
-    for path in written:
-        print(f"wrote {path}")
-    for e in damaged:
-        print(f"  DAMAGED (left out of the patient's attributes) {e}", file=sys.stderr)
-    return 1 if damaged else 0
+    return SlideExplanation(er, patient, amap, slide_top, maps, top_attributes(scores, er.names, er.levels, top),
+                            damaged, written)

@@ -9,18 +9,19 @@ and what the command line's defaults must equal (a test compares them). Training
 
 from __future__ import annotations
 
-from argparse import ArgumentTypeError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.argtypes import weights_file
 from pipeline.qc import TileFilter
+from pipeline.run_folder import is_run_folder
+
+from .checks import check_weights_file
 
 if TYPE_CHECKING:  # torch is imported only when an encoder is built
-    from pipeline.encoders import Encoder
+    from .encoders import Encoder
 
 __all__ = ["ExtractionSettings", "EvaluationSettings", "EncoderSpec", "EXTRACTION", "EVALUATION", "METHODS"]
 
@@ -52,12 +53,12 @@ class EncoderSpec:
     def checked(self) -> "EncoderSpec":
         """``self`` once its files are usable: a readable weights file of the right format, or a run
         folder with its run.json; ValueError naming the file otherwise."""
-        if self.kind == "run" and not (Path(self.ref).expanduser() / "run.json").is_file():
+        if self.kind == "run" and not is_run_folder(Path(self.ref).expanduser()):
             raise ValueError(f"encoder run:{self.ref}: {self.ref} is not a training run folder (no run.json)")
         if self.weights is not None:
             try:
-                weights_file(self.weights)
-            except ArgumentTypeError as e:
+                check_weights_file(self.weights)
+            except ValueError as e:
                 raise ValueError(f"encoder timm:{self.ref}: weights file {e}") from None
         return self
 
@@ -66,7 +67,7 @@ class EncoderSpec:
             from .runs import run_encoder
 
             return run_encoder(self.ref, self.name)
-        from pipeline.encoders import timm_encoder
+        from .encoders import timm_encoder
 
         return timm_encoder(self.ref, self.weights, self.name)
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,6 +35,8 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+
+from pipeline.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -519,17 +520,7 @@ def _write_cache(path: Path, emb: dict[str, torch.Tensor], identity: str,
         "content_hash": attributes.content_hash(),
         "names": json.dumps({lv: list(attributes.names(lv)) for lv in LEVELS}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({lv: emb[lv].contiguous() for lv in LEVELS}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: save_file({lv: emb[lv].contiguous() for lv in LEVELS}, str(tmp), metadata=meta))
 
 
 def attribute_embeddings(

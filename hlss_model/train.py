@@ -1,28 +1,20 @@
 """HLSS / HiDisc pretraining from a cohort store.
 
-``train(store, out, config)`` writes a run folder::
-
-    <out>/config.yaml        the resolved configuration
-    <out>/run.json           what is needed to rebuild the encoder: backbone, dims, method, text encoder,
-                             attribute names, the store and its train/held-out split
-    <out>/attributes.safetensors   level -> (A_level, D) attribute text embeddings (HLSS)
-    <out>/metrics.jsonl      one JSON line per logged step: loss components, lr, images/s
-    <out>/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.pt, state.json}
-    <out>/latest.json        the newest complete checkpoint (written last, atomically)
-    <out>/model.safetensors  the final weights
+``train(store, out, config)`` writes a run folder: its config, run.json (what rebuilds the encoder,
+with the store's train/held-out split), metrics, checkpoints and final weights; the files and their
+format are :mod:`pipeline.run_folder`'s, which every reader of a run goes through.
 
 Checkpoints are written to a temporary folder and renamed, so a kill leaves the previous one usable;
 ``resume=True`` continues from ``latest.json`` with the same batches an uninterrupted run would see.
 A run folder that never reached its first checkpoint holds nothing worth keeping: training into it
 again restarts it (with the config given now) and says so in :attr:`TrainResult.restarted`; a folder
 with a checkpoint is only ever resumed, with its own config.
-Multi-GPU: launch with ``torchrun --nproc-per-node N -m hlss_model.train ...``; embeddings are gathered
+Multi-GPU: launch with ``torchrun --nproc-per-node N -m hlss train ...``; embeddings are gathered
 across ranks before the loss, as HiDisc does.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -33,25 +25,20 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.features import resolve_device
-from pipeline.files import remove_owned
+from pipeline.files import atomic_write, remove_owned, utc_now
+from pipeline.run_folder import MODEL, OPTIMIZER, RunFolder
 from pipeline.store import SlideStore
 
 from .config import ConfigError, TrainConfig
 from .data import CohortIndex, make_loader
 from .evaluate import store_split
+from .extract import resolve_device
 from .losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from .model import HLSSModel
-from .runs import has_checkpoint
 
 __all__ = ["train", "TrainResult", "lr_factor"]
-
-RUN_FORMAT = 1
-# what a run writes before its first checkpoint: replaced when such a run is restarted
-_RUN_FILES = ("config.yaml", "run.json", "attributes.safetensors", "metrics.jsonl")
 
 
 @dataclass(frozen=True)
@@ -75,12 +62,6 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -111,14 +92,14 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(_GatherLayer.apply(t.contiguous()), dim=0)
 
 
-def _text_side(cfg: TrainConfig, out: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
+def _text_side(cfg: TrainConfig, run: RunFolder) -> tuple[dict[str, torch.Tensor] | None, dict]:
     if not cfg.uses_text:
         return None, {}
     from .text import TextEncoder, attribute_embeddings, load_attributes
 
     attrs = load_attributes(cfg.model.attributes)
     emb = attribute_embeddings(attrs, cfg.model.text_encoder)
-    save_file({k: v.contiguous() for k, v in emb.items()}, str(out / "attributes.safetensors"))
+    save_file({k: v.contiguous() for k, v in emb.items()}, str(run.attributes))
     names = {level: list(attrs.names(level)) for level in emb}
     return emb, {"attributes": names, "attributes_hash": attrs.content_hash(),
                  "text_encoder": cfg.model.text_encoder}
@@ -140,11 +121,12 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
 
     ``resume`` continues the run in ``out`` (its saved config is used; a different ``config`` is an error).
     """
-    out = Path(out).expanduser()
+    run = RunFolder(out)
+    out = run.path
     rank, local_rank, world = _dist_info()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    cfg, start, restarted = _prepare_run(out, config, resume, rank)
+    cfg, start, restarted = _prepare_run(run, config, resume, rank)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
@@ -159,10 +141,10 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     train_index = index.subset([p for p, s in split.items() if s == "train"])
     # rank 0 embeds the attribute text and writes it to the run; then every rank reads that file,
     # so all build their heads in the same order
-    attributes, text_meta = _text_side(cfg, out) if rank == 0 else (None, {})
+    attributes, text_meta = _text_side(cfg, run) if rank == 0 else (None, {})
     if world > 1 and cfg.uses_text:
         dist.barrier()
-        attributes = load_file(str(out / "attributes.safetensors"))
+        attributes = load_file(str(run.attributes))
     embed_dim = next(iter(attributes.values())).shape[1] if attributes else cfg.model.proj_dim
 
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone (see runs.load_run_model)
@@ -177,9 +159,9 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
     if start:
-        _load_checkpoint(out, start, model, optimizer, scheduler)
+        _load_checkpoint(run, start, model, optimizer, scheduler)
     elif rank == 0:
-        _write_run_meta(out, cfg, store, model, split, index, text_meta)
+        _write_run_meta(run, cfg, store, model, split, index, text_meta)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     loss_fn = _build_loss(cfg).to(device)
@@ -194,7 +176,6 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    metrics_path = out / "metrics.jsonl"
     step, last_loss, seen, t0 = start, float("nan"), 0, time.perf_counter()
     net.train()
     for batch in loader:
@@ -234,10 +215,9 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
         if rank == 0:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 record["images_per_s"] = seen / (time.perf_counter() - t0)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                run.append_metrics(record)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_checkpoint(out, step, cfg, model, optimizer, scheduler)
+                _save_checkpoint(run, step, cfg, model, optimizer, scheduler)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}")
@@ -246,25 +226,20 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     if bar is not None:
         bar.close()
     if rank == 0:
-        shutil.copyfile(out / _checkpoint_name(step) / "model.safetensors", out / ".model.tmp")
-        os.replace(out / ".model.tmp", out / "model.safetensors")
+        atomic_write(run.model, lambda tmp: shutil.copyfile(run.checkpoint(step) / MODEL, tmp))
     elapsed = time.perf_counter() - t0
     if world > 1:
         dist.barrier()
     return TrainResult(out, step, last_loss, seen / elapsed if elapsed else 0.0, restarted)
 
 
-def _checkpoint_name(step: int) -> str:
-    return f"checkpoints/step_{step:08d}"
-
-
-def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
+def _prepare_run(run: RunFolder, config: TrainConfig | None, resume: bool,
                  rank: int) -> tuple[TrainConfig, int, str | None]:
     """The run's config, the step to start from, and what was restarted (None: nothing was)."""
-    saved = out / "config.yaml"
+    out, saved = run.path, run.config
     if resume and not saved.is_file():
         raise FileNotFoundError(f"{out}: nothing to resume (no config.yaml)")
-    if has_checkpoint(out):
+    if run.has_checkpoint():
         if not resume:
             raise FileExistsError(f"{out}: already holds a run with checkpoints; pass --resume to continue it "
                                   "or choose another --out")
@@ -272,9 +247,7 @@ def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
         if config is not None and config.to_dict() != cfg.to_dict():
             raise ConfigError(f"{out}: --resume with a config that differs from the run's own config.yaml "
                               f"({_changes(cfg, config)}); a run with checkpoints keeps its config")
-        latest = out / "latest.json"
-        start = json.loads(latest.read_text())["step"] if latest.is_file() else 0
-        return cfg, start, None
+        return cfg, run.latest_step(), None
     try:
         old = TrainConfig.from_yaml(saved) if saved.is_file() else None
     except ConfigError:
@@ -285,21 +258,18 @@ def _prepare_run(out: Path, config: TrainConfig | None, resume: bool,
     resolve_device(cfg.device)  # an unusable device fails here, before the folder is touched
     restarted = None
     if rank == 0:
-        restarted = _restart(out, old, cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        restarted = _restart(run, old, cfg)
+        run.write_config(cfg.to_dict())
     return cfg, 0, restarted
 
 
-def _restart(out: Path, old: TrainConfig | None, cfg: TrainConfig) -> str | None:
-    """Remove what an earlier start without a checkpoint left in ``out`` (never a checkpoint, never
+def _restart(run: RunFolder, old: TrainConfig | None, cfg: TrainConfig) -> str | None:
+    """Remove what an earlier start without a checkpoint left in ``run`` (never a checkpoint, never
     anything but the run's own files); a sentence saying what was restarted, or None when none was there."""
-    if not ((out / "config.yaml").exists() or (out / "run.json").exists()):
+    if not run.is_run():
         return None  # not a run folder (a new one, or one the user owns): nothing of it is ours to remove
-    left = [name for name in _RUN_FILES if (out / name).exists()]
-    partial = sorted((out / "checkpoints").glob(".step_*.tmp")) if (out / "checkpoints").is_dir() else []
-    for path in [*(out / name for name in left), *partial]:
-        remove_owned(out, path)
+    run.remove_started()
+    out = run.path
     steps = f"step 0 of {old.steps}" if old is not None else "step 0"
     changed = _changes(old, cfg) if old is not None else "its config.yaml was missing or unreadable"
     return f"{out}: restarted the run that never reached its first checkpoint ({steps}; {changed})"
@@ -317,10 +287,9 @@ def _changes(old: TrainConfig, new: TrainConfig) -> str:
     return ", ".join(diff) if diff else "same config"
 
 
-def _write_run_meta(out: Path, cfg: TrainConfig, store: str | Path, model: HLSSModel, split: dict[str, str],
+def _write_run_meta(run: RunFolder, cfg: TrainConfig, store: str | Path, model: HLSSModel, split: dict[str, str],
                     index: CohortIndex, text_meta: dict) -> None:
-    _atomic_json(out / "run.json", {
-        "format": RUN_FORMAT,
+    run.write_meta({
         "method": cfg.method,
         "backbone": cfg.model.backbone,
         "feature_dim": model.feature_dim,
@@ -338,39 +307,23 @@ def _write_run_meta(out: Path, cfg: TrainConfig, store: str | Path, model: HLSSM
     })
 
 
-def _save_checkpoint(out: Path, step: int, cfg: TrainConfig, model: torch.nn.Module,
+def _save_checkpoint(run: RunFolder, step: int, cfg: TrainConfig, model: torch.nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler) -> None:
-    final = out / _checkpoint_name(step)
-    tmp = final.with_name(f".{final.name}.tmp")
-    remove_owned(out / "checkpoints", tmp)
+    tmp = run.checkpoint_tmp(step)
+    remove_owned(run.checkpoints, tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / MODEL))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_state": "optimizer.pt",
-                                                "model": "model.safetensors", "config": cfg.to_dict(),
-                                                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
-    remove_owned(out / "checkpoints", final)
-    os.replace(tmp, final)
-    _atomic_json(out / "latest.json", {"step": step, "path": _checkpoint_name(step)})
-    # Keep the newest few checkpoints; older ones only cost disk.
-    olds = sorted((out / "checkpoints").glob("step_*"))[:-cfg.keep_checkpoints]
-    for old in olds:
-        remove_owned(out / "checkpoints", old)
+                "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER)
+    run.write_state(tmp, {"step": step, "optimizer_state": OPTIMIZER, "model": MODEL, "config": cfg.to_dict(),
+                          "saved": utc_now()})
+    run.commit_checkpoint(step, cfg.keep_checkpoints)
 
 
-def _load_checkpoint(out: Path, step: int, model: HLSSModel, optimizer, scheduler) -> None:
-    ckpt = out / _checkpoint_name(step)
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device)))
-    state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+def _load_checkpoint(run: RunFolder, step: int, model: HLSSModel, optimizer, scheduler) -> None:
+    ckpt = run.checkpoint(step)
+    model.load_state_dict(load_file(str(ckpt / MODEL), device=str(next(model.parameters()).device)))
+    state = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-
-
-if __name__ == "__main__":  # torchrun --nproc-per-node N -m hlss_model.train --store S --out R [--config C]
-    import sys
-
-    from pipeline.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

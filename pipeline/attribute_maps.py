@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import layout
 from .qc import picture_size, tile_rects
 from .store import SlideStore
 
@@ -76,8 +77,8 @@ def render_heatmap(store: str | Path | SlideStore, patient: str, slide: str, col
 
     reader = _open(store)
     group = reader.group(patient, slide)
-    thumb = np.asarray(group["thumbnail"][:], np.uint8)
-    scale = group["thumbnail"].attrs.get("scale") or [1.0, 1.0]
+    thumb = np.asarray(group[layout.THUMBNAIL][:], np.uint8)
+    scale = group[layout.THUMBNAIL].attrs.get(layout.SCALE) or [1.0, 1.0]
     attrs = reader.slide_attrs(patient, slide)
     footprint = attrs.get("footprint_px") or attrs.get("tile_size")
     coords = reader.coords(patient, slide)

@@ -31,23 +31,21 @@ agrees with ``dataset.csv``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from . import layout
 from .escape import terminal
 from .files import atomic_write, remove_owned, remove_temporaries, write_csv
 
-__all__ = ["FORMATS", "ExportError", "ExportReport", "export_mil", "add_parser", "run"]
+__all__ = ["FORMATS", "ExportError", "ExportReport", "export_mil"]
 
 FORMATS = ("clam-h5", "pt", "both")
 H5_DIR, PT_DIR, CSV_NAME = "h5_files", "pt_files", "dataset.csv"
-EXIT_OK, EXIT_SOME_SKIPPED, EXIT_USAGE = 0, 1, 2
 
 
 class ExportError(ValueError):
@@ -73,7 +71,8 @@ class ExportReport:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_SKIPPED if self.skipped else EXIT_OK
+        """1 when some slides were skipped, else 0 (the status of ``hlss export-mil``)."""
+        return 1 if self.skipped else 0
 
     def table(self) -> str:
         lines = [f"exported features {self.feature_name!r} of {len(self.written)} slides ({self.tiles} tiles) "
@@ -172,7 +171,7 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
             report.skipped.append((p, s, f"features {features!r} have shape {tuple(feats_arr.shape)}, "
                                          f"coords ({n}, 2): not aligned; re-extract"))
             continue
-        feat_attrs = {k: v for k, v in dict(feats_arr.attrs).items() if k != "complete"}
+        feat_attrs = {k: v for k, v in dict(feats_arr.attrs).items() if k != layout.ARRAY_COMPLETE}
         pattrs = st.patient_attrs(p)
         if fmt in ("clam-h5", "both"):
             path = out / H5_DIR / f"{s}.h5"
@@ -274,33 +273,3 @@ def _write_pt(path: Path, feats: np.ndarray) -> None:
     import torch
 
     atomic_write(path, lambda tmp: torch.save(torch.from_numpy(feats), tmp))
-
-
-# -- command line -----------------------------------------------------------------------------
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``export-mil`` command to ``hlss``'s subparsers (sets ``func`` to :func:`run`)."""
-    x = sub.add_parser("export-mil", help="write stored features as CLAM/TRIDENT MIL bags (h5_files/, "
-                                          "pt_files/) and dataset.csv")
-    x.add_argument("--store", required=True, help="store folder or URL")
-    x.add_argument("--features", required=True, metavar="NAME", help="a stored feature name (see `hlss extract`)")
-    x.add_argument("--format", choices=FORMATS, default="clam-h5",
-                   help="clam-h5: h5_files/<slide>.h5 with features and coords; pt: pt_files/<slide>.pt; "
-                        "both (default clam-h5)")
-    x.add_argument("--out", type=Path, required=True, help="output folder")
-    x.set_defaults(func=run)
-    return x
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``hlss export-mil``: 0 all exported, 1 some slides skipped, 2 unusable arguments or store."""
-    from .store import StoreError
-
-    try:
-        report = export_mil(args.store, args.features, args.format, args.out)
-    except (StoreError, ExportError) as e:
-        print(f"hlss export-mil: error: {terminal(e, newlines=True)}", file=sys.stderr)
-        return EXIT_USAGE
-    print(report.table())
-    return report.exit_code

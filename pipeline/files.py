@@ -4,6 +4,7 @@ and removed only inside the folder that owns them (:func:`remove_owned`)."""
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import io
 import os
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["TMP_TAG", "OutsideOwnerError", "atomic_write", "atomic_write_bytes", "owned_path", "remove_owned",
-           "remove_temporaries", "spreadsheet_safe", "write_csv"]
+           "remove_temporaries", "replace_folder", "spreadsheet_safe", "utc_now", "write_csv"]
 
 TMP_TAG = ".hlss-tmp-"
 
@@ -36,6 +37,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """``data`` into ``path``, atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def replace_folder(owner: Path, tmp: Path, final: Path) -> None:
+    """Put the folder ``tmp``, written whole beside ``final``, in its place (both inside ``owner``):
+    the old ``final`` is removed first, so a kill between the two steps leaves ``tmp`` complete."""
+    remove_owned(owner, final)
+    os.replace(tmp, final)
+
+
+def utc_now() -> str:
+    """Now in UTC, ISO 8601 to the second with the offset: ``2026-12-01T22:41:24+00:00``.
+
+    The one format of every timestamp the project writes (older files may hold local times with a
+    ``+HHMM`` offset; :func:`datetime.datetime.fromisoformat` reads both)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def remove_temporaries(folder: Path) -> None:

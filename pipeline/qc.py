@@ -34,8 +34,6 @@ between calls: about 0.1-0.16 ms per 256 px tile on one core, 5-6 % of single-th
 
 from __future__ import annotations
 
-import argparse
-import io
 import logging
 import textwrap
 import threading
@@ -47,7 +45,7 @@ import numpy as np
 
 __all__ = [
     "QC_FIELDS", "QC_MAX_PX", "QC_MIN_PX", "OUTLINE_RGB", "TILE_RGB", "TileFilter", "tile_measures", "tile_rects",
-    "picture_size", "render_qc", "encode_png", "export_qc", "add_parser", "run",
+    "picture_size", "render_qc", "export_qc",
 ]
 
 log = logging.getLogger(__name__)
@@ -401,14 +399,6 @@ def qc_caption(patient_id: str, slide_id: str, attrs: Mapping[str, Any], n_tiles
     return lines
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
-
-
 def export_qc(store, out_dir: str | Path, status: str | None = None) -> list[Path]:
     """Write ``<out>/<patient>/<slide>.png`` for every slide with a QC picture; returns the paths.
 
@@ -439,34 +429,3 @@ def export_qc(store, out_dir: str | Path, status: str | None = None) -> list[Pat
         path.write_bytes(png)
         written.append(path)
     return written
-
-
-# -- command line ---------------------------------------------------------------------------------
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Add ``hlss qc STORE --out DIR`` to an ``add_subparsers()`` object."""
-    q = sub.add_parser("qc", help="write each slide's QC picture (thumbnail, tissue outline, kept tiles) as PNG")
-    q.add_argument("store", help="store folder or URL")
-    q.add_argument("--out", type=Path, required=True, help="folder for <patient>/<slide>.png")
-    q.add_argument("--status", choices=("complete", "failed"), default=None, help="only slides with this status")
-    return q
-
-
-def run(args: argparse.Namespace) -> int:
-    """``hlss qc``: 0 when every slide had a picture, 1 when some had none, 2 for an unusable store."""
-    import sys
-
-    from .escape import terminal
-    from .location import StoreError
-
-    try:
-        from .store import SlideStore
-
-        store = SlideStore(args.store)
-    except StoreError as e:
-        print(f"hlss qc: error: {terminal(e, newlines=True)}", file=sys.stderr)
-        return 2
-    written = export_qc(store, args.out, status=args.status)
-    total = sum(1 for _ in store.records(status=args.status))
-    print(f"wrote {len(written)} QC pictures of {total} slides to {args.out}")
-    return 0 if len(written) == total else 1

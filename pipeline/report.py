@@ -16,29 +16,25 @@ encoded, so a report grows by roughly 1-2 MB per slide (``max_px`` lowers this).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import html
 import json
 import logging
 import math
-import sys
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from .argtypes import int_in
-from .escape import terminal
-from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned
+from .files import OutsideOwnerError, atomic_write_bytes, owned_path, remove_owned, utc_now
 from .location import StoreError
-from .qc import encode_png
+from .png import encode_png
+from .run_folder import RunFolder, read_metrics, run_split
 
-__all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "add_parser",
-           "run", "slide_picture", "read_metrics"]
+__all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "report_cohort",
+           "slide_picture", "read_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -190,21 +186,6 @@ def _version(*parts: Any) -> str:
 # -- run folders ----------------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl`` (unreadable lines skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
 def _curve_points(records: Sequence[dict[str, Any]], key: str = "loss") -> list[tuple[float, float]]:
     pts = []
     for r in records:
@@ -266,18 +247,6 @@ def curves_svg(curves: Sequence[tuple[str, Sequence[tuple[float, float]]]], widt
         parts.append(f'<text x="{left + pw - 125}" y="{ly}">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
-
-
-def _run_knn_docs(run_dir: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    for path in sorted(Path(run_dir).glob("knn-*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(doc, dict):
-            out[path.stem] = doc
-    return out
 
 
 # -- HTML pieces ----------------------------------------------------------------------------------
@@ -393,18 +362,6 @@ def recorded_runs(store) -> list[Path]:
     return out
 
 
-def run_split(run_dirs: Sequence[Path]) -> dict[str, str]:
-    """Patient -> split of the first run folder whose run.json records one (empty when none does)."""
-    for d in run_dirs:
-        try:
-            split = json.loads((Path(d) / "run.json").read_text()).get("split")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(split, dict):
-            return {str(k): str(v) for k, v in split.items()}
-    return {}
-
-
 def slide_table(store, summary: dict[str, Any] | None = None,
                 split: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per slide of the store: the rows of ``store.summary()`` plus ``split`` (the patient's,
@@ -485,7 +442,7 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
                      for x in summary.get("parameters", []))
     header = (f"<p class=meta>store <code>{_e(store.path)}</code>; schema {_e(info.get('schema_version'))}; "
               f"hlss-pipeline {_e(info.get('package_version'))}; created {_e(info.get('created'))}; "
-              f"report written {_e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}</p>"
+              f"report written {_e(utc_now())}</p>"
               f'<p class="counts">{summary["n_patients"]} patients, {summary["n_slides"]} slides '
               f'({summary["n_complete"]} complete, {summary["n_failed"]} failed, '
               f'{sum(r["status"] == "damaged" for r in table)} damaged), {summary["n_tiles"]} tiles</p>'
@@ -523,7 +480,7 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
     knn = [_knn_table(n, doc, "store") for n, doc in sorted(store.evaluations().items()) if n.startswith("knn")]
     in_store = list(store.evaluations().values())
     for d in run_dirs:
-        knn.extend(_knn_table(n, doc, f"run {d}") for n, doc in _run_knn_docs(d).items() if doc not in in_store)
+        knn.extend(_knn_table(n, doc, f"run {d}") for n, doc in RunFolder(d).knn_results().items() if doc not in in_store)
     if any(knn):
         sections += ["<h2>kNN evaluation</h2>", *knn]
 
@@ -565,50 +522,25 @@ def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | N
     return out
 
 
-# -- command --------------------------------------------------------------------------------------
+def report_cohort(store, out: Path, run_dirs: Sequence[Path] = (), title: str | None = None, max_px: int = MAX_PX,
+                  pictures: Literal["embed", "files"] = "embed") -> tuple[Path, list[str]]:
+    """:func:`write_report` of ``store`` (a :class:`~pipeline.store.SlideStore` or its path/URL) with
+    the patients' split of ``run_dirs`` (default: the runs the store's kNN evaluations name,
+    :func:`recorded_runs`); returns the report's path and the errors of the slides found damaged on
+    the way (each also a "damaged" row of the report).
 
+    Raises :class:`~pipeline.location.StoreError` for an unusable store, ValueError for a ``run_dirs``
+    entry that is not a folder, OSError when ``out`` cannot be written.
+    """
+    from .store import SlideStore
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    r = sub.add_parser("report", help="a static HTML cohort report: slides table, QC pictures, training curves, kNN")
-    r.add_argument("store", help="store folder or URL")
-    r.add_argument("--out", type=Path, required=True, help="HTML file to write (e.g. report.html)")
-    r.add_argument("--run", type=Path, action="append", default=[], metavar="RUN_DIR",
-                   help="a training run folder: its loss curve and knn-*.json (repeatable; default: the runs "
-                        "the store's kNN evaluations name, when they exist here)")
-    r.add_argument("--title", help="report title (default: the store path)")
-    r.add_argument("--max-px", type=int_in(16, 8192, " px"), default=MAX_PX,
-                   help=f"longest side of the pictures, 16-8192 (default {MAX_PX})")
-    r.add_argument("--pictures", choices=("embed", "files"), default="embed",
-                   help="embed the pictures in the HTML file (default), or write them as PNG files next to it, "
-                        "redrawn only when their slide changed (big cohorts, nightly reports)")
-    r.set_defaults(func=run)
-    return r
-
-
-def run(args: argparse.Namespace) -> int:
-    from .store import SlideStore, StoreError
-
-    def fail(msg: str) -> int:
-        print(f"hlss report: error: {terminal(msg, newlines=True)}", file=sys.stderr)
-        return 2
-
-    try:
-        store = SlideStore(args.store)
-    except (StoreError, OSError, KeyError, ValueError) as e:
-        return fail(str(e))
-    for d in args.run:
+    if not hasattr(store, "summary"):
+        store = SlideStore(store)
+    for d in run_dirs:
         if not Path(d).is_dir():
-            return fail(f"{d}: not a run folder")
-    runs = args.run or recorded_runs(store)
+            raise ValueError(f"{d}: not a run folder")
+    runs = list(run_dirs) or recorded_runs(store)
     summary = store.summary()
     table = slide_table(store, summary, run_split(runs))
-    try:
-        out = write_report(store, args.out, runs, title=args.title, max_px=args.max_px, pictures=args.pictures,
-                           summary=summary, table=table)
-    except OSError as e:
-        return fail(f"{args.out}: {e}")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    damaged = [row["error"] for row in table if row["status"] == "damaged"]
-    for error in damaged:
-        print(f"  DAMAGED {error}", file=sys.stderr)
-    return 1 if damaged else 0
+    path = write_report(store, out, runs, title=title, max_px=max_px, pictures=pictures, summary=summary, table=table)
+    return path, [row["error"] for row in table if row["status"] == "damaged"]

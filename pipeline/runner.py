@@ -2,9 +2,13 @@
 
 Each slide runs in a worker process (``workers`` of them, spawned), so a slide that crashes its
 reader (a segfault in a C decoder on a corrupt file) costs that slide only: the pool is rebuilt and
-the slides it was holding are retried once, then reported as failed. A slide past its time budget
-(``TilingParams.slide_timeout_s``) stops itself between reads; one stuck inside a read has its worker
-killed, and only that slide fails.
+the slides it was holding are retried alone (:data:`WORKER_RETRIES` times), then reported as failed.
+A slide past its time budget (``TilingParams.slide_timeout_s``) stops itself between reads; one stuck
+inside a read has its worker killed, and only that slide fails.
+
+The flows (:mod:`flows.steps`) plan with :func:`plan_cohort`, run :func:`tile_one` per slide in their
+own executor, retry a dead worker :data:`WORKER_RETRIES` times and record a slide that still fails with
+:func:`slide_failed`, as here.
 """
 
 from __future__ import annotations
@@ -32,7 +36,11 @@ from .source import source_info
 from .tiler import SlideResult, change_reason, record_failure, tile_slide
 
 __all__ = ["TilingReport", "tile_cohort", "limit_worker_threads", "CohortPlan", "SlideUpdate", "plan_cohort",
-           "apply_updates", "dropped_by"]
+           "apply_updates", "dropped_by", "tile_one", "slide_failed", "WORKER_RETRIES"]
+
+# a slide whose worker process died (crashed or was killed, not stopped for its time budget) is run
+# again, alone, this many times before it is recorded as failed
+WORKER_RETRIES = 1
 
 
 @dataclass
@@ -100,14 +108,29 @@ def _init_worker(q: "mp.Queue", threads: int) -> None:
     limit_worker_threads(threads)
 
 
+def tile_one(spec: SlideSpec, store: str, params: TilingParams, threads: int = 1,
+             progress: Callable[[int], None] | None = None) -> SlideResult:
+    """Tile one slide into ``store`` using ``threads`` cores, in the (worker) process calling it: the
+    per-slide work of :func:`tile_cohort` and of the flows (see :func:`pipeline.tiler.tile_slide`)."""
+    limit_worker_threads(threads)
+    return tile_slide(spec, StoreWriter(store), params, progress=progress, overlap=threads > 1)
+
+
+def slide_failed(store: str, spec: SlideSpec, params: TilingParams, error: str | BaseException) -> SlideResult:
+    """The failed result of a slide whose work ended outside :func:`tile_one` (its worker died or was
+    killed, or the pool or task failed with ``error``), recorded in ``store`` unless a complete
+    version is there (see :func:`pipeline.tiler.record_failure`)."""
+    if isinstance(error, BaseException):
+        error = f"{spec.path}: {type(error).__name__}: {error}"
+    return record_failure(StoreWriter(store), spec, params, error)
+
+
 def _run_one(key: int, spec: SlideSpec, store: str, params: TilingParams) -> SlideResult:
     """Tile ``spec`` in a worker; the progress queue gets ``("start", key, pid)``, then ``("tiles", key, n)``."""
-    writer = StoreWriter(store)
     q = _progress_queue
     if q is not None:
         q.put(("start", key, os.getpid()))
-    return tile_slide(spec, writer, params, progress=(lambda n: q.put(("tiles", key, n))) if q is not None else None,
-                      overlap=_threads > 1)
+    return tile_one(spec, store, params, _threads, (lambda n: q.put(("tiles", key, n))) if q is not None else None)
 
 
 def tile_cohort(
@@ -404,13 +427,11 @@ def _run_pool(todo, store, params, workers, threads, on_slide, on_tiles) -> list
                         finish(fut.result())
                     except BrokenProcessPool:
                         if keys[id(spec)] in watch.killed:
-                            error = f"{spec.path}: {watch.killed[keys[id(spec)]]}"
-                            finish(record_failure(StoreWriter(store), spec, params, error))
+                            finish(slide_failed(store, spec, params, f"{spec.path}: {watch.killed[keys[id(spec)]]}"))
                         else:
                             broken.append(spec)
                     except Exception as e:  # pool-side errors (e.g. pickling): this slide only
-                        finish(SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed",
-                                           error=scrub(f"{spec.path}: {type(e).__name__}: {e}")))
+                        finish(slide_failed(store, spec, params, e))
         _drain(progress_q, on_tiles, watch)
         broke = broke or bool(broken or watch.killed)
         return broken, bool(watch.killed)
@@ -419,10 +440,9 @@ def _run_pool(todo, store, params, workers, threads, on_slide, on_tiles) -> list
     while timed_out and pending:  # killed by us: the others did nothing wrong
         pending, timed_out = run(pending, min(workers, len(pending)))
     for spec in pending:
-        again, _ = run([spec], 1)
-        if again:
+        if all(run([spec], 1)[0] for _ in range(WORKER_RETRIES)):  # stops at the first try that ends
             error = f"{spec.path}: the worker process crashed while reading this slide; the file is probably corrupt"
-            finish(record_failure(StoreWriter(store), spec, params, error))
+            finish(slide_failed(store, spec, params, error))
     if broke:  # a killed or crashed worker leaves its staged slide behind
         StoreWriter(store).clean_staging()
     return results

@@ -1,44 +1,7 @@
-"""The Zarr cohort store: layout, safe slide commits, and a typed read API.
+"""The Zarr cohort store: safe slide commits and a typed read API.
 
-Layout (the contract other modules and users rely on)::
-
-    <store>/                      attrs["hlss"]: schema_version, created, package_version
-      patients/<patient_id>/      attrs: label, split (when known)
-        slides/<slide_id>/        attrs: status "complete" | "failed" ("writing" or "moving" on an object store
-                                  while a commit or a move is under way), error, source, reader, mpp0, ...
-          tiles       (N, T, T, 3) uint8   one tile per chunk, chunks grouped in shards
-          coords      (N, 2) int64         level-0 (x, y) of each tile's top-left corner
-          tissue      (N,) float32         tissue fraction of each tile
-          thumbnail   (h, w, 3) uint8      attrs["scale"]: level-0 px per thumbnail px (x, y)
-          tissue_mask (h, w) bool          same pixels as the thumbnail, attrs["scale"]
-          qc          (H, W, 3) uint8      QC picture: thumbnail (longest side <= 2048 px), tissue mask
-                                           outline (pure green), kept tiles (magenta rectangles), caption
-                                           band below; attrs: scale (level-0 px per px), size, caption_px.
-                                           Also on slides failed for content (no tissue, too small).
-          tile_qc/<m> (N,) float32         per-tile QC measures aligned with coords, m in focus, pen,
-                                           brightness, saturation (see pipeline.qc); attrs["fields"].
-                                           Nothing is deleted: filter with pipeline.qc.TileFilter.
-          features/<name> (N, D) float    one row per tile, aligned with coords; attrs: model,
-                                           weights fingerprint, tiles_version (of the tiles it saw),
-                                           complete (True only once every row is written)
-          attributes/<run> (N, A) float32  cosine of each tile's HLSS projection to each attribute text
-                                           embedding of run <run> (all levels, columns concatenated);
-                                           attrs: levels, names (per column), run, weights_fingerprint,
-                                           tiles_version, complete (see hlss_model.explain)
-      _staging/                   slides being written (never read as results)
-
-Schema versions (``attrs["hlss"]["schema_version"]`` of the root):
-
-* **2** (stores created now): every array is made by :func:`create_array`, which puts zarr 3's
-  ``crc32c`` codec last on every stored chunk (for sharded arrays: on every inner chunk, and the
-  shard index keeps its own crc32c) and writes every chunk, even one equal to the fill value. A
-  flipped byte is a :class:`StoreDamageError` naming patient, slide, array and file, and a missing
-  chunk file is found by ``hlss verify`` (:mod:`pipeline.verify`).
-* **1** (stores made before): arrays without checksums (the shard index excepted), chunks equal to
-  the fill value not written. Still read and still written to: the store keeps its label 1, and
-  slides and feature arrays written into it from now on carry checksums like a schema-2 store's
-  (each array's ``zarr.json`` names its codecs, so readers need not know). ``hlss verify`` lists
-  the arrays without checksums; retiling (``hlss tile --force``) adds them.
+The layout (node names, arrays with their dtypes, shapes and units, slide attributes, schema
+versions 1 and 2) is described once, in :mod:`pipeline.layout`; this module writes and reads it.
 
 Whatever cannot be read (a ``zarr.json`` that is missing, truncated or invalid; a chunk that fails
 its checksum or does not decode) raises :class:`StoreDamageError` from the :class:`SlideStore`
@@ -70,6 +33,11 @@ tiled. Then it is committed:
   serialised, so two runs must not tile the same slides into one object store at the same time
   (one run never does). Stale staging prefixes are removed like folders (same host: dead pid;
   other hosts: after 24 h; without owner: objects older than an hour).
+
+The folder behaviour is in :class:`StoreWriter` and :class:`SlideStore`, the object-store one in
+their subclasses ``_ObjectStoreWriter`` and ``_ObjectSlideStore``, which ``StoreWriter(url)`` and
+``SlideStore(url)`` return: this module is the one place that knows which, and callers ask the
+writer or reader (e.g. :meth:`StoreWriter.feature_chunk_rows`) rather than branch on it.
 """
 
 from __future__ import annotations
@@ -95,8 +63,10 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from .files import atomic_write_bytes, remove_owned
+from . import layout as L
+from .files import atomic_write_bytes, remove_owned, utc_now
 from .ids import sanitize_id, validate_id
+from .layout import READABLE_SCHEMAS, SCHEMA_VERSION, STAGING
 from .location import ObjectLocation, StoreError, is_remote, local_path
 
 log = logging.getLogger(__name__)
@@ -105,12 +75,7 @@ __all__ = ["SCHEMA_VERSION", "READABLE_SCHEMAS", "StoreError", "StoreDamageError
            "SlideStore", "SlideRecord", "CheckedArray", "bad_chunks", "chunk_grid", "create_array", "damage_reason",
            "has_checksums", "tiles_version"]
 
-SCHEMA_VERSION = 2
-"""Schema of the stores created now (see the module docstring)."""
-READABLE_SCHEMAS = (1, 2)
-"""Schemas this version reads and writes."""
-STAGING = "_staging"
-_ARRAY_GROUPS = ("features", "attributes")  # slide subgroups written by StoreWriter.commit_features
+_ARRAY_GROUPS = L.DERIVED_GROUPS  # slide subgroups written by StoreWriter.commit_features
 _STALE_FOREIGN_S = 24 * 3600
 _ASIDE_SUFFIX = ".aside"  # note beside a version set aside during a commit: where it came from
 
@@ -124,8 +89,7 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+_now = utc_now
 
 
 def _check_store_path(path: Path, create: bool) -> None:
@@ -135,7 +99,7 @@ def _check_store_path(path: Path, create: bool) -> None:
         if not create:
             raise StoreError(f"{path}: no such store")
         return
-    marker = path / "zarr.json"
+    marker = path / L.META
     if not marker.exists():
         if not create:
             raise StoreError(f"{path}: is not an hlss store (no zarr.json with hlss attributes)")
@@ -150,7 +114,7 @@ def _check_store_path(path: Path, create: bool) -> None:
 
 
 def _check_root_doc(where: Path | str, meta: dict) -> None:
-    hlss = meta.get("attributes", {}).get("hlss")
+    hlss = meta.get("attributes", {}).get(L.ROOT_ATTR)
     if meta.get("node_type") != "group" or not isinstance(hlss, dict):
         raise StoreError(f"{where}: a Zarr node but not an hlss store (no 'hlss' attributes)")
     if hlss.get("schema_version") not in READABLE_SCHEMAS:
@@ -160,7 +124,7 @@ def _check_root_doc(where: Path | str, meta: dict) -> None:
 
 def _check_remote_root(loc: ObjectLocation, create: bool) -> dict | None:
     """The root ``zarr.json`` of an object-store location (None: no store there yet, and writable)."""
-    meta = loc.read_json("zarr.json")  # a missing bucket or an unreachable endpoint raises here
+    meta = loc.read_json(L.META)  # a missing bucket or an unreachable endpoint raises here
     if meta is None:
         present = loc.children("")
         if present and not create:
@@ -342,45 +306,40 @@ class StagedSlide:
     path: Path | str
 
 
+def _kind(cls: type, base: type, remote: type, path: Any) -> type:
+    """The class a new ``base(path)`` is: ``remote`` for an object-store URL (unpickling passes no path)."""
+    return remote if cls is base and path is not None and is_remote(path) else cls
+
+
 class StoreWriter:
     """Writes slides into a store (folder or object-store URL). Safe for several processes writing different slides.
 
-    ``path`` is the folder (:class:`~pathlib.Path`) or the URL (``str``, no credentials in it).
+    ``path`` is the folder (:class:`~pathlib.Path`) or the URL (``str``, no credentials in it). The
+    folder behaviour is here; ``StoreWriter(url)`` is an :class:`_ObjectStoreWriter`, which keeps the
+    same interface with the object-store protocol (see the module docstring). Callers never need
+    to know which: ask the writer (e.g. :meth:`feature_chunk_rows`).
     """
 
+    is_remote = False
+    """Whether the store is on an object store (no atomic rename; see the module docstring)."""
+
+    def __new__(cls, path: str | Path | None = None, *args: Any, **kwargs: Any) -> "StoreWriter":
+        return super().__new__(_kind(cls, StoreWriter, _ObjectStoreWriter, path))
+
     def __init__(self, path: str | Path) -> None:
-        self._remote: ObjectLocation | None = None
-        if is_remote(path):
-            self._init_remote(str(path))
-            return
         self.path: Path | str = local_path(path).absolute()
         _check_store_path(self.path, create=True)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            if not (self.path / "zarr.json").exists():
+            if not (self.path / L.META).exists():
                 hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
-                _ensure_group(self.path, {"hlss": hlss})
-            _ensure_group(self.path / "patients")
+                _ensure_group(self.path, {L.ROOT_ATTR: hlss})
+            _ensure_group(self.path / L.PATIENTS)
             _ensure_group(self.path / STAGING)
         except PermissionError as e:
             raise StoreError(f"{self.path}: cannot write the store here ({e.strerror})") from e
         except OSError as e:
             raise StoreError(f"{self.path}: cannot create the store ({e.strerror or e})") from e
-
-    def _init_remote(self, url: str) -> None:
-        loc = self._remote = ObjectLocation(url)
-        self.path = loc.url
-        if _check_remote_root(loc, create=True) is None:
-            hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
-            loc.write_json("zarr.json", _group_doc({"hlss": hlss}))
-        self._ensure_remote_group("patients")
-        self._ensure_remote_group(STAGING)
-        self._zstore = loc.zarr_store(read_only=False)
-
-    @property
-    def is_remote(self) -> bool:
-        """Whether the store is on an object store (no atomic rename; see the module docstring)."""
-        return self._remote is not None
 
     def __repr__(self) -> str:
         return f"StoreWriter({str(self.path)!r})"
@@ -388,11 +347,7 @@ class StoreWriter:
     # -- reading what is there -------------------------------------------------------------
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any] | None:
         """Attributes of a committed slide group, or None if there is none."""
-        if self._remote is not None:
-            doc = self._remote.read_json(f"{_slide_key(patient_id, slide_id)}/zarr.json")
-            attrs = (doc or {}).get("attributes")
-            return dict(attrs) if isinstance(attrs, dict) else None
-        marker = self._slide_dir(patient_id, slide_id) / "zarr.json"
+        marker = self._slide_dir(patient_id, slide_id) / L.META
         try:
             return dict(json.loads(marker.read_text()).get("attributes", {}))
         except (OSError, ValueError):
@@ -402,17 +357,10 @@ class StoreWriter:
     def stage(self) -> StagedSlide:
         """A new, empty staging group owned by this process."""
         token = _staging_token()
-        if self._remote is not None:
-            key = f"{STAGING}/{token}"
-            owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-            self._remote.write_json(f"{key}/zarr.json", _group_doc({"owner": owner}))
-            with self._remote.errors("opening a staging group"):
-                group = zarr.open_group(store=self._zstore, path=key, mode="r+")
-            return StagedSlide(token=token, group=group, path=key)
         path = self.path / STAGING / token
         # the owner is in the group's first zarr.json (one atomic write), so a writer killed at any
         # moment leaves either nothing, a bare folder named after it, or a group that names it
-        _ensure_group(path, {"owner": {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}})
+        _ensure_group(path, {"owner": _owner()})
         return StagedSlide(token=token, group=zarr.open_group(path, mode="r+"), path=path)
 
     def commit(self, staged: StagedSlide, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
@@ -422,16 +370,17 @@ class StoreWriter:
         """
         validate_id(patient_id, kind="patient_id")
         validate_id(slide_id, kind="slide_id")
-        if self._remote is not None:
-            self._commit_remote(staged, patient_id, slide_id, patient_attrs)
-            return
-        meta = staged.path / "zarr.json"
+        self._commit_slide(staged, patient_id, slide_id, patient_attrs)
+
+    def _commit_slide(self, staged: StagedSlide, patient_id: str, slide_id: str,
+                      patient_attrs: dict[str, Any]) -> None:
+        meta = staged.path / L.META
         doc = json.loads(meta.read_text())
         doc.get("attributes", {}).pop("owner", None)
         atomic_write_bytes(meta, json.dumps(doc, indent=2).encode())
         known = {k: v for k, v in patient_attrs.items() if v is not None}
-        _ensure_group(self.path / "patients" / patient_id, known)
-        _ensure_group(self.path / "patients" / patient_id / "slides")
+        _ensure_group(self.path / L.patient_key(patient_id), known)
+        _ensure_group(self.path / L.slides_key(patient_id))
         target = self._slide_dir(patient_id, slide_id)
         for attempt in range(5):
             # move any current version aside, then move the new one in; another writer of the same
@@ -447,6 +396,12 @@ class StoreWriter:
                 if old is not None:
                     self._drop_aside(old)
 
+    def feature_chunk_rows(self, batch_size: int) -> int:
+        """Rows per chunk of a staged feature array filled ``batch_size`` rows at a time: one batch
+        on an object store (where a partial chunk write re-reads and re-uploads the whole chunk),
+        4096 in a folder."""
+        return 4096
+
     def stage_features(self, n: int, dim: int, dtype: str = "float32", chunk_rows: int = 4096,
                        fill_value: float = 0) -> zarr.Array:
         """A staged ``(n, dim)`` array to fill block by block, then :meth:`commit_features`.
@@ -458,7 +413,7 @@ class StoreWriter:
                             chunks=(max(1, min(chunk_rows, n)), dim), fill_value=fill_value)
 
     def commit_features(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
-                        attrs: dict[str, Any], expect_tiles_version: str, group: str = "features") -> None:
+                        attrs: dict[str, Any], expect_tiles_version: str, group: str = L.FEATURES) -> None:
         """Move a filled staged feature array to ``<slide>/<group>/<name>`` (atomic rename).
 
         ``group``: ``features`` (encoder features) or ``attributes`` (attribute scores of a run).
@@ -466,16 +421,17 @@ class StoreWriter:
         """
         if group not in _ARRAY_GROUPS:
             raise ValueError(f"group must be one of {_ARRAY_GROUPS}, got {group!r}")
-        validate_id(name, kind="feature name" if group == "features" else "attribute run name")
-        if self._remote is not None:
-            self._commit_features_remote(array, patient_id, slide_id, name, attrs, expect_tiles_version, group)
-            return
+        validate_id(name, kind="feature name" if group == L.FEATURES else "attribute run name")
+        self._commit_array(array, patient_id, slide_id, name, attrs, expect_tiles_version, group)
+
+    def _commit_array(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
+                      attrs: dict[str, Any], expect_tiles_version: str, group: str) -> None:
         staged_dir = _array_dir(array)
         current = self.slide_attrs(patient_id, slide_id)
         if current is None or tiles_version(current) != expect_tiles_version:
             shutil.rmtree(staged_dir.parent, ignore_errors=True)
             raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
-        array.update_attributes({**attrs, "tiles_version": expect_tiles_version, "complete": True})
+        array.update_attributes({**attrs, L.TILES_VERSION: expect_tiles_version, L.ARRAY_COMPLETE: True})
         slide_dir = self._slide_dir(patient_id, slide_id)
         _ensure_group(slide_dir / group)
         target = slide_dir / group / name
@@ -489,21 +445,13 @@ class StoreWriter:
 
     def discard_array(self, array: zarr.Array) -> None:
         """Drop a staged feature array (and its staging group) without committing it."""
-        if self._remote is not None:
-            self._remove_quietly(_array_key(array).rsplit("/", 1)[0])
-            return
         shutil.rmtree(_array_dir(array).parent, ignore_errors=True)
 
     def discard(self, staged: StagedSlide) -> None:
-        if self._remote is not None:
-            self._remove_quietly(str(staged.path))
-            return
         shutil.rmtree(staged.path, ignore_errors=True)
 
     def clean_staging(self) -> list[str]:
         """Remove staging groups left by writers that died (same host: pid gone; other hosts: after 24 h)."""
-        if self._remote is not None:
-            return self._clean_staging_remote()
         removed = []
         staging = self.path / STAGING
         host = socket.gethostname()
@@ -559,7 +507,7 @@ class StoreWriter:
         try:
             target = json.loads(old.with_name(old.name + _ASIDE_SUFFIX).read_text())["target"]
             parts = target.split("/")
-            if len(parts) not in (4, 6) or parts[0] != "patients" or parts[2] != "slides" or (
+            if len(parts) not in (4, 6) or parts[0] != L.PATIENTS or parts[2] != L.SLIDES or (
                     len(parts) == 6 and parts[4] not in _ARRAY_GROUPS):
                 raise ValueError(target)
             for part in parts[1::2] if len(parts) == 4 else (parts[1], parts[3], parts[5]):
@@ -578,156 +526,46 @@ class StoreWriter:
     def write_evaluation(self, name: str, result: dict[str, Any]) -> None:
         """Record an evaluation (e.g. a kNN report) as the attributes of ``evaluations/<name>``, replacing any before."""
         validate_id(name, kind="evaluation name")
-        if self._remote is not None:  # one PUT of the group's zarr.json: atomic there too
-            self._ensure_remote_group("evaluations")
-            doc = json.loads(json.dumps(_group_doc({"result": result}), default=str))
-            self._remote.write_json(f"evaluations/{name}/zarr.json", doc)
-            return
-        _ensure_group(self.path / "evaluations")
-        group = self.path / "evaluations" / name
+        _ensure_group(self.path / L.EVALUATIONS)
+        group = self.path / L.evaluation_key(name)
         group.mkdir(exist_ok=True)
-        atomic_write_bytes(group / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+        atomic_write_bytes(group / L.META, json.dumps({"zarr_format": 3, "node_type": "group",
                                                             "attributes": {"result": result}}, indent=2,
                                                            default=str).encode())
 
     def _slide_dir(self, patient_id: str, slide_id: str) -> Path:
-        return self.path / "patients" / patient_id / "slides" / slide_id
-
-    # -- object stores (see the module docstring for the protocol) ----------------------------
-    def _ensure_remote_group(self, key: str, attrs: dict[str, Any] | None = None) -> None:
-        """Make ``key`` a group holding at least ``attrs``: one PUT of its ``zarr.json`` when needed."""
-        loc = self._remote
-        doc = loc.read_json(f"{key}/zarr.json")
-        if doc is not None and doc.get("node_type") == "group":
-            current = doc.setdefault("attributes", {})
-            if all(current.get(k) == v for k, v in (attrs or {}).items()):
-                return
-            current.update(attrs or {})
-        else:
-            doc = _group_doc(attrs)
-        loc.write_json(f"{key}/zarr.json", doc)
-
-    def _replace_remote(self, src: str, dst: str, pending: dict, final: dict, token: str) -> bool:
-        """Put the objects under ``src`` at ``dst`` (replacing what was there) with ``final`` as its
-        ``zarr.json``; ``pending`` (marked with ``writer: token``) describes ``dst`` meanwhile.
-
-        False when another writer's marker replaced ours during the copy: that writer finishes.
-        """
-        loc = self._remote
-        loc.write_json(f"{dst}/zarr.json", pending)  # FIRST: the old version's metadata is gone
-        dst_meta, src_meta = loc.key(f"{dst}/zarr.json"), loc.key(f"{src}/zarr.json")
-        loc.remove([k for k in loc.find(dst) if k != dst_meta])  # objects of the old version
-        base_src, base_dst = loc.key(src), loc.key(dst)
-        objects = [k for k in loc.find(src) if k != src_meta]
-        loc.copy(objects, [base_dst + k[len(base_src):] for k in objects])
-        current = loc.read_json(f"{dst}/zarr.json") or {}
-        if (current.get("attributes") or {}).get("writer") != token:
-            log.warning("%s: %s was taken over by another writer during the commit; leaving it to that writer",
-                        self.path, dst)
-            return False
-        loc.write_json(f"{dst}/zarr.json", final)  # LAST: the one PUT that makes it complete (or failed)
-        return True
-
-    def _commit_remote(self, staged: StagedSlide, patient_id: str, slide_id: str,
-                       patient_attrs: dict[str, Any]) -> None:
-        loc, key = self._remote, str(staged.path)
-        doc = loc.read_json(f"{key}/zarr.json")
-        if doc is None:
-            raise StoreError(f"{self.path}: staged slide {staged.token} is gone (removed as stale?); rerun")
-        doc.setdefault("attributes", {}).pop("owner", None)
-        known = {k: v for k, v in patient_attrs.items() if v is not None}
-        self._ensure_remote_group(f"patients/{patient_id}", known)
-        self._ensure_remote_group(f"patients/{patient_id}/slides")
-        pending = _group_doc({"status": "writing", "writer": staged.token, "started": _now()})
-        try:
-            self._replace_remote(key, _slide_key(patient_id, slide_id), pending, doc, staged.token)
-        finally:
-            self._remove_quietly(key)
-
-    def _commit_features_remote(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
-                                attrs: dict[str, Any], expect_tiles_version: str,
-                                group: str = "features") -> None:
-        loc = self._remote
-        key = _array_key(array)
-        staged_group = key.rsplit("/", 1)[0]
-        try:
-            current = self.slide_attrs(patient_id, slide_id)
-            if current is None or tiles_version(current) != expect_tiles_version:
-                raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
-            with loc.errors("writing feature attributes"):
-                array.update_attributes({**attrs, "tiles_version": expect_tiles_version, "complete": True})
-            final = loc.read_json(f"{key}/zarr.json")
-            if final is None:
-                raise StoreError(f"{self.path}: staged features {key} are gone (removed as stale?); rerun")
-            token = staged_group.rsplit("/", 1)[-1]
-            pending = json.loads(json.dumps(final))
-            pending["attributes"] = {**pending.get("attributes", {}), "complete": False, "writer": token}
-            slide = _slide_key(patient_id, slide_id)
-            self._ensure_remote_group(f"{slide}/{group}")
-            self._replace_remote(key, f"{slide}/{group}/{name}", pending, final, token)
-        finally:
-            self._remove_quietly(staged_group)
-
-    def _remove_quietly(self, key: str) -> None:
-        try:
-            self._remote.remove_tree(key)
-        except Exception as e:  # clean-up only: the next clean_staging retries
-            log.debug("%s: could not remove %s: %s", self.path, key, type(e).__name__)
-
-    def _clean_staging_remote(self) -> list[str]:
-        loc, host, removed = self._remote, socket.gethostname(), []
-        for name in loc.children(STAGING):
-            if name == "zarr.json":
-                continue
-            key = f"{STAGING}/{name}"
-            owner = ((loc.read_json(f"{key}/zarr.json") or {}).get("attributes") or {}).get("owner")
-            if not isinstance(owner, dict):
-                objects = loc.find(key, detail=True)
-                newest = max((_mtime(info) for info in objects.values()), default=0.0)
-                stale = time.time() - newest > 3600
-            elif owner.get("host") == host:
-                stale = not _pid_alive(int(owner.get("pid", -1)), float(owner.get("started", 0)))
-            else:
-                stale = time.time() - float(owner.get("started", 0)) > _STALE_FOREIGN_S
-            if stale:
-                loc.remove_tree(key)
-                removed.append(name)
-        return removed
+        return self.path / L.slide_key(patient_id, slide_id)
 
     # -- following the manifest (labels, splits, patients) without retiling ----------------------
     def slide_index(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Every committed slide group: ``{slide_id: [(patient_id, attrs), ...]}`` (several patients
         when the store holds a slide id twice). On an object store: one listing per patient and one
         GET per slide, 16 at a time."""
-        if self._remote is not None:
-            loc = self._remote
-            patients = [p for p in loc.children("patients") if p != "zarr.json"]
-            with ThreadPoolExecutor(16, thread_name_prefix="slide-index") as pool:
-                slides = pool.map(lambda p: loc.children(f"patients/{p}/slides"), patients)
-                pairs = [(p, s) for p, names in zip(patients, slides) for s in names if s != "zarr.json"]
-                docs = list(pool.map(lambda ps: self.slide_attrs(*ps), pairs))
-        else:
-            pairs = [(d.parent.parent.name, d.name) for d in sorted((self.path / "patients").glob("*/slides/*"))
-                     if d.is_dir()]
-            docs = [self.slide_attrs(p, s) for p, s in pairs]
         out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for (p, s), attrs in zip(pairs, docs):
+        for (p, s), attrs in self._slide_docs():
             if attrs is not None:
                 out.setdefault(s, []).append((p, attrs))
         return out
+
+    def _slide_docs(self) -> list[tuple[tuple[str, str], dict[str, Any] | None]]:
+        """``((patient_id, slide_id), attrs or None)`` of every slide group."""
+        pairs = [(d.parent.parent.name, d.name) for d in sorted((self.path / L.PATIENTS).glob(f"*/{L.SLIDES}/*"))
+                 if d.is_dir()]
+        return [(ps, self.slide_attrs(*ps)) for ps in pairs]
 
     def derived_sets(self, patient_id: str, slide_id: str) -> list[str]:
         """``features/<name>`` and ``attributes/<run>`` arrays stored with a slide (complete or not):
         what retiling it would make invalid."""
         out = []
         for group in _ARRAY_GROUPS:
-            if self._remote is not None:
-                names = self._remote.children(f"{_slide_key(patient_id, slide_id)}/{group}")
-            else:
-                folder = self._slide_dir(patient_id, slide_id) / group
-                names = [c.name for c in folder.iterdir() if c.is_dir()] if folder.is_dir() else []
-            out += [f"{group}/{n}" for n in sorted(names) if n != "zarr.json"]
+            names = self._child_names(L.array_key(patient_id, slide_id, group))
+            out += [f"{group}/{n}" for n in sorted(names) if n != L.META]
         return out
+
+    def _child_names(self, key: str) -> list[str]:
+        """Names of the nodes under ``key`` (relative to the store root); [] when absent."""
+        folder = self.path / key
+        return [c.name for c in folder.iterdir() if c.is_dir()] if folder.is_dir() else []
 
     def update_labels(self, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
         """Set the known (not None) ``label``/``split`` of ``patient_attrs`` on the patient group and on
@@ -735,16 +573,11 @@ class StoreWriter:
         known = {k: v for k, v in patient_attrs.items() if v is not None}
         if not known:
             return
-        key = _slide_key(patient_id, slide_id)
-        if self._remote is not None:
-            self._ensure_remote_group(f"patients/{patient_id}", known)
-            doc = self._remote.read_json(f"{key}/zarr.json")
-            if doc is not None and any((doc.get("attributes") or {}).get(k) != v for k, v in known.items()):
-                doc.setdefault("attributes", {}).update(known)
-                self._remote.write_json(f"{key}/zarr.json", doc)
-            return
-        _ensure_group(self.path / "patients" / patient_id, known)
-        _ensure_group(self._slide_dir(patient_id, slide_id), known)
+        self._set_labels(patient_id, L.slide_key(patient_id, slide_id), known)
+
+    def _set_labels(self, patient_id: str, key: str, known: dict[str, Any]) -> None:
+        _ensure_group(self.path / L.patient_key(patient_id), known)
+        _ensure_group(self.path / key, known)
 
     def move_slide(self, old_patient: str, patient_id: str, slide_id: str, patient_attrs: dict[str, Any]) -> None:
         """Move a committed slide group (tiles, features and all) from ``old_patient`` to ``patient_id``.
@@ -759,23 +592,12 @@ class StoreWriter:
         validate_id(patient_id, kind="patient_id")
         validate_id(slide_id, kind="slide_id")
         known = {k: v for k, v in patient_attrs.items() if v is not None}
-        src, dst = _slide_key(old_patient, slide_id), _slide_key(patient_id, slide_id)
-        if self._remote is not None:
-            loc, token = self._remote, _staging_token()
-            doc = loc.read_json(f"{src}/zarr.json")
-            if doc is None:
-                raise StoreError(f"{self.path}: {src} is gone; rerun")
-            doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
-            marker = {"status": "moving", "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
-            loc.write_json(f"{src}/zarr.json", _group_doc(marker))
-            self._ensure_remote_group(f"patients/{patient_id}", known)
-            self._ensure_remote_group(f"patients/{patient_id}/slides")
-            pending = _group_doc({"status": "writing", "writer": token, "started": _now()})
-            if self._replace_remote(src, dst, pending, doc, token):
-                loc.remove_tree(src)
-            return
-        _ensure_group(self.path / "patients" / patient_id, known)
-        _ensure_group(self.path / "patients" / patient_id / "slides")
+        src, dst = L.slide_key(old_patient, slide_id), L.slide_key(patient_id, slide_id)
+        self._move(src, dst, patient_id, known)
+
+    def _move(self, src: str, dst: str, patient_id: str, known: dict[str, Any]) -> None:
+        _ensure_group(self.path / L.patient_key(patient_id), known)
+        _ensure_group(self.path / L.slides_key(patient_id))
         target = self.path / dst
         if target.exists():
             raise StoreError(f"{self.path}: {dst} already exists; not moving {src} over it")
@@ -784,17 +606,200 @@ class StoreWriter:
     def remove_move_leftover(self, old_patient: str, slide_id: str) -> None:
         """Remove what a killed :meth:`move_slide` left under ``old_patient`` (a ``moving`` marker and
         the objects it had already copied to their new patient)."""
-        key = _slide_key(old_patient, slide_id)
-        if self._remote is not None:
-            self._remote.remove_tree(key)
+        shutil.rmtree(self.path / L.slide_key(old_patient, slide_id))
+
+
+class _ObjectStoreWriter(StoreWriter):
+    """:class:`StoreWriter` of an object-store URL: no rename, so every commit follows the object-store
+    protocol of the module docstring (marker FIRST, copy, final ``zarr.json`` LAST)."""
+
+    is_remote = True
+
+    def __init__(self, path: str | Path) -> None:
+        loc = self._remote = ObjectLocation(str(path))
+        self.path = loc.url
+        if _check_remote_root(loc, create=True) is None:
+            hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
+            loc.write_json(L.META, _group_doc({L.ROOT_ATTR: hlss}))
+        self._ensure_remote_group(L.PATIENTS)
+        self._ensure_remote_group(STAGING)
+        self._zstore = loc.zarr_store(read_only=False)
+
+    def feature_chunk_rows(self, batch_size: int) -> int:
+        return batch_size  # a partial chunk write re-reads and re-uploads the whole object
+
+    def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any] | None:
+        doc = self._remote.read_json(f"{L.slide_key(patient_id, slide_id)}/{L.META}")
+        attrs = (doc or {}).get("attributes")
+        return dict(attrs) if isinstance(attrs, dict) else None
+
+    def stage(self) -> StagedSlide:
+        token = _staging_token()
+        key = f"{STAGING}/{token}"
+        self._remote.write_json(f"{key}/{L.META}", _group_doc({"owner": _owner()}))
+        with self._remote.errors("opening a staging group"):
+            group = zarr.open_group(store=self._zstore, path=key, mode="r+")
+        return StagedSlide(token=token, group=group, path=key)
+
+    def discard_array(self, array: zarr.Array) -> None:
+        self._remove_quietly(_array_key(array).rsplit("/", 1)[0])
+
+    def discard(self, staged: StagedSlide) -> None:
+        self._remove_quietly(str(staged.path))
+
+    def write_evaluation(self, name: str, result: dict[str, Any]) -> None:
+        validate_id(name, kind="evaluation name")
+        self._ensure_remote_group(L.EVALUATIONS)
+        doc = json.loads(json.dumps(_group_doc({"result": result}), default=str))
+        self._remote.write_json(f"{L.evaluation_key(name)}/{L.META}", doc)
+
+    def _slide_docs(self) -> list[tuple[tuple[str, str], dict[str, Any] | None]]:
+        """One listing per patient and one GET per slide, 16 at a time."""
+        loc = self._remote
+        patients = [p for p in loc.children(L.PATIENTS) if p != L.META]
+        with ThreadPoolExecutor(16, thread_name_prefix="slide-index") as pool:
+            slides = pool.map(lambda p: loc.children(L.slides_key(p)), patients)
+            pairs = [(p, s) for p, names in zip(patients, slides) for s in names if s != L.META]
+            return list(zip(pairs, pool.map(lambda ps: self.slide_attrs(*ps), pairs)))
+
+    def _child_names(self, key: str) -> list[str]:
+        return self._remote.children(key)
+
+    def _set_labels(self, patient_id: str, key: str, known: dict[str, Any]) -> None:
+        self._ensure_remote_group(L.patient_key(patient_id), known)
+        doc = self._remote.read_json(f"{key}/{L.META}")
+        if doc is not None and any((doc.get("attributes") or {}).get(k) != v for k, v in known.items()):
+            doc.setdefault("attributes", {}).update(known)
+            self._remote.write_json(f"{key}/{L.META}", doc)
+
+    def _move(self, src: str, dst: str, patient_id: str, known: dict[str, Any]) -> None:
+        loc, token = self._remote, _staging_token()
+        doc = loc.read_json(f"{src}/{L.META}")
+        if doc is None:
+            raise StoreError(f"{self.path}: {src} is gone; rerun")
+        doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
+        marker = {L.STATUS: L.MOVING, "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
+        loc.write_json(f"{src}/{L.META}", _group_doc(marker))
+        self._ensure_remote_group(L.patient_key(patient_id), known)
+        self._ensure_remote_group(L.slides_key(patient_id))
+        pending = _group_doc({L.STATUS: L.WRITING, "writer": token, "started": _now()})
+        if self._replace_remote(src, dst, pending, doc, token):
+            loc.remove_tree(src)
+
+    def remove_move_leftover(self, old_patient: str, slide_id: str) -> None:
+        self._remote.remove_tree(L.slide_key(old_patient, slide_id))
+
+    def _ensure_remote_group(self, key: str, attrs: dict[str, Any] | None = None) -> None:
+        """Make ``key`` a group holding at least ``attrs``: one PUT of its ``zarr.json`` when needed."""
+        loc = self._remote
+        doc = loc.read_json(f"{key}/{L.META}")
+        if doc is not None and doc.get("node_type") == "group":
+            current = doc.setdefault("attributes", {})
+            if all(current.get(k) == v for k, v in (attrs or {}).items()):
+                return
+            current.update(attrs or {})
         else:
-            shutil.rmtree(self.path / key)
+            doc = _group_doc(attrs)
+        loc.write_json(f"{key}/{L.META}", doc)
+
+    def _replace_remote(self, src: str, dst: str, pending: dict, final: dict, token: str) -> bool:
+        """Put the objects under ``src`` at ``dst`` (replacing what was there) with ``final`` as its
+        ``zarr.json``; ``pending`` (marked with ``writer: token``) describes ``dst`` meanwhile.
+
+        False when another writer's marker replaced ours during the copy: that writer finishes.
+        """
+        loc = self._remote
+        loc.write_json(f"{dst}/{L.META}", pending)  # FIRST: the old version's metadata is gone
+        dst_meta, src_meta = loc.key(f"{dst}/{L.META}"), loc.key(f"{src}/{L.META}")
+        loc.remove([k for k in loc.find(dst) if k != dst_meta])  # objects of the old version
+        base_src, base_dst = loc.key(src), loc.key(dst)
+        objects = [k for k in loc.find(src) if k != src_meta]
+        loc.copy(objects, [base_dst + k[len(base_src):] for k in objects])
+        current = loc.read_json(f"{dst}/{L.META}") or {}
+        if (current.get("attributes") or {}).get("writer") != token:
+            log.warning("%s: %s was taken over by another writer during the commit; leaving it to that writer",
+                        self.path, dst)
+            return False
+        loc.write_json(f"{dst}/{L.META}", final)  # LAST: the one PUT that makes it complete (or failed)
+        return True
+
+    def _commit_slide(self, staged: StagedSlide, patient_id: str, slide_id: str,
+                      patient_attrs: dict[str, Any]) -> None:
+        loc, key = self._remote, str(staged.path)
+        doc = loc.read_json(f"{key}/{L.META}")
+        if doc is None:
+            raise StoreError(f"{self.path}: staged slide {staged.token} is gone (removed as stale?); rerun")
+        doc.setdefault("attributes", {}).pop("owner", None)
+        known = {k: v for k, v in patient_attrs.items() if v is not None}
+        self._ensure_remote_group(L.patient_key(patient_id), known)
+        self._ensure_remote_group(L.slides_key(patient_id))
+        pending = _group_doc({L.STATUS: L.WRITING, "writer": staged.token, "started": _now()})
+        try:
+            self._replace_remote(key, L.slide_key(patient_id, slide_id), pending, doc, staged.token)
+        finally:
+            self._remove_quietly(key)
+
+    def _commit_array(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,
+                      attrs: dict[str, Any], expect_tiles_version: str, group: str) -> None:
+        loc = self._remote
+        key = _array_key(array)
+        staged_group = key.rsplit("/", 1)[0]
+        try:
+            current = self.slide_attrs(patient_id, slide_id)
+            if current is None or tiles_version(current) != expect_tiles_version:
+                raise StoreError(f"{patient_id}/{slide_id}: slide changed while its features were computed; rerun")
+            with loc.errors("writing feature attributes"):
+                array.update_attributes({**attrs, L.TILES_VERSION: expect_tiles_version, L.ARRAY_COMPLETE: True})
+            final = loc.read_json(f"{key}/{L.META}")
+            if final is None:
+                raise StoreError(f"{self.path}: staged features {key} are gone (removed as stale?); rerun")
+            token = staged_group.rsplit("/", 1)[-1]
+            pending = json.loads(json.dumps(final))
+            pending["attributes"] = {**pending.get("attributes", {}), L.ARRAY_COMPLETE: False, "writer": token}
+            slide = L.slide_key(patient_id, slide_id)
+            self._ensure_remote_group(f"{slide}/{group}")
+            self._replace_remote(key, f"{slide}/{group}/{name}", pending, final, token)
+        finally:
+            self._remove_quietly(staged_group)
+
+    def _remove_quietly(self, key: str) -> None:
+        try:
+            self._remote.remove_tree(key)
+        except Exception as e:  # clean-up only: the next clean_staging retries
+            log.debug("%s: could not remove %s: %s", self.path, key, type(e).__name__)
+
+    def clean_staging(self) -> list[str]:
+        """Remove staging prefixes of dead writers (same host: pid gone; other hosts: after 24 h;
+        without owner: objects older than an hour)."""
+        loc, host, removed = self._remote, socket.gethostname(), []
+        for name in loc.children(STAGING):
+            if name == L.META:
+                continue
+            key = f"{STAGING}/{name}"
+            owner = ((loc.read_json(f"{key}/{L.META}") or {}).get("attributes") or {}).get("owner")
+            if not isinstance(owner, dict):
+                objects = loc.find(key, detail=True)
+                newest = max((_mtime(info) for info in objects.values()), default=0.0)
+                stale = time.time() - newest > 3600
+            elif owner.get("host") == host:
+                stale = not _pid_alive(int(owner.get("pid", -1)), float(owner.get("started", 0)))
+            else:
+                stale = time.time() - float(owner.get("started", 0)) > _STALE_FOREIGN_S
+            if stale:
+                loc.remove_tree(key)
+                removed.append(name)
+        return removed
 
 
 def moved_doc(attrs: dict[str, Any]) -> dict[str, Any] | None:
     """The slide document a ``moving`` marker (a killed :meth:`StoreWriter.move_slide`) holds, else None."""
-    doc = attrs.get("moved_doc") if attrs.get("status") == "moving" else None
+    doc = attrs.get("moved_doc") if attrs.get(L.STATUS) == L.MOVING else None
     return doc if isinstance(doc, dict) else None
+
+
+def _owner() -> dict[str, Any]:
+    """Who writes a staging group: host, pid and start time (epoch s), to tell dead writers."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
 
 def _staging_token() -> str:
@@ -803,10 +808,6 @@ def _staging_token() -> str:
     host = sanitize_id(socket.gethostname())
     host = f"h{host}" if host.startswith("replaced") else host
     return validate_id(f"{host[:100]}-{os.getpid()}-{uuid.uuid4().hex[:12]}", kind="staging token")
-
-
-def _slide_key(patient_id: str, slide_id: str) -> str:
-    return f"patients/{patient_id}/slides/{slide_id}"
 
 
 def _array_dir(array: zarr.Array) -> Path:
@@ -836,8 +837,8 @@ def _mtime(info: dict) -> float:
 
 def tiles_version(slide_attrs: dict[str, Any]) -> str:
     """Identity of a committed slide's tiles: tiling parameters, source content and tile count."""
-    key = [slide_attrs.get("params_hash"), (slide_attrs.get("source") or {}).get("fingerprint"),
-           slide_attrs.get("n_tiles")]
+    key = [slide_attrs.get(L.PARAMS_HASH), (slide_attrs.get(L.SOURCE) or {}).get(L.FINGERPRINT),
+           slide_attrs.get(L.N_TILES)]
     return hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()
 
 
@@ -852,7 +853,7 @@ def _owner_from_token(group_dir: Path) -> dict | None:
 
 def _read_owner(group_dir: Path) -> dict | None:
     try:
-        return json.loads((group_dir / "zarr.json").read_text())["attributes"]["owner"]
+        return json.loads((group_dir / L.META).read_text())["attributes"]["owner"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -880,7 +881,7 @@ def _ensure_group(path: Path, attrs: dict[str, Any] | None = None) -> None:
     Here ``zarr.json`` is only ever replaced whole (write a temporary file, rename over).
     """
     path.mkdir(parents=True, exist_ok=True)
-    meta = path / "zarr.json"
+    meta = path / L.META
     try:
         doc = json.loads(meta.read_text())
     except FileNotFoundError:
@@ -904,11 +905,11 @@ class SlideRecord:
 
     @property
     def status(self) -> str:
-        return "damaged" if self.damage is not None else self.attrs.get("status", "unknown")
+        return L.DAMAGED if self.damage is not None else self.attrs.get(L.STATUS, "unknown")
 
     @property
     def n_tiles(self) -> int:
-        return int(self.attrs.get("n_tiles", 0))
+        return int(self.attrs.get(L.N_TILES, 0))
 
 
 class SlideStore:
@@ -919,21 +920,20 @@ class SlideStore:
     ...     tiles = store.tiles(rec.patient_id, rec.slide_id)   # (N, T, T, 3) uint8; tiles[i] reads one tile
 
     Every accessor raises :class:`StoreDamageError` (patient, slide, array, file) for what cannot
-    be read, and KeyError for what is not there.
+    be read, and KeyError for what is not there. ``SlideStore(url)`` of an object store is an
+    :class:`_ObjectSlideStore` (same interface).
     """
 
+    is_remote = False
+    """Whether the store is on an object store."""
+
+    def __new__(cls, path: str | Path | None = None, *args: Any, **kwargs: Any) -> "SlideStore":
+        return super().__new__(_kind(cls, SlideStore, _ObjectSlideStore, path))
+
     def __init__(self, path: str | Path) -> None:
-        self.is_remote = is_remote(path)
-        if self.is_remote:
-            loc = ObjectLocation(str(path))
-            self.path: Path | str = loc.url
-            _check_remote_root(loc, create=False)
-            with loc.errors("opening the store"):
-                self.root = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
-            return
-        self.path = local_path(path)
+        self.path: Path | str = local_path(path)
         _check_store_path(self.path, create=False)
-        if not (self.path / "zarr.json").exists():
+        if not (self.path / L.META).exists():
             raise StoreError(f"{self.path}: not an hlss store (no zarr.json)")
         self.root = zarr.open_group(self.path, mode="r")
 
@@ -942,41 +942,39 @@ class SlideStore:
 
     @property
     def info(self) -> dict[str, Any]:
-        return dict(self.root.attrs["hlss"])
+        return dict(self.root.attrs[L.ROOT_ATTR])
 
     def where(self, key: str) -> str:
         """The file (folder store) or URL (object store) of ``key``, a path relative to the store root."""
-        return f"{self.path}/{key.strip('/')}" if self.is_remote else str(Path(self.path) / key.strip("/"))
+        return str(Path(self.path) / key.strip("/"))
 
     def children(self, key: str) -> list[str]:
         """Names of the nodes under ``key`` as the storage lists them, readable metadata or not."""
-        if not self.is_remote:
-            folder = Path(self.path) / key
-            return sorted(c.name for c in folder.iterdir() if c.is_dir()) if folder.is_dir() else []
-
-        async def listing() -> list[str]:
-            return [n async for n in self.root.store.list_dir(key.strip("/"))]
-
-        return sorted(n for n in sync(listing()) if n != "zarr.json")
+        folder = Path(self.path) / key
+        return sorted(c.name for c in folder.iterdir() if c.is_dir()) if folder.is_dir() else []
 
     def node(self, key: str, patient_id: str, slide_id: str | None = None, array: str | None = None):
         """The group or array at ``key``; KeyError if absent, :class:`StoreDamageError` if unreadable."""
         try:
             return self.root[key]
         except KeyError:
-            if self.is_remote or not (Path(self.path) / key).is_dir():
+            if not self._bare_node(key):
                 raise
             error: BaseException = FileNotFoundError(key)  # a folder without its zarr.json
         except Exception as e:
             error = e
-        raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/zarr.json"), damage_reason(error))
+        raise StoreDamageError(patient_id, slide_id, array, self.where(f"{key}/{L.META}"), damage_reason(error))
+
+    def _bare_node(self, key: str) -> bool:
+        """Whether ``key`` is there without its ``zarr.json`` (a folder; objects have no such state)."""
+        return (Path(self.path) / key).is_dir()
 
     def patients(self) -> list[str]:
         """Every patient id, its metadata readable or not (see :meth:`patient_attrs`)."""
-        return self.children("patients")
+        return self.children(L.PATIENTS)
 
     def patient_attrs(self, patient_id: str) -> dict[str, Any]:
-        return dict(self.node(f"patients/{patient_id}", patient_id).attrs)
+        return dict(self.node(L.patient_key(patient_id), patient_id).attrs)
 
     def slides(self, patient_id: str, status: str | None = "complete") -> list[str]:
         """Slide ids of a patient; only those with ``status`` unless it is None (which lists damaged
@@ -992,7 +990,7 @@ class SlideStore:
 
     def patient_records(self, patient_id: str, status: str | None = None) -> Iterator[SlideRecord]:
         """The records of one patient's slides, as :meth:`records` gives them."""
-        names = self.children(f"patients/{patient_id}/slides")
+        names = self.children(L.slides_key(patient_id))
         try:
             self.patient_attrs(patient_id)
         except StoreDamageError as damage:
@@ -1005,22 +1003,22 @@ class SlideStore:
                 yield SlideRecord(patient_id, s, {}, damage)
                 continue
             except KeyError:  # listed, so its zarr.json is what is missing
-                key = _slide_key(patient_id, s)
-                yield SlideRecord(patient_id, s, {}, StoreDamageError(patient_id, s, None, self.where(f"{key}/zarr.json"),
-                                                                   "zarr.json is missing"))
+                key = L.slide_key(patient_id, s)
+                where = self.where(f"{key}/{L.META}")
+                yield SlideRecord(patient_id, s, {}, StoreDamageError(patient_id, s, None, where, "zarr.json is missing"))
                 continue
-            if status is None or attrs.get("status") == status:
+            if status is None or attrs.get(L.STATUS) == status:
                 yield SlideRecord(patient_id, s, attrs)
 
     def group(self, patient_id: str, slide_id: str) -> zarr.Group:
-        return self.node(_slide_key(patient_id, slide_id), patient_id, slide_id)  # one metadata read
+        return self.node(L.slide_key(patient_id, slide_id), patient_id, slide_id)  # one metadata read
 
     def slide_attrs(self, patient_id: str, slide_id: str) -> dict[str, Any]:
         return dict(self.group(patient_id, slide_id).attrs)
 
     def array(self, patient_id: str, slide_id: str, name: str) -> CheckedArray:
         """Array ``name`` of a slide (``tiles``, ``features/<set>``...), lazy, its reads checked."""
-        arr = self.node(f"{_slide_key(patient_id, slide_id)}/{name}", patient_id, slide_id, name)
+        arr = self.node(L.array_key(patient_id, slide_id, name), patient_id, slide_id, name)
         return CheckedArray(arr, self, patient_id, slide_id, name)
 
     def _read(self, patient_id: str, slide_id: str, name: str) -> np.ndarray:
@@ -1028,36 +1026,36 @@ class SlideStore:
 
     def tiles(self, patient_id: str, slide_id: str) -> CheckedArray:
         """``(N, T, T, 3) uint8`` tiles (lazy: index it to read)."""
-        return self.array(patient_id, slide_id, "tiles")
+        return self.array(patient_id, slide_id, L.TILES)
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N, 2) int64`` level-0 (x, y) of each tile's top-left corner."""
-        return self._read(patient_id, slide_id, "coords")
+        return self._read(patient_id, slide_id, L.COORDS)
 
     def tissue(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N,) float32`` tissue fraction of each tile."""
-        return self._read(patient_id, slide_id, "tissue")
+        return self._read(patient_id, slide_id, L.TISSUE)
 
     def thumbnail(self, patient_id: str, slide_id: str) -> np.ndarray:
-        return self._read(patient_id, slide_id, "thumbnail")
+        return self._read(patient_id, slide_id, L.THUMBNAIL)
 
     def tissue_mask(self, patient_id: str, slide_id: str) -> np.ndarray:
-        return self._read(patient_id, slide_id, "tissue_mask")
+        return self._read(patient_id, slide_id, L.TISSUE_MASK)
 
     def has_qc(self, patient_id: str, slide_id: str) -> bool:
         """Whether the slide has a QC picture (slides tiled before they existed have none)."""
-        return "qc" in self.children(_slide_key(patient_id, slide_id))
+        return L.QC in self.children(L.slide_key(patient_id, slide_id))
 
     def qc_image(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(H, W, 3) uint8`` QC picture (see :mod:`pipeline.qc`); KeyError if the slide has none."""
         try:
-            return self._read(patient_id, slide_id, "qc")
+            return self._read(patient_id, slide_id, L.QC)
         except KeyError:
             raise KeyError(f"{patient_id}/{slide_id}: no QC picture (tiled before QC pictures existed? retile)") from None
 
     def qc_png(self, patient_id: str, slide_id: str) -> bytes:
         """The QC picture encoded as PNG."""
-        from .qc import encode_png
+        from .png import encode_png
 
         return encode_png(self.qc_image(patient_id, slide_id))
 
@@ -1066,44 +1064,44 @@ class SlideStore:
 
         Raises :class:`StoreError` for a slide tiled before they were recorded.
         """
-        names = self.children(f"{_slide_key(patient_id, slide_id)}/tile_qc")
+        names = self.children(L.array_key(patient_id, slide_id, L.TILE_QC))
         if not names:
             raise StoreError(f"{patient_id}/{slide_id}: no per-tile QC measures (tiled by an older version); "
                              "retile (hlss tile --force) to filter on them")
-        return {name: self._read(patient_id, slide_id, f"tile_qc/{name}") for name in names}
+        return {name: self._read(patient_id, slide_id, f"{L.TILE_QC}/{name}") for name in names}
 
     def tile_keep(self, patient_id: str, slide_id: str, tile_filter=None) -> np.ndarray:
         """``(N,) bool``: the tiles a :class:`pipeline.qc.TileFilter` keeps (all of them when it is None
         or sets no limit, so stores without ``tile_qc`` still work unless a QC limit is asked for)."""
-        n = int(self.slide_attrs(patient_id, slide_id).get("n_tiles", 0))
+        n = int(self.slide_attrs(patient_id, slide_id).get(L.N_TILES, 0))
         if tile_filter is None or not tile_filter.active:
             return np.ones(n, bool)
         needs = tile_filter.needs
         qc: dict[str, np.ndarray] = {}
-        if any(k != "tissue" for k in needs):
+        if any(k != L.TISSUE for k in needs):
             qc.update(self.tile_qc(patient_id, slide_id))
-        if "tissue" in needs:
-            qc["tissue"] = self.tissue(patient_id, slide_id)
+        if L.TISSUE in needs:
+            qc[L.TISSUE] = self.tissue(patient_id, slide_id)
         return tile_filter.keep(qc)
 
     def feature_names(self, patient_id: str, slide_id: str) -> list[str]:
         """Names of the complete feature arrays of a slide (a damaged one is left out with a warning;
         :meth:`features` names its damage)."""
-        return self._complete_names(patient_id, slide_id, "features")
+        return self._complete_names(patient_id, slide_id, L.FEATURES)
 
     def features(self, patient_id: str, slide_id: str, name: str) -> CheckedArray:
         """``(N, D)`` features ``name`` of a slide, row i for tile i (KeyError if absent)."""
-        return self._complete_array(patient_id, slide_id, "features", name, "features")
+        return self._complete_array(patient_id, slide_id, L.FEATURES, name, "features")
 
     def attribute_runs(self, patient_id: str, slide_id: str) -> list[str]:
         """Names of the runs with complete attribute scores for a slide (see :mod:`hlss_model.explain`)."""
-        return self._complete_names(patient_id, slide_id, "attributes")
+        return self._complete_names(patient_id, slide_id, L.ATTRIBUTES)
 
     def _complete_names(self, patient_id: str, slide_id: str, kind: str) -> list[str]:
         out = []
-        for name in self.children(f"{_slide_key(patient_id, slide_id)}/{kind}"):
+        for name in self.children(L.array_key(patient_id, slide_id, kind)):
             try:
-                if self.array(patient_id, slide_id, f"{kind}/{name}").attrs.get("complete"):
+                if self.array(patient_id, slide_id, f"{kind}/{name}").attrs.get(L.ARRAY_COMPLETE):
                     out.append(name)
             except StoreDamageError as e:  # recomputed by the next extract/explain; verify lists it
                 log.warning("%s", e)
@@ -1113,25 +1111,25 @@ class SlideStore:
 
     def _complete_array(self, patient_id: str, slide_id: str, kind: str, name: str, what: str) -> CheckedArray:
         arr = self.array(patient_id, slide_id, f"{kind}/{name}")
-        if not arr.attrs.get("complete"):
+        if not arr.attrs.get(L.ARRAY_COMPLETE):
             raise KeyError(f"{patient_id}/{slide_id}: {what} {name!r} are incomplete")
         return arr
 
     def attribute_scores(self, patient_id: str, slide_id: str, run_name: str) -> CheckedArray:
         """``(N, A) float32`` attribute scores of run ``run_name``, row i for tile i; attrs ``levels`` and
         ``names`` give each column (KeyError if absent or incomplete)."""
-        return self._complete_array(patient_id, slide_id, "attributes", run_name, "attribute scores")
+        return self._complete_array(patient_id, slide_id, L.ATTRIBUTES, run_name, "attribute scores")
 
     def evaluations(self) -> dict[str, dict[str, Any]]:
         """Recorded evaluations by name (see :meth:`StoreWriter.write_evaluation`); one whose ``zarr.json``
         cannot be read is left out with a warning naming its file."""
         out = {}
-        for name in self.children("evaluations"):
+        for name in self.children(L.EVALUATIONS):
             try:
-                out[name] = dict(self.root[f"evaluations/{name}"].attrs).get("result", {})
+                out[name] = dict(self.root[L.evaluation_key(name)].attrs).get("result", {})
             except Exception as e:  # a record of a past run: never a reason to fail the reader
                 log.warning("evaluation %s is unreadable: %s (%s)", name, damage_reason(e),
-                            self.where(f"evaluations/{name}/zarr.json"))
+                            self.where(f"{L.evaluation_key(name)}/{L.META}"))
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -1173,3 +1171,28 @@ class SlideStore:
             "slides": rows,
             "parameters": params,
         }
+
+
+class _ObjectSlideStore(SlideStore):
+    """:class:`SlideStore` of an object-store URL: reads through zarr's ``FsspecStore``."""
+
+    is_remote = True
+
+    def __init__(self, path: str | Path) -> None:
+        loc = ObjectLocation(str(path))
+        self.path = loc.url
+        _check_remote_root(loc, create=False)
+        with loc.errors("opening the store"):
+            self.root = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r")
+
+    def where(self, key: str) -> str:
+        return f"{self.path}/{key.strip('/')}"
+
+    def children(self, key: str) -> list[str]:
+        async def listing() -> list[str]:
+            return [n async for n in self.root.store.list_dir(key.strip("/"))]
+
+        return sorted(n for n in sync(listing()) if n != L.META)
+
+    def _bare_node(self, key: str) -> bool:
+        return False

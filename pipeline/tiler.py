@@ -20,11 +20,13 @@ import zarr
 
 from .cohort import SlideSpec
 from .config import TilingParams
+from .files import utc_now
 from .grid import TileGrid, pick_level, tile_grid
 from .qc import QC_FIELDS, qc_caption, render_qc, tile_measures
 from .location import scrub
 from .reader import MppInfo, SlideError, SlideReader, TimeBudget, open_slide, read_thumbnail, resolve_mpp
 from .source import same_source, source_info
+from . import layout as L
 from .store import StagedSlide, StoreWriter, create_array
 from .tiles import ReadPlan, iter_tile_blocks, plan_reads
 from .tissue import TissueMask, detect_tissue
@@ -73,7 +75,7 @@ def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams, *,
     attrs = writer.slide_attrs(spec.patient_id, spec.slide_id) if attrs is None else attrs
     if attrs is None:
         return "new"
-    if attrs.get("status") != "complete":
+    if attrs.get(L.STATUS) != L.COMPLETE:
         return f"previous attempt {attrs.get('status', 'unfinished')}"
     if src is None:
         try:
@@ -82,12 +84,12 @@ def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams, *,
             src = e
     if isinstance(src, OSError):
         return f"source unreadable ({src.strerror or src})"
-    old = attrs.get("source") or {}
+    old = attrs.get(L.SOURCE) or {}
     if old.get("bytes") != src["bytes"]:
         return f"source size changed ({old.get('bytes')} -> {src['bytes']} bytes)"
     if not same_source(old, src):
         return "source content changed (fingerprint)"
-    if attrs.get("params_hash") != params.params_hash(spec.mpp):
+    if attrs.get(L.PARAMS_HASH) != params.params_hash(spec.mpp):
         return "tiling parameters changed"
     return None
 
@@ -196,7 +198,7 @@ def _record_failure(
         error=result.error,
         source=src,
         params_hash=params.params_hash(spec.mpp),
-        failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        failed_at=utc_now(),
     )
     writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
 
@@ -263,8 +265,8 @@ def _write_slide(
     timings["tissue_s"] = time.perf_counter() - t
     mpp, grid = p.mpp, p.grid
     w0, h0 = slide.dimensions
-    _write_small(group, "thumbnail", p.thumbnail, {"scale": list(p.mask.scale)})
-    _write_small(group, "tissue_mask", p.mask.mask, {"scale": list(p.mask.scale)})
+    _write_small(group, L.THUMBNAIL, p.thumbnail, {L.SCALE: list(p.mask.scale)})
+    _write_small(group, L.TISSUE_MASK, p.mask.mask, {L.SCALE: list(p.mask.scale)})
     qc_attrs = {"mpp0": [mpp.x, mpp.y], "mpp_source": mpp.source, "target_mpp": params.target_mpp,
                 "tile_size": params.tile_size, "min_tissue": params.min_tissue, "mask_mpp": params.mask_mpp,
                 "tissue_params": params.tissue.to_dict()}
@@ -287,21 +289,21 @@ def _write_slide(
     T = params.tile_size
 
     t = time.perf_counter()
-    _write_small(group, "coords", grid.coords[order].astype(np.int64), {"units": "level-0 px, tile top-left (x, y)"})
-    _write_small(group, "tissue", p.fractions[order].astype(np.float32), {"units": "fraction of tile area"})
+    _write_small(group, L.COORDS, grid.coords[order].astype(np.int64), {L.UNITS: L.spec(L.COORDS).unit})
+    _write_small(group, L.TISSUE, p.fractions[order].astype(np.float32), {L.UNITS: L.spec(L.TISSUE).unit})
     shard = min(params.shard_tiles, n)
     # create_array writes every chunk: every tile holds tissue, and skipping zarr's per-chunk "is it
     # all fill value?" scan saves a third of the write time
-    tiles = create_array(group, "tiles", shape=(n, T, T, 3), dtype="uint8", chunks=(1, T, T, 3),
+    tiles = create_array(group, L.TILES, shape=(n, T, T, 3), dtype="uint8", chunks=(1, T, T, 3),
                          shards=(shard, T, T, 3), fill_value=0, **params.compression.codecs_for())
     qc = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
     _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap,
                 qc=qc, ink_hues=params.tissue.ink_hues, dark_value=params.tissue.dark_value, budget=budget)
     timings["tiles_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    qc_group = group.create_group("tile_qc")
+    qc_group = group.create_group(L.TILE_QC)
     for k, v in qc.items():
-        _write_small(qc_group, k, v, {"units": _QC_UNITS[k]})
+        _write_small(qc_group, k, v, {L.UNITS: L.TILE_QC_UNITS[k]})
     # version 2: colour measures on every 6th pixel (version 1: every 4th)
     qc_group.update_attributes({"fields": list(QC_FIELDS), "version": 2,
                                 "ink_hues": [list(h) for h in params.tissue.ink_hues],
@@ -338,21 +340,13 @@ def _write_slide(
     }
 
 
-_QC_UNITS = {
-    "focus": "variance of the 4-neighbour Laplacian of the green channel at half resolution (0-255 scale)",
-    "pen": "fraction of pixels that look like marker ink (tissue.py hue rules) or are dark",
-    "brightness": "mean of R, G, B / 255",
-    "saturation": "mean HSV saturation",
-}
-
-
 def _write_qc(group: zarr.Group, spec: SlideSpec, p: "SlidePlan", attrs: dict, coords: np.ndarray,
               n_grid: int, error: str | None) -> None:
     """The slide's QC picture ``qc`` (see :mod:`pipeline.qc`); never fails the slide."""
     try:
         caption = qc_caption(spec.patient_id, spec.slide_id, attrs, len(coords), n_grid, p.mask.fraction, error)
         image, info = render_qc(p.thumbnail, p.mask.mask, p.mask.scale, coords, p.grid.footprint, caption)
-        _write_small(group, "qc", image, {"scale": info["scale"], "size": info["size"],
+        _write_small(group, L.QC, image, {L.SCALE: info["scale"], "size": info["size"],
                                           "caption_px": info["caption_px"]})
     except Exception as e:  # a picture is for people: never lose the tiles over it
         log.warning("%s: QC picture not written: %s: %s", spec.path, type(e).__name__, e)

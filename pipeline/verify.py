@@ -17,9 +17,6 @@ the old version, are named for re-extraction. Nothing else is removed.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,15 +24,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from zarr.core.sync import sync
 
+from . import layout as L
 from .store import (CheckedArray, SlideRecord, SlideStore, StoreDamageError, StoreError, bad_chunks, chunk_grid,
                     damage_reason, has_checksums, tiles_version)
 
-__all__ = ["SlideCheck", "VerifyReport", "verify_store", "verify_slide", "add_parser", "run"]
+__all__ = ["SlideCheck", "VerifyReport", "verify_store", "verify_slide"]
 
-_REQUIRED = {"complete": {"tiles": "uint8", "coords": "int64", "tissue": "float32", "thumbnail": "uint8",
-                          "tissue_mask": "bool"}}
-_PER_TILE = ("tiles", "coords", "tissue")  # first axis: one row per tile
-_DERIVED = ("features", "attributes")  # made from the tiles; gone when the slide is retiled
+_REQUIRED = {L.COMPLETE: L.REQUIRED_DTYPES}
+_PER_TILE = L.PER_TILE  # first axis: one row per tile
+_DERIVED = L.DERIVED_GROUPS  # made from the tiles; gone when the slide is retiled
 _MAX_PER_ARRAY = 5  # damaged chunks named per array (the rest are counted)
 
 
@@ -139,7 +136,7 @@ def verify_slide(st: SlideStore, rec: SlideRecord) -> SlideCheck:
             check.unchecked.append(name)
         check.damage += _layout_problems(st, rec, name, arr)
         check.damage += _chunk_problems(st, p, s, name, arr)
-    slide_dir = f"patients/{p}/slides/{s}"
+    slide_dir = L.slide_key(p, s)
     for name in sorted(set(_REQUIRED.get(rec.status, {})) - present):
         if not any(e.array == name for e in check.damage):
             check.damage.append(StoreDamageError(p, s, name, st.where(f"{slide_dir}/{name}"),
@@ -150,7 +147,7 @@ def verify_slide(st: SlideStore, rec: SlideRecord) -> SlideCheck:
 def _arrays(st: SlideStore, p: str, s: str, check: SlideCheck) -> Iterator[tuple[str, CheckedArray]]:
     """Every array of a slide, one group level down (``tile_qc/<m>``, ``features/<name>``...);
     what cannot be opened goes to ``check.damage``."""
-    base = f"patients/{p}/slides/{s}"
+    base = L.slide_key(p, s)
     for child in st.children(base):
         try:
             node = st.node(f"{base}/{child}", p, s, child)
@@ -158,7 +155,8 @@ def _arrays(st: SlideStore, p: str, s: str, check: SlideCheck) -> Iterator[tuple
             check.damage.append(e)
             continue
         except KeyError:
-            check.damage.append(StoreDamageError(p, s, child, st.where(f"{base}/{child}/zarr.json"), "zarr.json is missing"))
+            check.damage.append(StoreDamageError(p, s, child, st.where(f"{base}/{child}/{L.META}"),
+                                                 "zarr.json is missing"))
             continue
         if not hasattr(node, "shape"):  # a group: its arrays
             for sub in st.children(f"{base}/{child}"):
@@ -168,7 +166,7 @@ def _arrays(st: SlideStore, p: str, s: str, check: SlideCheck) -> Iterator[tuple
                     check.damage.append(e)
                 except KeyError:
                     check.damage.append(StoreDamageError(p, s, f"{child}/{sub}",
-                                                         st.where(f"{base}/{child}/{sub}/zarr.json"),
+                                                         st.where(f"{base}/{child}/{sub}/{L.META}"),
                                                          "zarr.json is missing"))
             continue
         yield child, CheckedArray(node, st, p, s, child)
@@ -177,7 +175,7 @@ def _arrays(st: SlideStore, p: str, s: str, check: SlideCheck) -> Iterator[tuple
 def _layout_problems(st: SlideStore, rec: SlideRecord, name: str, arr: CheckedArray) -> list[StoreDamageError]:
     """Shape and dtype against the slide's attributes (derived arrays: only when made from these tiles)."""
     n, out = rec.n_tiles, []
-    where = st.where(f"{arr.array.path}/zarr.json")
+    where = st.where(f"{arr.array.path}/{L.META}")
 
     def bad(problem: str) -> None:
         out.append(StoreDamageError(rec.patient_id, rec.slide_id, name, where, problem))
@@ -185,13 +183,14 @@ def _layout_problems(st: SlideStore, rec: SlideRecord, name: str, arr: CheckedAr
     want = _REQUIRED.get(rec.status, {}).get(name)
     if want is not None and np.dtype(arr.dtype) != np.dtype(want):
         bad(f"dtype {arr.dtype}, expected {want}")
-    per_tile = name in _PER_TILE or name.startswith("tile_qc/") or (
-        name.split("/")[0] in _DERIVED and arr.attrs.get("tiles_version") == tiles_version(rec.attrs))
-    if rec.status == "complete" and per_tile and (not arr.ndim or arr.shape[0] != n):
+    per_tile = name in _PER_TILE or name.startswith(f"{L.TILE_QC}/") or (
+        name.split("/")[0] in _DERIVED and arr.attrs.get(L.TILES_VERSION) == tiles_version(rec.attrs))
+    if rec.status == L.COMPLETE and per_tile and (not arr.ndim or arr.shape[0] != n):
         bad(f"shape {tuple(arr.shape)}, but the slide has n_tiles {n}")
-    if rec.status == "complete" and name == "tiles" and tuple(arr.shape[1:]) != (rec.attrs.get("tile_size"),) * 2 + (3,):
-        bad(f"shape {tuple(arr.shape)}, but tiles are {rec.attrs.get('tile_size')} px RGB")
-    if rec.status == "complete" and name == "coords" and arr.shape[1:] != (2,):
+    tile_size = rec.attrs.get(L.TILE_SIZE)
+    if rec.status == L.COMPLETE and name == L.TILES and tuple(arr.shape[1:]) != (tile_size,) * 2 + (3,):
+        bad(f"shape {tuple(arr.shape)}, but tiles are {tile_size} px RGB")
+    if rec.status == L.COMPLETE and name == L.COORDS and arr.shape[1:] != (2,):
         bad(f"shape {tuple(arr.shape)}, expected (n_tiles, 2)")
     return out
 
@@ -299,37 +298,3 @@ def _tiling_params(st: SlideStore, rec: SlideRecord):
     if params.params_hash(mpp) != a.get("params_hash"):
         raise ValueError("they do not reproduce the slide's params_hash")
     return params, mpp
-
-
-# -- command --------------------------------------------------------------------------------------
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    v = sub.add_parser("verify", help="read every chunk of every slide; report damage; --repair retiles damaged slides")
-    v.add_argument("store", nargs="?", help="store folder or URL")
-    v.add_argument("--store", dest="store_option", metavar="STORE", help="the store (instead of the positional)")
-    v.add_argument("--repair", action="store_true",
-                   help="retile damaged slides from their source files (when there and unchanged) and name the "
-                        "feature sets to re-extract; nothing else is removed")
-    v.add_argument("--json", action="store_true", help="machine-readable output")
-    v.set_defaults(func=run)
-    return v
-
-
-def run(args: argparse.Namespace) -> int:
-    """``hlss verify``: 0 intact (or every damaged slide repaired), 1 damage left, 2 unusable store or arguments."""
-    def fail(msg: str) -> int:
-        print(f"hlss verify: error: {msg}", file=sys.stderr)
-        return 2
-
-    if args.store and args.store_option and args.store != args.store_option:
-        return fail(f"two stores given ({args.store} and --store {args.store_option}); give one")
-    location = args.store or args.store_option
-    if not location:
-        return fail("give the store: hlss verify STORE (or --store STORE)")
-    try:
-        report = verify_store(location, repair=args.repair)
-    except StoreError as e:
-        return fail(str(e))
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
-    return report.exit_code

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.cli import main
+from hlss.cli import main
 from pipeline.config import TilingParams
 from pipeline.reader import MAX_SIDE, SlideError, SlideTimeout, TimeBudget, open_slide, read_thumbnail
 from pipeline.store import SlideStore
@@ -38,7 +38,7 @@ def patch_tag(path: Path, page: int, tag: str, values: list[int]) -> None:
 
 def tile_cli(source: Path, store: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``hlss tile`` in a subprocess, bounded by ``timeout`` (a run that never ends fails the test)."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "tile", str(source), "--store", str(store),
+    return subprocess.run([sys.executable, "-m", "hlss", "tile", str(source), "--store", str(store),
                            "--no-progress", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -186,7 +186,7 @@ def test_cli_refuses_a_negative_slide_timeout(make_slide, tmp_path, capsys):
     slide = make_slide("a.svs")
     assert main(["tile", str(slide), "--store", str(tmp_path / "s.zarr"), "--no-progress",
                  "--slide-timeout", "-5"]) == 2
-    assert "slide timeout -5" in capsys.readouterr().err
+    assert "argument --slide-timeout: -5 is outside 0-604800 s" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
 
 

@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import shutil
@@ -6,7 +7,8 @@ import sys
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from hlss.cli import build_parser, main
+from hlss.options import resolve_store
 
 
 def test_tile_and_info_exit_codes(make_slide, tmp_path, capsys):
@@ -54,7 +56,7 @@ def test_missing_source_and_file_store_exit_2(make_slide, tmp_path, capsys):
 
 
 def test_argparse_errors_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "tile"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hlss", "tile"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--store" in proc.stderr
 
 
@@ -66,7 +68,7 @@ def test_demo_cohort_command(tmp_path, capsys):
     assert main(["demo-cohort", str(tmp_path / "e"), "--slides-per-patient", "x"]) == 2
 
 
-# -- bad values are refused before any work (pipeline/argtypes.py) ---------------------------------
+# -- bad values are refused before any work (hlss/argtypes.py) -------------------------------------
 
 _NO_CUDA = "CUDA is not available on this machine; use auto or cpu"
 BAD_VALUES = [  # (argv, the option named, what the message says is allowed or wrong)
@@ -212,12 +214,12 @@ def test_output_piped_into_a_closed_reader_ends_quietly(train_store, extra):
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `| head -1` that has already exited
     try:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "info", str(train_store), *extra],
+        proc = subprocess.run([sys.executable, "-m", "hlss", "info", str(train_store), *extra],
                               stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write_end)
     assert proc.stderr == "" and proc.returncode == 141
-    shell = subprocess.run(["bash", "-c", f"{sys.executable} -m pipeline.cli info {train_store} {' '.join(extra)} "
+    shell = subprocess.run(["bash", "-c", f"{sys.executable} -m hlss info {train_store} {' '.join(extra)} "
                                           "| head -1"], capture_output=True, text=True, timeout=120)
     assert shell.stderr == "" and len(shell.stdout.splitlines()) == 1
 
@@ -228,3 +230,77 @@ def test_error_messages_show_control_characters(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\\x1b[2J\\x1b]0;pwned\\x07\\r\\u202eevil: no such store" in err
     assert not any(ch in err for ch in "\x1b\x07\r\u202e")
+
+
+# -- the store: positional (preferred) or --store, the same for every command -----------------------
+
+STORE_COMMANDS = {  # command -> (argv before the store, argv after it)
+    "tile": (["tile", "src"], []), "info": (["info"], []), "verify": (["verify"], []),
+    "qc": (["qc"], ["--out", "o"]), "report": (["report"], ["--out", "r.html"]),
+    "export-mil": (["export-mil"], ["--features", "f", "--out", "o"]), "train": (["train"], ["--out", "run"]),
+    "extract": (["extract"], ["--encoder", "timm:resnet10t"]), "knn": (["knn"], ["--features", "f"]),
+    "explain": (["explain"], ["--checkpoint", "run", "--slide", "s"]), "run": (["run"], []),
+}
+
+
+def test_every_command_with_a_store_has_both_forms():
+    """A command added later that takes a store must take it both ways too (and be listed above)."""
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    with_store = set()
+    for command, parser in subparsers.choices.items():
+        dests = {a.dest: a for a in parser._actions}
+        if "store" in dests or "store_option" in dests:
+            with_store.add(command)
+            assert not dests["store"].option_strings and dests["store_option"].option_strings == ["--store"], command
+    assert with_store == set(STORE_COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(STORE_COMMANDS))
+def test_the_store_is_positional_or_an_option(command):
+    head, tail = STORE_COMMANDS[command]
+    for argv in (head + ["S"] + tail, head + ["--store", "S"] + tail, head + ["S", "--store", "S"] + tail):
+        args = build_parser().parse_args(argv)
+        resolve_store(args)
+        assert args.store == "S", argv
+
+
+@pytest.mark.parametrize("command", ["tile", "info", "verify", "report", "export-mil", "knn", "extract", "train"])
+def test_two_different_stores_are_refused_before_any_work(command, train_store, tmp_path, capsys):
+    from store_snapshot import assert_unchanged, snapshot
+
+    head, tail = STORE_COMMANDS[command]
+    head = [a.replace("src", str(train_store)) for a in head]
+    tail = [str(tmp_path / "out" / a) if a in ("o", "r.html", "run") else a for a in tail]
+    before = snapshot(train_store)
+    assert main([*head, str(train_store), "--store", str(tmp_path / "other.zarr"), *tail]) == 2
+    err = capsys.readouterr().err
+    assert f"hlss {command}: error: two stores given ({train_store} and --store {tmp_path / 'other.zarr'}); " \
+           "give one" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither store nor output written
+    assert_unchanged(before, snapshot(train_store))
+
+
+@pytest.mark.parametrize("command, usage", [("knn", "hlss knn STORE"), ("tile", "hlss tile SOURCE STORE"),
+                                            ("qc", "hlss qc STORE --out DIR")])
+def test_no_store_is_a_usage_error_naming_both_forms(command, usage, tmp_path, capsys):
+    head, tail = STORE_COMMANDS[command]
+    assert main([*head, *tail]) == 2
+    err = capsys.readouterr().err
+    assert f"hlss {command}: error: give the store: {usage}" in err, err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+
+
+def test_tile_source_store_positionally_then_info_with_either_form(make_slide, tmp_path, capsys):
+    slide = make_slide("a.svs", width=1024, height=768)
+    store = tmp_path / "s.zarr"
+    assert main(["tile", str(slide), str(store), "--target-mpp", "2", "--tile-size", "64", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(store)]) == 0
+    positional = capsys.readouterr().out
+    assert main(["info", "--store", str(store)]) == 0
+    assert capsys.readouterr().out == positional and "1 slides (1 complete, 0 failed)" in positional
+
+
+def test_python_dash_m_hlss_runs_the_command():
+    proc = subprocess.run([sys.executable, "-m", "hlss", "knn", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "[STORE]" in proc.stdout and "--store STORE" in proc.stdout

@@ -103,7 +103,7 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
     try:
         _wait("prefect server", lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 180, server,
               server_log)
-        serve = subprocess.Popen([str(BIN / "hlss"), "serve"], env=serve_env, cwd=work,
+        serve = subprocess.Popen([sys.executable, "-m", "hlss", "serve"], env=serve_env, cwd=work,
                                  stdout=serve_log.open("w"), stderr=subprocess.STDOUT)
 
         def deployment(name: str) -> dict | None:
@@ -164,8 +164,8 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
         # the work-pool alternative: the same deployments, run by a Prefect worker instead of `hlss serve`
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", "hlss-pool", "--type", "process"], env=env,
                        cwd=work, check=True, capture_output=True, timeout=120)
-        deployed = subprocess.run([str(BIN / "hlss"), "deploy", "--pool", "hlss-pool"], env=serve_env, cwd=work,
-                                  capture_output=True, text=True, timeout=120)
+        deployed = subprocess.run([sys.executable, "-m", "hlss", "deploy", "--pool", "hlss-pool"], env=serve_env,
+                                  cwd=work, capture_output=True, text=True, timeout=120)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert deployment("reprocess/nightly")["work_pool_name"] == "hlss-pool"
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "hlss-pool"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 
 from hlss_model.augment import EvalTransform
 from hlss_model.config import TrainConfig
-from hlss_model.explain import ExplainError, add_parser, explain_patient, explain_slide, load_explain_run, run
+from hlss.cli import main
+from hlss_model.explain import ExplainError, explain_patient, explain_slide, load_explain_run
 from pipeline.attribute_maps import colormap, render_heatmap, top_attributes
 from pipeline.qc import tile_rects
 from hlss_model.train import train
@@ -29,12 +29,6 @@ def setup(train_store, tiny_text_model, tmp_path_factory):
     reader = SlideStore(store)
     p = reader.patients()[0]
     return store, root / "run", p, reader.slides(p)[0]
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
 
 
 def test_scores_are_stored_match_an_independent_computation_and_are_reused(setup, monkeypatch):
@@ -157,27 +151,27 @@ def test_cli_writes_heatmaps_and_prints_top_attributes(setup, tmp_path, capsys):
     store, run_dir, p, s = setup
     er = load_explain_run(run_dir)
     level, name = er.levels[-1], er.names[-1]
-    args = _parse(["explain", "--store", str(store), "--checkpoint", str(run_dir), "--slide", s,
-                   "--out", str(tmp_path / "o"), "--top", "2", "--device", "cpu"])
-    assert run(args) == 0
+    args = ["explain", "--store", str(store), "--checkpoint", str(run_dir), "--slide", s,
+                   "--out", str(tmp_path / "o"), "--top", "2", "--device", "cpu"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert f"slide {s}" in out and f"patient {p}" in out
     pngs = sorted(x.name for x in (tmp_path / "o").iterdir())
     assert len(pngs) == 3 and all(x.startswith(f"{s}_") for x in pngs)  # the top attribute of each level
     first = er.sentences.get((er.levels[0], er.names[0]))
     assert first  # the run's attribute sentences are found
-    args = _parse(["explain", "--store", str(store), "--checkpoint", str(run_dir), "--slide", s,
-                   "--out", str(tmp_path / "o2"), "--attribute", f"{level}:{name}", "--device", "cpu"])
-    assert run(args) == 0
+    args = ["explain", "--store", str(store), "--checkpoint", str(run_dir), "--slide", s,
+                   "--out", str(tmp_path / "o2"), "--attribute", f"{level}:{name}", "--device", "cpu"]
+    assert main(args) == 0
     assert [x.name for x in (tmp_path / "o2").iterdir()] == [f"{s}_{level}_{name}.png"]
 
 
 def test_cli_errors(setup, tmp_path, capsys):
     store, run_dir, p, s = setup
     base = ["explain", "--store", str(store), "--checkpoint", str(run_dir), "--device", "cpu", "--out", str(tmp_path)]
-    assert run(_parse(base + ["--slide", "no-such-slide"])) == 2
+    assert main(base + ["--slide", "no-such-slide"]) == 2
     assert "hlss explain: error: unknown slide 'no-such-slide'" in capsys.readouterr().err
-    assert run(_parse(base + ["--slide", s, "--attribute", "not_an_attribute"])) == 2
+    assert main(base + ["--slide", s, "--attribute", "not_an_attribute"]) == 2
     assert "no attribute 'not_an_attribute'" in capsys.readouterr().err
 
     hidisc = TrainConfig.from_dict({
@@ -186,9 +180,9 @@ def test_cli_errors(setup, tmp_path, capsys):
         "model": {"backbone": "resnet10t", "proj_dim": 8}, "augment": {"out_size": 32},
     })
     train(store, tmp_path / "hd", hidisc, progress=False)
-    args = _parse(["explain", "--store", str(store), "--checkpoint", str(tmp_path / "hd"), "--slide", s,
-                   "--device", "cpu", "--out", str(tmp_path)])
-    assert run(args) == 2
+    args = ["explain", "--store", str(store), "--checkpoint", str(tmp_path / "hd"), "--slide", s,
+                   "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "hlss explain: error:" in err and "HiDisc" in err and "no attribute text" in err
     with pytest.raises(ExplainError):
@@ -295,9 +289,9 @@ def test_cli_names_a_damaged_slide_and_patient(setup, tmp_path, capsys):
     data[64] ^= 0xFF
     shard.write_bytes(bytes(data))
     before = snapshot(store)
-    args = _parse(["explain", "--store", str(store), "--checkpoint", str(run_dir), "--slide", s, "--force",
-                   "--out", str(tmp_path / "o"), "--device", "cpu"])
-    assert run(args) == 1
+    args = ["explain", "--store", str(store), "--checkpoint", str(run_dir), "--slide", s, "--force",
+                   "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main(args) == 1
     err = capsys.readouterr().err
     assert f"patient {p}, slide {s}: array 'tiles' is damaged" in err and str(shard) in err
     assert "Traceback" not in err

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.export import ExportError, add_parser, export_mil, run
+from hlss.cli import build_parser, main
+from hlss.commands import outputs as commands
+from hlss.options import resolve_store
+from pipeline.export import ExportError, export_mil
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 
 DIM = 12
@@ -141,8 +144,8 @@ def test_rerun_overwrites_and_drops_slides_whose_features_are_gone(exported_stor
 
 
 def test_real_extracted_features_export(train_store, tmp_path):
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
 
     store = _copy(train_store, tmp_path, patients=1)
     assert extract_features(store, [timm_encoder("test_resnet", name="r")], batch_size=32, device="cpu").exit_code == 0
@@ -166,27 +169,27 @@ def test_unknown_feature_name_is_a_clear_error(exported_store, tmp_path):
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hlss")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    resolve_store(args)
+    return args
 
 
 def test_cli_entry(exported_store, tmp_path, capsys):
     store, slides, _ = exported_store
     out = tmp_path / "mil"
     args = _parse(["export-mil", "--store", str(store), "--features", "f", "--format", "pt", "--out", str(out)])
-    assert args.func is run and args.format == "pt"
+    assert args.func is commands.export_mil and args.format == "pt"
     assert args.func(args) == 1  # one slide skipped
     text = capsys.readouterr().out
     assert f"SKIPPED {slides[-1][0]}/{slides[-1][1]}" in text and f"{len(slides) - 1} slides" in text
     assert sorted(p.stem for p in (out / "pt_files").iterdir()) == sorted(s for _, s in slides[:-1])
     assert _parse(["export-mil", "--store", "s", "--features", "f", "--out", "o"]).format == "clam-h5"
 
-    bad = _parse(["export-mil", "--store", str(store), "--features", "nope", "--out", str(out)])
-    assert run(bad) == 2
+    bad = ["export-mil", "--store", str(store), "--features", "nope", "--out", str(out)]
+    assert main(bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("hlss export-mil: error: ") and "'nope'" in err and str(store) in err
-    missing = _parse(["export-mil", "--store", str(tmp_path / "absent.zarr"), "--features", "f", "--out", str(out)])
-    assert run(missing) == 2 and "no such store" in capsys.readouterr().err
+    missing = ["export-mil", "--store", str(tmp_path / "absent.zarr"), "--features", "f", "--out", str(out)]
+    assert main(missing) == 2 and "no such store" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["export-mil", "--store", str(store), "--features", "f", "--format", "npz", "--out", str(out)])

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import features as features_mod
-from pipeline.cli import main
-from pipeline.encoders import timm_encoder
-from pipeline.features import extract_features
+from hlss_model import extract as features_mod
+from hlss.cli import main
+from hlss_model.encoders import timm_encoder
+from hlss_model.extract import extract_features
 from pipeline.store import SlideStore, StoreError, StoreWriter, tiles_version
 
 BATCH = 16

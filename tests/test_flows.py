@@ -199,7 +199,7 @@ def test_change_reasons(tmp_path, make_slide):
     params = TilingParams(**TILING)
     writer = StoreWriter(tmp_path / "store")
     assert change_reason(writer, spec, params) == "new"
-    from flows.work import tile_one
+    from pipeline.runner import tile_one
 
     assert tile_one(spec, str(writer.path), params).status == "complete"
     assert change_reason(writer, spec, params) is None
@@ -245,6 +245,41 @@ def test_killed_worker_is_retried_and_the_slide_finishes(harness, tmp_path):
     assert rec.status == "complete" and reader.tiles(rec.patient_id, rec.slide_id).shape[0] == rec.n_tiles > 0
     StoreWriter(store).clean_staging()
     assert not [p for p in (store / "_staging").iterdir() if p.is_dir()]  # the dead writer's half slide is gone
+
+
+def test_a_flow_retries_only_a_dead_worker_as_hlss_tile_does():
+    """One retry policy: the tile-slide task retries a slide whose worker died, as often as the
+    runner does, and nothing else (a slide's own failure is in its result, not raised)."""
+    from prefect.states import Failed
+
+    from flows.executor import WorkerLost
+    from flows.steps import _worker_died, tile_slide_task
+    from pipeline.runner import WORKER_RETRIES
+
+    assert tile_slide_task.retries == WORKER_RETRIES
+    assert _worker_died(tile_slide_task, None, Failed(data=WorkerLost("a worker process died")))
+    assert not _worker_died(tile_slide_task, None, Failed(data=ValueError("cannot pickle")))
+
+
+def test_task_and_flow_names_say_one_thing_each():
+    """No task shares its name with a flow (``extract-features`` is the flow; its task is
+    ``extract-slide-features``) and no two tasks share one."""
+    import importlib
+    import pkgutil
+
+    import flows
+    from prefect import Flow, Task
+
+    tasks, flow_names = [], set()
+    for info in pkgutil.iter_modules(flows.__path__):
+        for obj in vars(importlib.import_module(f"flows.{info.name}")).values():
+            if isinstance(obj, Task):
+                tasks.append(obj)
+            elif isinstance(obj, Flow):
+                flow_names.add(obj.name)
+    names = [t.name for t in {id(t): t for t in tasks}.values()]
+    assert "extract-features" in flow_names and "extract-slide-features" in names
+    assert not set(names) & flow_names and len(names) == len(set(names)), (sorted(names), sorted(flow_names))
 
 
 def test_extract_features_flow_with_timm_encoder_and_dask(harness, tmp_path, train_store):
@@ -382,11 +417,11 @@ def test_unreachable_prefect_api_is_a_clear_error(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
     for cmd in (["serve"], ["run", "--source", str(tmp_path), "--store", str(tmp_path / "s"), "--run-dir",
                             str(tmp_path / "r")]):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *cmd], env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "hlss", *cmd], env=env, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "Prefect API at http://127.0.0.1:9/api is unreachable" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "hlss", "serve"], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, timeout=120)
     assert proc.returncode == 2 and "prefect server start" in proc.stderr
 
@@ -401,7 +436,7 @@ def test_hlss_run_uses_a_temporary_local_server(tmp_path, train_yaml):
     cfg.write_text(yaml.safe_dump({"tiling": TILING, "training": {"config": str(train_yaml)},
                                    "evaluation": {"k": 5}, "extraction": {"name": "demo"}}))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--source", str(manifest),
+    cmd = [sys.executable, "-m", "hlss", "run", "--config", str(cfg), "--source", str(manifest),
            "--store", str(tmp_path / "store"), "--run-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]

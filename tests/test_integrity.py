@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cli import main
+from hlss.cli import main
 from pipeline.store import SlideStore, StoreDamageError, has_checksums
 from store_snapshot import assert_unchanged, snapshot
 
@@ -35,8 +35,8 @@ ALL = [(P1, S1), (P2, S2A), (P2, S2B), (P3, S3A), (P3, S3B)]
 def base_store(tmp_path_factory) -> Path:
     """5 slides of 3 patients, 64 px tiles, features ``f`` (timm test_resnet) on every slide."""
     from pipeline.config import TilingParams
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
     from pipeline.runner import tile_cohort
     from pipeline.synthetic import make_demo_cohort
 
@@ -179,7 +179,7 @@ def test_truncated_slide_metadata_info_report_and_qc_list_it_and_go_on(store, tm
 
 def test_hlss_info_on_a_damaged_store_exits_1_without_traceback(store):
     (slide_dir(store, P3, S3A) / "zarr.json").write_text('{"attributes": {"status": "comp')
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "info", str(store)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "hlss", "info", str(store)], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and f"DAMAGED {S3A}: patient {P3}, slide {S3A}" in proc.stdout

@@ -74,8 +74,8 @@ def test_every_name_that_becomes_a_key_goes_through_the_validator(tiled, kind, c
 
 
 def test_a_feature_name_is_checked_before_any_extraction(tiled):
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
 
     _, _, store = tiled
     before = snapshot(store)
@@ -85,7 +85,7 @@ def test_a_feature_name_is_checked_before_any_extraction(tiled):
 
 
 def _tile_cli(manifest: Path, store: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "tile", str(manifest), "--store", str(store),
+    return subprocess.run([sys.executable, "-m", "hlss", "tile", str(manifest), "--store", str(store),
                            "--target-mpp", "1", "--tile-size", "64", "--no-progress"],
                           capture_output=True, text=True, timeout=300)
 

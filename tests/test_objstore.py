@@ -226,8 +226,8 @@ def test_interrupted_retiling_keeps_the_previous_version(s3_endpoint, cohort, mo
 
 
 def test_features_extracted_into_s3_equal_local_ones_and_a_killed_commit_is_redone(tiled, monkeypatch):
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
 
     url, here, _ = tiled  # this test adds features to both stores; the others do not look at features
     enc = timm_encoder("test_resnet", name="f")

@@ -35,8 +35,14 @@ def test_console_script_and_codec_entry_point_are_installed():
 
     assert any(ep.name == "hlss" for ep in entry_points(group="console_scripts"))
     assert any(ep.name == "hlss.jpeg" for ep in entry_points(group="zarr.codecs"))
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "hlss", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "tile" in out.stdout and "demo-cohort" in out.stdout and "info" in out.stdout
+
+
+def test_the_hlss_command_is_the_hlss_package():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["hlss"] == "hlss.cli:main"
+    assert "hlss*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
 
 
 def test_license_is_apache_2():

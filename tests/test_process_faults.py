@@ -19,7 +19,7 @@ from pipeline.store import SlideStore
 from store_snapshot import assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "hlss"]
 
 
 def start_tiling(folder: Path, store: Path, *args: str, **popen) -> subprocess.Popen:

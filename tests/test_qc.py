@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 from pathlib import Path
@@ -13,9 +12,9 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
+from hlss.cli import main
 from hlss_model.config import ConfigError, TrainConfig
 from hlss_model.data import CohortIndex, draw_patient
-from pipeline import qc as qc_mod
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
 from pipeline.qc import OUTLINE_RGB, QC_FIELDS, TILE_RGB, TileFilter, export_qc, picture_size, render_qc, tile_measures
@@ -127,10 +126,7 @@ def test_failed_slide_has_a_qc_picture_and_export_writes_every_slide(qc_store, t
         np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")),
                                       st.qc_image(rec.patient_id, rec.slide_id))
     # the command
-    parser = argparse.ArgumentParser()
-    qc_mod.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["qc", str(qc_store), "--out", str(tmp_path / "cli"), "--status", "complete"])
-    assert qc_mod.run(args) == 0
+    assert main(["qc", str(qc_store), "--out", str(tmp_path / "cli"), "--status", "complete"]) == 0
     assert len(list((tmp_path / "cli").rglob("*.png"))) == 1
 
 
@@ -218,8 +214,8 @@ def test_sampler_never_draws_a_filtered_tile(train_store, tmp_path):
 
 
 def test_extraction_with_a_filter_computes_kept_rows_only(train_store, tmp_path):
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
 
     store = tmp_path / "store.zarr"
     shutil.copytree(train_store, store)

@@ -19,8 +19,9 @@ import pytest
 
 from browser import INSTALL, Browser, chromium
 from test_training import tiny_config
-from pipeline.cli import build_parser
-from pipeline.report import add_parser, run, write_report
+from hlss.cli import build_parser, main
+from hlss.commands import outputs as commands
+from pipeline.report import write_report
 from pipeline.store import SlideStore, StoreWriter
 
 _PAGE_STATE = """(async () => {
@@ -57,7 +58,7 @@ def cohort(train_store, tmp_path_factory, tiny_text_model):
     from hlss_model.evaluate import knn_from_store
     from hlss_model.train import train
     from pipeline.config import TilingParams
-    from pipeline.encoders import timm_encoder
+    from hlss_model.encoders import timm_encoder
     from pipeline.runner import tile_cohort
 
     tmp = tmp_path_factory.mktemp("report")
@@ -234,28 +235,22 @@ def test_picture_files_are_redrawn_only_when_their_slide_changed(cohort, tmp_pat
 
 
 def test_report_command(cohort, tmp_path, capsys):
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="hlss")
-    add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "r.html"
-    args = parser.parse_args(["report", str(cohort["store"]), "--out", str(out), "--run", str(cohort["run"]),
-                              "--max-px", "128"])
-    assert run(args) == 0 and out.is_file() and "wrote" in capsys.readouterr().out
-    assert args.func is run
+    args = ["report", str(cohort["store"]), "--out", str(out), "--run", str(cohort["run"]), "--max-px", "128"]
+    assert main(args) == 0 and out.is_file() and "wrote" in capsys.readouterr().out
+    assert build_parser().parse_args(args).func is commands.report
 
     # without --run, the run folder named by the store's kNN evaluation gives the training curve
-    default = parser.parse_args(["report", str(cohort["store"]), "--out", str(tmp_path / "d.html"), "--max-px", "64"])
-    assert run(default) == 0
+    default = ["report", str(cohort["store"]), "--out", str(tmp_path / "d.html"), "--max-px", "64"]
+    assert main(default) == 0
     text = (tmp_path / "d.html").read_text()
     assert "<h2>Training</h2>" in text and f'data-run="{cohort["run"].name}"' in text
     capsys.readouterr()
 
-    bad = parser.parse_args(["report", str(tmp_path / "missing.zarr"), "--out", str(out)])
-    assert run(bad) == 2
+    assert main(["report", str(tmp_path / "missing.zarr"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("hlss report: error: ")
-    bad = parser.parse_args(["report", str(cohort["store"]), "--out", str(out), "--run", str(tmp_path / "nope")])
-    assert run(bad) == 2 and "not a run folder" in capsys.readouterr().err
+    assert main(["report", str(cohort["store"]), "--out", str(out), "--run", str(tmp_path / "nope")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
 
 
 def test_report_without_runs_escapes_and_skips_sections(train_store, tmp_path):
@@ -264,10 +259,5 @@ def test_report_without_runs_escapes_and_skips_sections(train_store, tmp_path):
     assert 'id="slides"' in html_text and "http://" not in html_text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
-def test_cli_has_report_when_wired():
-    """Once pipeline/cli.py registers ``report``, it parses (skipped until then)."""
-    try:
-        args = build_parser().parse_args(["report", "s.zarr", "--out", "r.html"])
-    except SystemExit:
-        pytest.skip("pipeline/cli.py does not register `report` yet")
-    assert args.func is run
+def test_cli_has_report():
+    assert build_parser().parse_args(["report", "s.zarr", "--out", "r.html"]).func is commands.report

@@ -41,7 +41,7 @@ def test_tiling_defaults_are_the_tiling_params(tmp_path):
 def test_extraction_defaults_are_one_definition(tmp_path):
     from hlss_model.evaluate import knn_from_store
     from hlss_model.explain import explain_slide
-    from pipeline.features import embed_tiles, extract_features
+    from hlss_model.extract import embed_tiles, extract_features
 
     assert ExtractionSettings() == EXTRACTION == _empty_flow_config(tmp_path).extraction
     assert EXTRACTION.batch_size == 128  # was 256 in extract_features / embed_tiles, 128 everywhere else
@@ -54,7 +54,7 @@ def test_extraction_defaults_are_one_definition(tmp_path):
 def test_evaluation_defaults_are_one_definition(tmp_path):
     from hlss_model.evaluate import knn_from_store, store_split
     from hlss_model.knn import knn_evaluate, knn_scores, split_patients
-    from pipeline.features import embed_tiles, sample_rows
+    from hlss_model.extract import embed_tiles, sample_rows
 
     assert EvaluationSettings() == EVALUATION == _empty_flow_config(tmp_path).evaluation
     assert (EVALUATION.k, EVALUATION.temperature) == (200, 0.07)  # HiDisc's kNN protocol

@@ -144,7 +144,7 @@ def test_ids_that_differ_only_by_case_from_stored_ones_are_refused(cohort, make_
 
 
 def _tile_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "tile", *args, "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "hlss", "tile", *args, "--no-progress"],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -204,5 +204,5 @@ def test_reprocess_flow_retiles_re_extracts_its_features_and_lists_the_rest(make
         ("attributes/run1", False), ("features/resnet10t", True), ("features/run1", False)]
     text = summary_markdown(second)
     assert "- P1/S1: attributes/run1 not re-extracted" in text and "- P1/S1: features/resnet10t re-extracted" in text
-    assert "| P2 | S2 | skipped | 0 | label 'normal' -> 'tumour' |" in text
+    assert "| P2 | S2 | skipped | 0 | label 'normal' -\\> 'tumour' |" in text
 

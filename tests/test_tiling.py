@@ -217,7 +217,7 @@ def _running(pid: int) -> bool:
 
 
 def _hlss(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], start_new_session=True, **kw)
+    return subprocess.Popen([sys.executable, "-m", "hlss", *args], start_new_session=True, **kw)
 
 
 def test_kill_9_mid_slide_leaves_nothing_that_looks_complete(make_slide, tmp_path):

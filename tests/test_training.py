@@ -249,7 +249,7 @@ def test_torchrun_two_processes_train_with_gathered_embeddings(train_store, tiny
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                 "--master-port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([*torchrun, "-m", "hlss_model.train", "--store", str(train_store), "--out",
+    out = subprocess.run([*torchrun, "-m", "hlss", "train", "--store", str(train_store), "--out",
                           str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"), "--no-progress"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -264,7 +264,7 @@ def test_backbone_and_encoder_load_local_weights(tmp_path):
     from safetensors.torch import save_file
 
     from hlss_model.model import create_backbone
-    from pipeline.encoders import timm_encoder
+    from hlss_model.encoders import timm_encoder
 
     torch.manual_seed(1)
     source = create_backbone("resnet10t")
@@ -320,7 +320,7 @@ def _files(folder):
 
 
 def test_a_failed_start_is_restarted_with_the_corrected_config(train_store, tiny_text_model, tmp_path, capsys):
-    from pipeline.cli import main
+    from hlss.cli import main
     from store_snapshot import assert_unchanged, snapshot
 
     before = snapshot(train_store)
@@ -359,7 +359,7 @@ def test_resume_of_a_start_without_checkpoint_takes_a_changed_config(train_store
 
 
 def test_a_run_with_a_checkpoint_is_never_restarted(train_store, tiny_text_model, tmp_path, capsys):
-    from pipeline.cli import main
+    from hlss.cli import main
 
     run = tmp_path / "run"
 
@@ -383,7 +383,7 @@ def test_a_run_with_a_checkpoint_is_never_restarted(train_store, tiny_text_model
 
 def test_unusable_device_or_weights_in_a_config_are_refused_before_the_run_folder_is_touched(
         train_store, tiny_text_model, tmp_path, capsys):
-    from pipeline.cli import main
+    from hlss.cli import main
 
     garbage = tmp_path / "w.safetensors"
     garbage.write_bytes(b"definitely not tensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from hlss.cli import main
 from pipeline.config import TilingParams
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
@@ -95,8 +95,8 @@ def test_shape_disagreeing_with_n_tiles_is_damage(store, capsys):
 
 
 def test_repair_retiles_from_an_unchanged_source_only_and_names_what_to_re_extract(base, tmp_path, capsys):
-    from pipeline.encoders import timm_encoder
-    from pipeline.features import extract_features
+    from hlss_model.encoders import timm_encoder
+    from hlss_model.extract import extract_features
 
     slides = tmp_path / "slides"
     shutil.copytree(base / "slides", slides)

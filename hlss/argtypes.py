@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import re
 from pathlib import Path
 from typing import Callable
 
-from .escape import terminal
+from hlss_model.checks import check_device_name, check_readable_file, check_weights_file
+from pipeline.escape import terminal
+from pipeline.run_folder import is_run_folder
 
-__all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "check_device_name", "weights_file",
+__all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "weights_file",
            "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",
            "as_text"]
 
 _Bad = argparse.ArgumentTypeError
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".tar")
 
 
 def _int(text: str, allowed: str) -> int:
@@ -89,20 +87,10 @@ def float_in(lo: float, hi: float, unit: str = "") -> Callable[[str], float]:
     return parse
 
 
-def check_device_name(name: str) -> str:
-    """``name`` if it is one of auto, cpu, cuda, cuda:N, mps (spelling only); ValueError otherwise."""
-    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name.strip()):
-        raise ValueError(f"device {name!r} is not one of {DEVICES}")
-    return name.strip()
-
-
 def device(text: str) -> str:
     """A device that exists here: ``cuda`` or ``cuda:N`` without that CUDA device, or ``mps`` without
     MPS, is refused now rather than after the store is opened and the model built."""
-    try:
-        name = check_device_name(text)
-    except ValueError as e:
-        raise _Bad(str(e)) from None
+    name = _checked(check_device_name, text)
     if name.startswith("cuda"):
         import torch
 
@@ -120,42 +108,22 @@ def device(text: str) -> str:
     return name
 
 
+def _checked(check: Callable[[str], object], text: str):
+    """``check(text)``, its ValueError as a refused option value."""
+    try:
+        return check(text)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
 def readable_file(text: str) -> Path:
     """An existing, readable file."""
-    path, shown = Path(text).expanduser(), terminal(text)
-    if not path.exists():
-        raise _Bad(f"{shown} not found (no such file)")
-    if not path.is_file():
-        raise _Bad(f"{shown}: not a file")
-    if not os.access(path, os.R_OK):
-        raise _Bad(f"{shown}: not readable (permission denied)")
-    return path
-
-
-def _weights_format(path: Path) -> str | None:
-    """``safetensors`` or ``torch`` from a file's first bytes (None: neither)."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
-        return "torch"
-    return None
+    return _checked(check_readable_file, text)
 
 
 def weights_file(text: str) -> Path:
     """A local weights file we load: safetensors (``.safetensors``) or a torch checkpoint (.pt, .pth, .bin)."""
-    path, shown = readable_file(text), terminal(text)
-    if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise _Bad(f"{shown}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
-    try:
-        kind = _weights_format(path)
-    except OSError as e:
-        raise _Bad(f"{shown}: cannot read it ({e.strerror or e})") from None
-    expected = "safetensors" if path.suffix.lower() == ".safetensors" else "torch"
-    if kind != expected:
-        raise _Bad(f"{shown}: not a {expected} file (its first bytes are not a {expected} header)")
-    return path
+    return _checked(check_weights_file, text)
 
 
 def encoder_spec(text: str) -> tuple[str, Path | None]:
@@ -173,14 +141,14 @@ def flow_encoder_spec(text: str) -> str:
     prefix, _, folder = text.partition(":")
     if prefix != "run":
         encoder_spec(text)
-    elif not (Path(folder).expanduser() / "run.json").is_file():
+    elif not is_run_folder(folder):
         raise _Bad(f"{terminal(text)}: {terminal(folder)} is not a training run folder (no run.json)")
     return text
 
 
 def tile_filter(text: str):
     """``min_focus=20,max_pen=0.05`` -> :class:`pipeline.qc.TileFilter` (finite numbers, known keys)."""
-    from .qc import TileFilter
+    from pipeline.qc import TileFilter
 
     limits = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -199,7 +167,7 @@ def tile_filter(text: str):
 
 def compression(text: str):
     """A tile compression name -> :class:`pipeline.codecs.TileCompression`."""
-    from .codecs import TileCompression
+    from pipeline.codecs import TileCompression
 
     try:
         return TileCompression.from_name(text)

@@ -20,13 +20,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from hlss_model.settings import EVALUATION, EXTRACTION  # this module moves into hlss_model
+from pipeline.ids import validate_id
+from pipeline.location import scrub
+from pipeline.qc import TileFilter
+from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_version
+
 
 from .encoders import Encoder
-from .ids import validate_id
-from .location import scrub
-from .qc import TileFilter
-from .store import SlideStore, StoreDamageError, StoreWriter, tiles_version
+from .settings import EVALUATION, EXTRACTION
 
 __all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows", "read_ahead"]
 
@@ -181,8 +182,7 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     reader, writer = SlideStore(store), StoreWriter(store)
     writer.clean_staging()
-    # on an object store a partial chunk write re-reads and re-uploads the whole chunk: one chunk per batch
-    chunk_rows = batch_size if writer.is_remote else 4096
+    chunk_rows = writer.feature_chunk_rows(batch_size)
     run = _Runner(encoders, device, amp)
     report, t0 = ExtractReport(), time.perf_counter()
     wanted = None if slides is None else {(p, s) for p, s in slides}

@@ -1,0 +1,236 @@
+"""``hlss train``, ``extract``, ``knn`` and ``explain``: the model side (torch is imported only when they run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.escape import terminal
+
+from .. import argtypes as at
+from ..exit import OK, SOME_FAILED, UsageError, damaged_exit, status_of
+from ..options import add_store
+
+__all__ = ["add_parsers", "train", "extract", "knn", "explain"]
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the commands of this group to ``hlss``'s subparsers."""
+    r = sub.add_parser("train", help="HLSS (or HiDisc) pretraining on the store's training patients")
+    add_store(r, "hlss train STORE --out RUN")
+    r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, final weights)")
+    r.add_argument("--config", type=at.readable_file, help="YAML training config (see hlss_model/config.py)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    r.add_argument("--steps", type=at.positive_int, help="override the config's steps")
+    r.add_argument("--method", choices=("hlss", "hidisc"), help="override the config's method")
+    r.add_argument("--device", type=at.device, help="override the config's device (auto, cpu, cuda, cuda:N, mps)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=train)
+
+    e = sub.add_parser("extract", help="write per-tile features features/<NAME> (N, D) for every slide")
+    add_store(e, "hlss extract STORE --checkpoint RUN | --encoder timm:NAME")
+    e.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="RUN",
+                   help="a training run folder (repeatable)")
+    e.add_argument("--encoder", type=at.encoder_spec, action="append", default=[], metavar="timm:NAME[:WEIGHTS]",
+                   help="a timm model, optionally with a local weights file (repeatable)")
+    e.add_argument("--name", action="append", default=[],
+                   help="feature name per encoder, in order (--checkpoint ones first); default from the model")
+    e.add_argument("--batch-size", type=at.positive_int, default=128)
+    e.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    e.add_argument("--force", action="store_true", help="recompute finished features")
+    e.add_argument("--tile-filter", type=at.tile_filter, metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="extract only tiles within these QC limits (min_focus, max_pen, min_brightness, "
+                        "max_brightness, min_saturation, max_saturation, min_tissue); other rows are NaN")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=extract)
+
+    k = sub.add_parser("knn", help="kNN accuracy and MCA at tile, slide and patient level")
+    add_store(k, "hlss knn STORE --features NAME | --checkpoint RUN | --encoder timm:NAME")
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", help="a stored feature name")
+    src.add_argument("--checkpoint", type=Path, metavar="RUN", help="a training run (uses the run's split)")
+    src.add_argument("--encoder", type=at.encoder_spec, metavar="timm:NAME[:WEIGHTS]",
+                     help="a timm model (e.g. a baseline)")
+    k.add_argument("--initial", action="store_true",
+                   help="with --checkpoint: the run's encoder before training (its baseline)")
+    k.add_argument("--k", type=at.positive_int, default=200)
+    k.add_argument("--temperature", type=at.positive_float, default=0.07)
+    k.add_argument("--max-tiles-per-slide", type=at.positive_int, help="seeded subsample of larger slides")
+    k.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    k.add_argument("--seed", type=int, default=0, help="seed of the patient split when the manifest has none")
+    k.add_argument("--json", type=Path, help="also write the report as JSON here")
+    k.set_defaults(func=knn)
+
+    x = sub.add_parser("explain", help="per-tile similarity to the language attributes of an HLSS run: "
+                                       "heatmaps and top attributes per slide and patient")
+    add_store(x, "hlss explain STORE --checkpoint RUN --slide SLIDE")
+    x.add_argument("--checkpoint", required=True, type=Path, help="HLSS training run folder")
+    x.add_argument("--slide", required=True, help="slide id")
+    x.add_argument("--attribute", action="append", default=[], metavar="[LEVEL:]NAME",
+                   help="draw a heatmap of this attribute (repeatable; default: the top one of each level)")
+    x.add_argument("--out", type=Path, default=Path("explain"), help="folder for <slide>_<level>_<attribute>.png")
+    x.add_argument("--top", type=at.positive_int, default=3, help="attributes listed per level (default 3)")
+    x.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    x.add_argument("--batch-size", type=at.positive_int, default=128)
+    x.add_argument("--force", action="store_true", help="recompute stored scores (replacing another run's "
+                                                        "scores stored under the same name)")
+    x.add_argument("--name", help="store the scores as attributes/NAME (default: the run folder's name)")
+    x.set_defaults(func=explain)
+
+
+def train(args: argparse.Namespace) -> int:
+    from hlss_model.config import ConfigError, TrainConfig
+    from hlss_model.train import train as run_training
+    from pipeline.store import StoreError
+    from pipeline.run_folder import RunFolder
+
+    try:
+        cfg = TrainConfig.from_yaml(args.config) if args.config else (None if args.resume else TrainConfig())
+        overrides = {k: v for k, v in (("steps", args.steps), ("method", args.method), ("device", args.device))
+                     if v is not None}
+        if overrides:
+            saved = RunFolder(args.out).config
+            if cfg is None and not saved.is_file():
+                raise FileNotFoundError(f"{args.out}: nothing to resume (no config.yaml)")
+            # a run with checkpoints refuses a changed config; one without is restarted with it
+            cfg = (cfg or TrainConfig.from_yaml(saved)).replace(**overrides)
+        result = run_training(args.store, args.out, cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    except StoreError as e:  # e.g. a damaged tile chunk (hlss_model.data.TrainingDataError)
+        print(f"hlss train: error: {e}", file=sys.stderr)
+        return SOME_FAILED
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+        if result.restarted:
+            print(terminal(result.restarted))
+        print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}, "
+              f"{result.images_per_s:.1f} images/s; run: {result.out}")
+    return OK
+
+
+def _timm_encoder(spec: tuple[str, Path | None], name: str | None = None):
+    """An encoder from a parsed ``--encoder`` (:func:`hlss.argtypes.encoder_spec`)."""
+    from hlss_model.encoders import timm_encoder
+
+    model, weights = spec
+    try:
+        return timm_encoder(model, weights, name)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _encoders(args: argparse.Namespace) -> list:
+    from hlss_model.runs import run_encoder
+
+    n = len(args.checkpoint) + len(args.encoder)
+    if not n:
+        raise UsageError("give --checkpoint RUN or --encoder timm:NAME (each may repeat)")
+    if len(args.name) > n:
+        raise UsageError(f"{len(args.name)} --name for {n} encoders")
+    names = args.name + [None] * (n - len(args.name))
+    out = []
+    for run, name in zip(args.checkpoint, names):
+        try:
+            out.append(run_encoder(run, name))
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from e
+    return out + [_timm_encoder(spec, name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])]
+
+
+def extract(args: argparse.Namespace) -> int:
+    from hlss_model.extract import extract_features
+    from pipeline.store import StoreError
+
+    encoders = _encoders(args)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="tiles", unit="tile", file=sys.stderr)
+    try:
+        report = extract_features(args.store, encoders, batch_size=args.batch_size, device=args.device,
+                                  dtype=args.dtype, force=args.force, tile_filter=args.tile_filter,
+                                  on_tiles=bar.update if bar is not None else None)
+    except (StoreError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.close()
+    names = ", ".join(f"{terminal(e.name)} ({e.dim}-d)" for e in encoders)
+    print(f"features {names}: {len(report.extracted)} slides extracted, {len(report.skipped)} already done, "
+          f"{len(report.failed)} failed; {report.tiles} tiles in {report.seconds:.1f} s "
+          f"({report.tiles_per_s:.1f} tiles/s)")
+    for p, s, err in report.failed:
+        print(f"  FAILED {terminal(p)}/{terminal(s)}: {terminal(err)}")
+    return report.exit_code
+
+
+def knn(args: argparse.Namespace) -> int:
+    from hlss_model.evaluate import knn_from_store
+    from pipeline.store import StoreError
+
+    encoder, split = None, None
+    if args.checkpoint is not None:
+        from hlss_model.runs import read_run, run_encoder
+
+        try:
+            encoder = run_encoder(args.checkpoint, initial=args.initial)
+            split = read_run(args.checkpoint)["split"]
+        except (FileNotFoundError, KeyError) as e:
+            raise UsageError(str(e)) from e
+    elif args.initial:
+        raise UsageError("--initial needs --checkpoint")
+    elif args.encoder is not None:
+        encoder = _timm_encoder(args.encoder)
+    try:
+        report = knn_from_store(args.store, features=args.features, encoder=encoder, split=split, k=args.k,
+                                temperature=args.temperature, max_tiles_per_slide=args.max_tiles_per_slide,
+                                device=args.device, seed=args.seed)
+    except (StoreError, KeyError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    print(report.table())
+    if args.json is not None:
+        args.json.write_text(report.to_json(indent=2))
+    return damaged_exit(len(report.damaged), args.store)
+
+
+def explain(args: argparse.Namespace) -> int:
+    """0 on success, 1 when a slide is damaged, 2 for a bad request (unknown slide, non-HLSS run, unusable store)."""
+    from hlss_model.explain import ExplainError, explain_and_draw
+    from pipeline.ids import InvalidIdError
+    from pipeline.location import StoreError
+    from pipeline.store import StoreDamageError
+
+    try:
+        done = explain_and_draw(args.store, args.checkpoint, args.slide, args.out, attributes=args.attribute,
+                                top=args.top, name=args.name, batch_size=args.batch_size, device=args.device,
+                                force=args.force)
+    except StoreDamageError as e:
+        print(f"hlss explain: error: {e}; `hlss verify --repair` retiles the slide", file=sys.stderr)
+        return SOME_FAILED
+    except (ExplainError, StoreError, InvalidIdError, FileNotFoundError, KeyError) as e:
+        raise UsageError(str(e).strip("'\"")) from e
+    except ValueError as e:  # e.g. CUDA asked for but absent
+        raise UsageError(str(e)) from e
+    state = "reused stored scores" if done.slide.reused else "computed"
+    _print_top(done.run, f"slide {args.slide} (patient {done.patient}, {len(done.slide.scores)} tiles, {state}):",
+               done.top)
+    _print_top(done.run, f"patient {done.patient} ({len(done.maps)} slide(s), "
+                         f"{sum(len(m.scores) for m in done.maps)} tiles):", done.patient_top)
+    for path in done.written:
+        print(f"wrote {path}")
+    for e in done.damaged:
+        print(f"  DAMAGED (left out of the patient's attributes) {e}", file=sys.stderr)
+    return status_of(bool(done.damaged))
+
+
+def _print_top(run, header: str, top: dict[str, list[tuple[str, float]]]) -> None:
+    """``header``, then one line per listed attribute: level, rank, name, mean score, its first sentence."""
+    print(terminal(header))
+    for level, items in top.items():
+        for rank, (name, score) in enumerate(items, 1):
+            sentence = (run.sentences.get((level, name)) or ("",))[0]
+            print(terminal(f"  {level:<8} {rank}. {name:<28} {score:+.4f}" + (f"  {sentence}" if sentence else "")))
