@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from hlss_model.checks import check_device_name, check_readable_file, check_weights_file
 from pipeline.escape import terminal
 from pipeline.run_folder import is_run_folder
+
+if TYPE_CHECKING:
+    from hlss_model.settings import EncoderSpec
 
 __all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "weights_file",
            "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",
@@ -126,13 +129,20 @@ def weights_file(text: str) -> Path:
     return _checked(check_weights_file, text)
 
 
-def encoder_spec(text: str) -> tuple[str, Path | None]:
-    """``timm:NAME`` or ``timm:NAME:WEIGHTS_FILE`` -> ``(NAME, weights path or None)``."""
-    prefix, _, rest = text.partition(":")
-    model, _, weights = rest.partition(":")
-    if prefix != "timm" or not model:
+def encoder_spec(text: str) -> "EncoderSpec":
+    """``timm:NAME`` or ``timm:NAME:WEIGHTS_FILE`` as an :class:`hlss_model.settings.EncoderSpec`
+    (the one encoder parser), its weights file checked."""
+    from hlss_model.settings import EncoderSpec
+
+    try:
+        spec = EncoderSpec.parse(text)
+    except ValueError:
+        spec = None
+    if spec is None or spec.kind != "timm":
         raise _Bad(f"{text!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
-    return model, weights_file(weights) if weights else None
+    if spec.weights:
+        weights_file(spec.weights)
+    return spec
 
 
 def flow_encoder_spec(text: str) -> str:

@@ -236,3 +236,28 @@ def test_the_settings_do_not_import_torch():
     code = "import sys, flows.settings, flows.work, pipeline.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_command_line_defaults_are_the_settings():
+    """Every option that mirrors a setting defaults to the setting's one definition (and so do the
+    Prefect parameter models, above): ``hlss tile``, ``extract``, ``knn`` and ``explain``."""
+    import dataclasses
+
+    from hlss.cli import build_parser
+    from hlss_model.settings import EVALUATION, EXTRACTION
+    from pipeline.config import TilingParams
+
+    parser = build_parser()
+    tile = parser.parse_args(["tile", "slides", "s.zarr"])
+    tiling = {f.name: f.default for f in dataclasses.fields(TilingParams) if f.default is not dataclasses.MISSING}
+    assert {k: getattr(tile, k) for k in ("target_mpp", "tile_size", "min_tissue", "mask_mpp", "reader")} == {
+        k: tiling[k] for k in ("target_mpp", "tile_size", "min_tissue", "mask_mpp", "reader")}
+    assert tile.slide_timeout is None and tiling["slide_timeout_s"] == TilingParams().slide_timeout_s
+    extract = parser.parse_args(["extract", "s.zarr", "--encoder", "timm:resnet10t"])
+    assert (extract.batch_size, extract.device, extract.dtype) == (EXTRACTION.batch_size, EXTRACTION.device,
+                                                                   EXTRACTION.dtype)
+    knn = parser.parse_args(["knn", "s.zarr", "--features", "f"])
+    assert (knn.k, knn.temperature, knn.seed, knn.max_tiles_per_slide, knn.device) == (
+        EVALUATION.k, EVALUATION.temperature, EVALUATION.seed, EVALUATION.max_tiles_per_slide, EXTRACTION.device)
+    explain = parser.parse_args(["explain", "s.zarr", "--checkpoint", "run", "--slide", "S"])
+    assert (explain.batch_size, explain.device) == (EXTRACTION.batch_size, EXTRACTION.device)

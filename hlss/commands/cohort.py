@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.config import TilingParams
 from pipeline.escape import terminal
+from pipeline.reader import READERS
 
 from .. import argtypes as at
 from ..exit import OK, UsageError, damaged_exit
@@ -34,15 +36,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("source", type=Path, help="folder of slides (searched recursively) or manifest .csv")
     add_store(t, "hlss tile SOURCE STORE",
               help="store folder (created if missing) or URL (s3://bucket/path)")
-    t.add_argument("--target-mpp", type=at.float_in(0.01, 100, " µm/px"), default=0.5,
-                   help="µm per px of the tiles, 0.01-100 (default 0.5)")
-    t.add_argument("--tile-size", type=at.int_in(16, 4096, " px"), default=256,
-                   help="tile side in px, 16-4096 (default 256)")
-    t.add_argument("--min-tissue", type=at.float_in(0, 1), default=0.5,
-                   help="minimum tissue fraction of a kept tile, 0-1 (default 0.5)")
-    t.add_argument("--mask-mpp", type=at.float_in(0.5, 64, " µm/px"), default=8.0,
-                   help="µm per px of the tissue mask, 0.5-64 (default 8)")
-    t.add_argument("--reader", choices=("auto", "tiffslide", "openslide"), default="auto")
+    t.add_argument("--target-mpp", type=at.float_in(0.01, 100, " µm/px"), default=TilingParams.target_mpp,
+                   help="µm per px of the tiles, 0.01-100 (default %(default)s)")
+    t.add_argument("--tile-size", type=at.int_in(16, 4096, " px"), default=TilingParams.tile_size,
+                   help="tile side in px, 16-4096 (default %(default)s)")
+    t.add_argument("--min-tissue", type=at.float_in(0, 1), default=TilingParams.min_tissue,
+                   help="minimum tissue fraction of a kept tile, 0-1 (default %(default)s)")
+    t.add_argument("--mask-mpp", type=at.float_in(0.5, 64, " µm/px"), default=TilingParams.mask_mpp,
+                   help="µm per px of the tissue mask, 0.5-64 (default %(default)s)")
+    t.add_argument("--reader", choices=READERS, default=TilingParams.reader)
     t.add_argument("--compression", type=at.compression, default=None,
                    help="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
     t.add_argument("--slide-timeout", type=at.float_in(0, 7 * 24 * 3600, " s"), metavar="SECONDS",

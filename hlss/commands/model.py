@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from hlss_model.settings import EVALUATION, EXTRACTION
 from pipeline.escape import terminal
 
 from .. import argtypes as at
 from ..exit import OK, SOME_FAILED, UsageError, damaged_exit, status_of
 from ..options import add_store
+
+if TYPE_CHECKING:
+    from hlss_model.settings import EncoderSpec
 
 __all__ = ["add_parsers", "train", "extract", "knn", "explain"]
 
@@ -37,9 +43,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a timm model, optionally with a local weights file (repeatable)")
     e.add_argument("--name", action="append", default=[],
                    help="feature name per encoder, in order (--checkpoint ones first); default from the model")
-    e.add_argument("--batch-size", type=at.positive_int, default=128)
-    e.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    e.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    e.add_argument("--batch-size", type=at.positive_int, default=EXTRACTION.batch_size)
+    e.add_argument("--device", type=at.device, default=EXTRACTION.device, help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--dtype", choices=("float32", "float16"), default=EXTRACTION.dtype)
     e.add_argument("--force", action="store_true", help="recompute finished features")
     e.add_argument("--tile-filter", type=at.tile_filter, metavar="KEY=VALUE[,KEY=VALUE]",
                    help="extract only tiles within these QC limits (min_focus, max_pen, min_brightness, "
@@ -56,11 +62,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="a timm model (e.g. a baseline)")
     k.add_argument("--initial", action="store_true",
                    help="with --checkpoint: the run's encoder before training (its baseline)")
-    k.add_argument("--k", type=at.positive_int, default=200)
-    k.add_argument("--temperature", type=at.positive_float, default=0.07)
+    k.add_argument("--k", type=at.positive_int, default=EVALUATION.k)
+    k.add_argument("--temperature", type=at.positive_float, default=EVALUATION.temperature)
     k.add_argument("--max-tiles-per-slide", type=at.positive_int, help="seeded subsample of larger slides")
-    k.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    k.add_argument("--seed", type=int, default=0, help="seed of the patient split when the manifest has none")
+    k.add_argument("--device", type=at.device, default=EXTRACTION.device, help="auto, cpu, cuda, cuda:N or mps")
+    k.add_argument("--seed", type=int, default=EVALUATION.seed, help="seed of the patient split when the manifest has none")
     k.add_argument("--json", type=Path, help="also write the report as JSON here")
     k.set_defaults(func=knn)
 
@@ -73,8 +79,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="draw a heatmap of this attribute (repeatable; default: the top one of each level)")
     x.add_argument("--out", type=Path, default=Path("explain"), help="folder for <slide>_<level>_<attribute>.png")
     x.add_argument("--top", type=at.positive_int, default=3, help="attributes listed per level (default 3)")
-    x.add_argument("--device", type=at.device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    x.add_argument("--batch-size", type=at.positive_int, default=128)
+    x.add_argument("--device", type=at.device, default=EXTRACTION.device, help="auto, cpu, cuda, cuda:N or mps")
+    x.add_argument("--batch-size", type=at.positive_int, default=EXTRACTION.batch_size)
     x.add_argument("--force", action="store_true", help="recompute stored scores (replacing another run's "
                                                         "scores stored under the same name)")
     x.add_argument("--name", help="store the scores as attributes/NAME (default: the run folder's name)")
@@ -89,14 +95,13 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         cfg = TrainConfig.from_yaml(args.config) if args.config else (None if args.resume else TrainConfig())
-        overrides = {k: v for k, v in (("steps", args.steps), ("method", args.method), ("device", args.device))
-                     if v is not None}
-        if overrides:
+        if any(v is not None for v in (args.steps, args.method, args.device)):
             saved = RunFolder(args.out).config
             if cfg is None and not saved.is_file():
                 raise FileNotFoundError(f"{args.out}: nothing to resume (no config.yaml)")
             # a run with checkpoints refuses a changed config; one without is restarted with it
-            cfg = (cfg or TrainConfig.from_yaml(saved)).replace(**overrides)
+            cfg = (cfg or TrainConfig.from_yaml(saved)).with_overrides(steps=args.steps, method=args.method,
+                                                                       device=args.device)
         result = run_training(args.store, args.out, cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
@@ -111,13 +116,10 @@ def train(args: argparse.Namespace) -> int:
     return OK
 
 
-def _timm_encoder(spec: tuple[str, Path | None], name: str | None = None):
+def _timm_encoder(spec: "EncoderSpec", name: str | None = None):
     """An encoder from a parsed ``--encoder`` (:func:`hlss.argtypes.encoder_spec`)."""
-    from hlss_model.encoders import timm_encoder
-
-    model, weights = spec
     try:
-        return timm_encoder(model, weights, name)
+        return dataclasses.replace(spec, name=name).build()
     except ValueError as e:
         raise UsageError(str(e)) from e
 
