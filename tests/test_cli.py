@@ -171,7 +171,8 @@ def test_good_values_pass_the_argument_types(tmp_path):
     assert (t.tile_size, t.min_tissue, t.compression) == (16, 1.0, TileCompression(kind="none"))
     e = p.parse_args(["extract", "--store", "s", "--encoder", f"timm:resnet10t:{tmp_path / 'w.safetensors'}",
                       "--tile-filter", "min_focus=2,max_pen=0.5", "--device", "cpu"])
-    assert e.encoder == [("resnet10t", tmp_path / "w.safetensors")] and e.device == "cpu"
+    assert [(s.kind, s.ref, s.weights) for s in e.encoder] == [("timm", "resnet10t", str(tmp_path / "w.safetensors"))]
+    assert e.device == "cpu"
     assert e.tile_filter == TileFilter(min_focus=2.0, max_pen=0.5)
     d = p.parse_args(["demo-cohort", "d"])
     assert d.slides_per_patient == (1, 2) and d.classes == 2
