@@ -52,12 +52,20 @@ def positive_int(text: str) -> int:
 
 def int_in(lo: int, hi: int, unit: str = "") -> Callable[[str], int]:
     """An integer in ``[lo, hi]``."""
-    def parse(text: str) -> int:
-        value = _int(text, f"an integer in {lo}-{hi}{unit}")
+    return _in_range(_int, "an integer", lo, hi, unit, f"int_in_{lo}_{hi}")
+
+
+def _in_range(convert: Callable[[str, str], float], kind: str, lo: float, hi: float, unit: str,
+              name: str) -> Callable[[str], float]:
+    """A type converting with ``convert(text, allowed)``, then refusing values outside ``[lo, hi]``."""
+    span = f"{lo:g}-{hi:g}{unit}"
+
+    def parse(text: str):
+        value = convert(text, f"{kind} in {span}")
         if not lo <= value <= hi:
-            raise _Bad(f"{value} is outside {lo}-{hi}{unit}")
+            raise _Bad(f"{value:g} is outside {span}")
         return value
-    parse.__name__ = f"int_in_{lo}_{hi}"
+    parse.__name__ = name
     return parse
 
 
@@ -81,13 +89,7 @@ def positive_float(text: str) -> float:
 
 def float_in(lo: float, hi: float, unit: str = "") -> Callable[[str], float]:
     """A finite number in ``[lo, hi]``."""
-    def parse(text: str) -> float:
-        value = _float(text, f"a number in {lo:g}-{hi:g}{unit}")
-        if not lo <= value <= hi:
-            raise _Bad(f"{value:g} is outside {lo:g}-{hi:g}{unit}")
-        return value
-    parse.__name__ = f"float_in_{lo:g}_{hi:g}"
-    return parse
+    return _in_range(_float, "a number", lo, hi, unit, f"float_in_{lo:g}_{hi:g}")
 
 
 def device(text: str) -> str:
