@@ -1,6 +1,6 @@
 """Prefect 3 flows and deployments over :mod:`pipeline` and :mod:`hlss_model`.
 
-Imports ``pipeline`` and ``hlss_model`` (never ``hlss``; tests/test_structure.py checks it).
+Imports ``pipeline`` and ``hlss_model`` (never ``hlss``; tests/hlss/test_structure.py checks it).
 
 - ``tile-and-train`` (:func:`flows.tile_and_train.tile_and_train`): cohort -> tiles -> HLSS -> features -> kNN.
 - ``extract-features`` (:func:`flows.extract.extract_features_flow`): feature bags for MIL.

@@ -1,7 +1,7 @@
 """HLSS (Hierarchical Language-tied Self-Supervision) and HiDisc pretraining on a cohort store,
 its evaluation (kNN), feature extraction and attribute maps: everything that uses torch.
 
-Imports ``pipeline`` only (never ``flows`` or ``hlss``; tests/test_structure.py checks it). One
+Imports ``pipeline`` only (never ``flows`` or ``hlss``; tests/hlss/test_structure.py checks it). One
 module per job: ``augment`` (H&E view augmentations), ``text`` (attribute descriptions and the
 frozen text encoder), ``data`` (patient -> slide -> tile sampling from the store), ``model``
 (timm backbone, projection, per-level text heads), ``losses`` (SupCon, HiDisc, HVC, alignment),

@@ -2,7 +2,7 @@
 tiling, the store, QC pictures, the HTML report, MIL export. No torch (tiling never pays for it).
 
 The lowest package: it imports none of ``hlss_model``, ``flows`` or ``hlss`` (checked by
-tests/test_structure.py). Its curated names below are imported lazily, on first use; importing the
+tests/hlss/test_structure.py). Its curated names below are imported lazily, on first use; importing the
 package registers the ``hlss.jpeg`` zarr codec, so JPEG-compressed tile arrays open with plain
 ``zarr.open_group`` afterwards (installed packages also register it by entry point).
 """

@@ -15,7 +15,7 @@ from pipeline.config import TilingParams
 from pipeline.runner import tile_cohort
 from pipeline.source import source_info
 from pipeline.store import SlideStore, StoreWriter, tiles_version
-from tests.store_snapshot import assert_unchanged, snapshot
+from store_snapshot import assert_unchanged, snapshot
 
 PARAMS = TilingParams(target_mpp=1.0, tile_size=64)
 

@@ -17,7 +17,7 @@ from pipeline.qc import tile_rects
 from hlss_model.train import train
 from pipeline.store import SlideStore, StoreWriter
 
-from test_training import tiny_config
+from tiny_training import tiny_config
 
 
 @pytest.fixture(scope="module")

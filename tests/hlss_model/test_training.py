@@ -17,27 +17,10 @@ from hlss_model.model import HLSSModel
 from hlss_model.runs import load_run_model, run_encoder
 from hlss_model.train import lr_factor, train
 from pipeline.store import SlideStore
+from tiny_training import tiny_config
 
 IDENTITY = dict(p_crop=0.0, p_flip=0.0, p_rot90=0.0, p_color_jitter=0.0, p_hed_jitter=0.0, p_blur=0.0,
                 p_noise=0.0, p_erase=0.0)
-
-
-def tiny_config(tiny_text_model, **changes) -> TrainConfig:
-    base = {
-        "method": "hlss", "steps": 4, "seed": 7, "checkpoint_every": 2, "log_every": 1,
-        "device": "cpu", "channels_last": False,
-        "sampler": {"batch_size": 4, "slides_per_patient": 2, "tiles_per_slide": 2, "views_per_tile": 2,
-                    "num_workers": 0},
-        "model": {"backbone": "resnet10t", "text_encoder": str(tiny_text_model)},
-        "optim": {"lr": 1e-3, "warmup_steps": 1},
-        "augment": {"out_size": 32},
-    }
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            base[key] = {**base.get(key, {}), **value}
-        else:
-            base[key] = value
-    return TrainConfig.from_dict(base)
 
 
 # -- sampling ---------------------------------------------------------------------------------

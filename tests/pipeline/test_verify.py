@@ -22,7 +22,7 @@ PARAMS = TilingParams(target_mpp=1.0, tile_size=64, shard_tiles=8)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """A folder with ``slides/`` (the demo cohort of tests/test_integrity.py) and ``store.zarr`` tiled from it."""
+    """A folder with ``slides/`` (the demo cohort of tests/pipeline/test_integrity.py) and ``store.zarr`` tiled from it."""
     out = tmp_path_factory.mktemp("verify")
     manifest = make_demo_cohort(out / "slides", n_patients=3, slides_per_patient=(1, 2), n_classes=2,
                                 width=768, height=768, seed=3)

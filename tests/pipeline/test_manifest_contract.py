@@ -21,8 +21,8 @@ from pipeline.files import spreadsheet_safe, write_csv
 from pipeline.ids import InvalidIdError, validate_id
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore, StoreWriter, tiles_version
-from tests.store_snapshot import assert_unchanged, snapshot
-from tests.test_store_follows_manifest import _add_features
+from store_snapshot import assert_unchanged, snapshot
+from test_store_follows_manifest import _add_features
 
 PARAMS = TilingParams(target_mpp=1.0, tile_size=64)
 HEADER = "slide_path,patient_id,slide_id,label,split\n"

@@ -17,12 +17,12 @@ from pipeline import run_folder as rf
 from pipeline.report import read_metrics as report_metrics
 from pipeline.report import run_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "hlss_model", "flows", "hlss")
 
 
 def test_a_trained_run_reads_back_through_the_module(train_store, tiny_text_model, tmp_path):
-    from test_training import tiny_config
+    from tiny_training import tiny_config
 
     from hlss_model.runs import load_run_model
     from hlss_model.train import train

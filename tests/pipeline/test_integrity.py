@@ -180,7 +180,7 @@ def test_truncated_slide_metadata_info_report_and_qc_list_it_and_go_on(store, tm
 def test_hlss_info_on_a_damaged_store_exits_1_without_traceback(store):
     (slide_dir(store, P3, S3A) / "zarr.json").write_text('{"attributes": {"status": "comp')
     proc = subprocess.run([sys.executable, "-m", "hlss", "info", str(store)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and f"DAMAGED {S3A}: patient {P3}, slide {S3A}" in proc.stdout
     assert f"{S3B}" in proc.stdout

@@ -17,7 +17,7 @@ from zarr.storage import LocalStore, WrapperStore
 
 from pipeline.codecs import JPEG_CODEC_NAME, JpegCodec, TileCompression, psnr
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLIDE = REPO / "tests" / "data" / "cmu_small_region.svs"
 T = 256
 

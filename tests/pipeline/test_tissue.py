@@ -406,7 +406,7 @@ def test_tile_fractions_are_vectorised():
 
 # ---------------------------------------------------------------- a real H&E region
 
-CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
+CMU = Path(__file__).parents[1] / "data" / "cmu_small_region.svs"
 
 
 @pytest.mark.skipif(not CMU.exists(), reason="tests/data/cmu_small_region.svs is missing")

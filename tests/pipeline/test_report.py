@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from browser import INSTALL, Browser, chromium
-from test_training import tiny_config
+from tiny_training import tiny_config
 from hlss.cli import build_parser, main
 from hlss.commands import outputs as commands
 from pipeline.report import write_report

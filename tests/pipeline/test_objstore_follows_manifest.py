@@ -12,8 +12,8 @@ pytest.importorskip("moto.server")
 from pipeline.location import ObjectLocation  # noqa: E402
 from pipeline.runner import tile_cohort  # noqa: E402
 from pipeline.store import SlideStore  # noqa: E402
-from tests.test_objstore import PARAMS, _new_bucket, _objects, s3_endpoint  # noqa: E402,F401  (fixture)
-from tests.test_store_follows_manifest import _add_features, _manifest  # noqa: E402
+from test_objstore import PARAMS, _new_bucket, _objects, s3_endpoint  # noqa: E402,F401  (fixture)
+from test_store_follows_manifest import _add_features, _manifest  # noqa: E402
 
 
 @pytest.mark.slow

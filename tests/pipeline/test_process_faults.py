@@ -18,7 +18,7 @@ import pytest
 from pipeline.store import SlideStore
 from store_snapshot import assert_unchanged, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "hlss"]
 
 

@@ -105,7 +105,7 @@ def test_clean_staging_removes_a_planted_link_not_its_target(train_store, tmp_pa
 
 
 def test_checkpoint_rotation_removes_a_planted_link_not_its_target(train_store, tiny_text_model, tmp_path):
-    from test_training import tiny_config
+    from tiny_training import tiny_config
 
     from hlss_model.train import train
 

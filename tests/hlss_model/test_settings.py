@@ -16,7 +16,7 @@ from hlss_model.settings import EVALUATION, EXTRACTION, EncoderSpec
 from pipeline.config import TilingParams
 from pipeline.reader import READERS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _default(func, name: str):

@@ -21,7 +21,7 @@ from pipeline.reader import MAX_SIDE, SlideError, SlideTimeout, TimeBudget, open
 from pipeline.store import SlideStore
 from store_snapshot import assert_unchanged, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _TIFF_TYPES = {3: "<H", 4: "<I", 16: "<Q"}  # SHORT, LONG, LONG8
 
 

@@ -177,7 +177,7 @@ def test_writer_killed_mid_commit_is_never_complete_and_the_next_run_retiles(til
     victim, *others = discover_cohort(manifest).slides
     # a worker process retiling the first slide dies half-way through copying it into place
     done = subprocess.run([sys.executable, "-c", _KILL_MID_COMMIT, str(manifest), url], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+                          text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert done.returncode == 9, done.stderr
 
     store = SlideStore(url)  # still readable

@@ -18,7 +18,7 @@ from pipeline.qc import QC_FIELDS
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 from pipeline.tiler import tile_slide
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _meta(folder: Path) -> dict:
