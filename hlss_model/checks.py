@@ -48,9 +48,19 @@ def _weights_format(path: Path) -> str | None:
     return None
 
 
-def check_weights_file(text: str | Path) -> Path:
+def check_weights_file(text: str | Path, *, what: str = "", error: type[ValueError] = ValueError) -> Path:
     """A local weights file we load: safetensors (``.safetensors``) or a torch checkpoint (.pt, .pth,
-    .bin, .tar), its first bytes matching its suffix; ValueError naming it otherwise."""
+    .bin, .tar), its first bytes matching its suffix; ``error`` (a ValueError) naming it otherwise,
+    its message after ``what`` (e.g. ``"model.weights: "``)."""
+    try:
+        return _weights_file(text)
+    except ValueError as e:
+        if not what and error is ValueError:
+            raise
+        raise error(f"{what}{e}") from None
+
+
+def _weights_file(text: str | Path) -> Path:
     path, shown = check_readable_file(text), terminal(str(text))
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise ValueError(f"{shown}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")

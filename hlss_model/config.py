@@ -82,10 +82,7 @@ class ModelConfig:
         if self.head_init not in ("centered", "raw"):
             raise ConfigError(f"model.head_init must be centered or raw, got {self.head_init!r}")
         if self.weights is not None:
-            try:
-                check_weights_file(self.weights)
-            except ValueError as e:
-                raise ConfigError(f"model.weights: {e}") from None
+            check_weights_file(self.weights, what="model.weights: ", error=ConfigError)
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,7 @@ class EncoderSpec:
         if self.kind == "run" and not is_run_folder(Path(self.ref).expanduser()):
             raise ValueError(f"encoder run:{self.ref}: {self.ref} is not a training run folder (no run.json)")
         if self.weights is not None:
-            try:
-                check_weights_file(self.weights)
-            except ValueError as e:
-                raise ValueError(f"encoder timm:{self.ref}: weights file {e}") from None
+            check_weights_file(self.weights, what=f"encoder timm:{self.ref}: weights file ")
         return self
 
     def build(self) -> "Encoder":

@@ -13,10 +13,20 @@ from pipeline.location import ObjectLocation  # noqa: E402
 from pipeline.runner import tile_cohort  # noqa: E402
 from pipeline.store import SlideStore  # noqa: E402
 from test_objstore import PARAMS, _new_bucket, _objects, s3_endpoint  # noqa: E402,F401  (fixture)
-from test_store_follows_manifest import _add_features, _manifest  # noqa: E402
+from test_store_follows_manifest import _add_features, _manifest, rerun_expecting_moves  # noqa: E402
 
 
 @pytest.mark.slow
+def _killed_run(monkeypatch, method: str, fake, manifest, url) -> None:
+    """A run killed inside ``ObjectLocation.<method>`` (``fake`` raises KeyboardInterrupt), then the
+    real method back for the next run."""
+    real = getattr(ObjectLocation, method)
+    monkeypatch.setattr(ObjectLocation, method, fake)
+    with pytest.raises(KeyboardInterrupt):
+        tile_cohort(manifest, url, PARAMS)
+    monkeypatch.setattr(ObjectLocation, method, real)
+
+
 def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make_slide, tmp_path, monkeypatch):
     a = make_slide("a.svs", width=1024, height=768, seed=1)
     b = make_slide("b.svs", width=1024, height=768, seed=2)
@@ -28,10 +38,7 @@ def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make
     before = _objects(url)
 
     _manifest(manifest, [(a, "P3", "S1", "x", ""), (b, "P2", "S2", "y", "")])
-    report = tile_cohort(manifest, url, PARAMS)
-    assert report.exit_code == 0 and not report.by_status("complete")
-    assert "updated P3/S1: moved from patient P1" in report.table()
-    st = SlideStore(url)
+    st = rerun_expecting_moves(manifest, url, ("P1", "P3", "S1"))
     assert st.slides("P1") == [] and st.slides("P3") == ["S1"] and st.feature_names("P3", "S1") == ["f"]
     np.testing.assert_array_equal(st.tiles("P3", "S1")[:], tiles_before)
     after = _objects(url)
@@ -48,16 +55,10 @@ def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make
         raise KeyboardInterrupt("killed")
 
     _manifest(manifest, [(a, "P6", "S1", "x", ""), (b, "P2", "S2", "y", "")])
-    monkeypatch.setattr(ObjectLocation, "copy", die_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        tile_cohort(manifest, url, PARAMS)
-    monkeypatch.setattr(ObjectLocation, "copy", real_copy)
+    _killed_run(monkeypatch, "copy", die_half_way, manifest, url)
     st = SlideStore(url)
     assert st.slides("P3") == [] and st.slides("P6") == []  # never listed complete half-copied
-    report = tile_cohort(manifest, url, PARAMS)
-    assert report.exit_code == 0 and not report.by_status("complete"), report.table()  # moved, not retiled
-    assert "updated P6/S1: moved from patient P3" in report.table()
-    st = SlideStore(url)
+    st = rerun_expecting_moves(manifest, url, ("P3", "P6", "S1"))  # moved again, not retiled
     assert st.slides("P3", status=None) == [] and st.feature_names("P6", "S1") == ["f"]
     np.testing.assert_array_equal(st.tiles("P6", "S1")[:], tiles_before)
 
@@ -70,10 +71,7 @@ def test_move_on_an_object_store_and_recovery_of_a_killed_move(s3_endpoint, make
         return real(self, rel)
 
     _manifest(manifest, [(a, "P4", "S1", "x", ""), (b, "P2", "S2", "y", "")])
-    monkeypatch.setattr(ObjectLocation, "remove_tree", die_on_the_old_slide)
-    with pytest.raises(KeyboardInterrupt):
-        tile_cohort(manifest, url, PARAMS)
-    monkeypatch.setattr(ObjectLocation, "remove_tree", real)
+    _killed_run(monkeypatch, "remove_tree", die_on_the_old_slide, manifest, url)
     st = SlideStore(url)
     assert st.slides("P6") == [] and st.slides("P4") == ["S1"]  # never complete under both
     assert st.slides("P6", status=None) == ["S1"]  # the "moving" marker and the copied objects

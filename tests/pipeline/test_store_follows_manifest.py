@@ -63,15 +63,22 @@ def test_changed_label_and_split_reach_the_store_without_retiling(cohort, tmp_pa
     assert tile_cohort(manifest, store, PARAMS).table().count("updated") == 0  # a second rerun: nothing to do
 
 
+def rerun_expecting_moves(manifest, store, *moves: tuple[str, str, str]) -> SlideStore:
+    """Rerun ``manifest`` into ``store``: nothing retiled, and each ``(old patient, new patient, slide)``
+    reported moved; the store as it is then."""
+    report = tile_cohort(manifest, store, PARAMS)
+    assert report.exit_code == 0 and not report.by_status("complete"), report.table()
+    for old, new, slide in moves:
+        assert f"updated {new}/{slide}: moved from patient {old}" in report.table()
+    return SlideStore(store)
+
+
 def test_changed_patient_moves_the_slide_with_its_features(cohort, tmp_path):
     (a, b), manifest, store = cohort
     _add_features(store, "P1", "S1")
     before = snapshot(store)
     _manifest(manifest, [(a, "P3", "S1", "tumour", "train"), (b, "P2", "S2", "normal", "test")])
-    report = tile_cohort(manifest, store, PARAMS)
-    assert report.exit_code == 0 and not report.by_status("complete")
-    assert "updated P3/S1: moved from patient P1" in report.table()
-    st = SlideStore(store)
+    st = rerun_expecting_moves(manifest, store, ("P1", "P3", "S1"))
     assert st.slides("P1") == [] and st.slides("P3") == ["S1"]
     assert st.patient_attrs("P3") == {"label": "tumour", "split": "train"}
     assert st.feature_names("P3", "S1") == ["f"]
