@@ -79,10 +79,12 @@ def ids_from_filename(path: str | Path) -> tuple[str, str]:
 
     TCGA names give the barcode ids: ``TCGA-02-0001-01Z-00-DX1.<uuid>.svs`` is patient
     ``TCGA-02-0001``, slide ``TCGA-02-0001-01Z-00-DX1``. Any other name: slide id = file stem
-    (sanitised), patient id = slide id.
+    (sanitised; ``x.ome.tiff`` gives ``x``), patient id = slide id.
     """
     stem = Path(path).name
     stem = stem[: -len(Path(stem).suffix)] if Path(stem).suffix else stem
+    if stem.lower().endswith(".ome"):  # x.ome.tif(f): OME-TIFF's double suffix is not part of the id
+        stem = stem[:-4] or stem
     m = TCGA_BARCODE.match(stem)
     if m:
         return m.group("patient"), m.group("slide")

@@ -111,7 +111,7 @@ class SlideReader:
         x, y = _positive(self._prop("mpp-x")), _positive(self._prop("mpp-y"))
         if x is None and y is None:
             aperio = _positive(self.properties.get("aperio.MPP"))
-            return (aperio, aperio) if aperio else None
+            return (aperio, aperio) if aperio else ome_mpp(self.path)
         return (x or y, y or x)  # type: ignore[return-value]
 
     @property
@@ -409,6 +409,39 @@ def read_thumbnail(slide: SlideReader, scale: float, block: int = 2048,
                 region = np.round(region).astype(np.uint8)
             out[by // factor : (by + h) // factor, bx // factor : (bx + w) // factor] = region
     return out, (lsx * factor, lsy * factor)
+
+
+# µm per unit of the OME ``UnitsLength`` values a pixel size is given in
+_OME_UNITS_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3,
+                 "pm": 1e-6, "Å": 1e-4}
+
+
+def ome_mpp(path: str | Path) -> tuple[float, float] | None:
+    """(x, y) µm per level-0 pixel from an OME-TIFF's OME-XML (``Pixels`` ``PhysicalSizeX/Y`` of its
+    first image, in their ``PhysicalSize*Unit``, µm by default), or None for another file or no size.
+
+    Pyramidal OME-TIFFs (bfconvert, QuPath) keep the pixel size only there: neither tiffslide nor
+    openslide reports it as an mpp property.
+    """
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata if tif.is_ome else None
+        pixels = next(e for e in ET.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels") if xml else None
+    except (OSError, ValueError, ET.ParseError, StopIteration, tifffile.TiffFileError):
+        return None
+    if pixels is None:
+        return None
+    sizes = []
+    for axis in ("X", "Y"):
+        value = _positive(pixels.get(f"PhysicalSize{axis}"))
+        scale = _OME_UNITS_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+        sizes.append(value * scale if value is not None and scale is not None else None)
+    x, y = sizes
+    return (x or y, y or x) if (x or y) else None
 
 
 def _positive(value) -> float | None:
