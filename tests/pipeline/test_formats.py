@@ -1,5 +1,6 @@
-"""A pyramidal OME-TIFF (as bfconvert and QuPath write them) tiles with the resolution of its OME-XML
-and an id without ``.ome``; made here from the real CMU H&E region, pixels checked against the file."""
+"""Slide formats made here from the real CMU H&E region, tiled from a folder, pixels checked against the
+file: a pyramidal OME-TIFF (as bfconvert and QuPath write them: resolution in its OME-XML, id without
+``.ome``), a JPEG 2000 Aperio SVS (as many TCGA slides are), a flat stripped TIFF without a pyramid."""
 
 from __future__ import annotations
 
@@ -63,15 +64,47 @@ def test_ome_tiff_folder_tiles_with_exact_pixels(cmu_pixels, tmp_path):
     slides = tmp_path / "slides"
     slides.mkdir()
     write_ome_pyramid(slides / "cmu.ome.tiff", cmu_pixels, MPP)
-    params = TilingParams(target_mpp=MPP, tile_size=256, min_tissue=0.3, compression=TileCompression(kind="none"))
+    attrs = _tile_and_compare(slides, tmp_path, cmu_pixels, "cmu")
+    assert attrs["mpp_source"] == "metadata"
+
+
+def _tile_and_compare(slides, tmp_path, expected: np.ndarray, slide_id: str, reader: str = "auto"):
+    """Tile ``slides`` at the scan's own resolution without compression; every stored tile must equal
+    the ``expected`` level-0 pixels at its coordinates."""
+    params = TilingParams(target_mpp=MPP, tile_size=256, min_tissue=0.3, reader=reader,
+                          compression=TileCompression(kind="none"))
     report = tile_cohort(slides, tmp_path / "s.zarr", params)
     assert report.exit_code == 0, report.table()
     store = SlideStore(tmp_path / "s.zarr")
-    assert store.patients() == ["cmu"] and store.slides("cmu") == ["cmu"]
-    attrs = store.slide_attrs("cmu", "cmu")
-    assert attrs["mpp0"] == pytest.approx([MPP, MPP]) and attrs["mpp_source"] == "metadata"
-    assert not attrs["resampled"]
-    tiles, coords = store.tiles("cmu", "cmu")[:], store.coords("cmu", "cmu")
+    attrs = store.slide_attrs(slide_id, slide_id)
+    assert attrs["mpp0"] == pytest.approx([MPP, MPP], rel=1e-4) and not attrs["resampled"]
+    tiles, coords = store.tiles(slide_id, slide_id)[:], store.coords(slide_id, slide_id)
     assert len(tiles) > 10
-    for tile, (x, y) in zip(tiles, coords):  # a crop of level 0, bit for bit
-        np.testing.assert_array_equal(tile, cmu_pixels[y:y + 256, x:x + 256])
+    for tile, (x, y) in zip(tiles, coords):
+        np.testing.assert_array_equal(tile, expected[y:y + 256, x:x + 256])
+    return attrs
+
+
+def test_jpeg2000_aperio_svs_tiles_with_the_files_pixels(cmu_pixels, tmp_path):
+    """Many TCGA slides are Aperio SVS with JPEG 2000 tiles (compression 33003)."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    path = slides / "cmu-j2k.svs"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(cmu_pixels, tile=(256, 256), compression=33003, photometric="rgb", metadata=None,
+                  description=f"Aperio Image Library v12.0.15\n2048x2048 (256x256) J2K/KDU Q=70|AppMag = 20|MPP = {MPP}")
+        tif.write(cmu_pixels[::8, ::8].copy(), photometric="rgb", metadata=None, description="thumbnail")
+    decoded = tifffile.imread(path, key=0)  # the file's own pixels, through the same decoder
+    attrs = _tile_and_compare(slides, tmp_path, decoded, "cmu-j2k")
+    assert attrs["vendor"] == "aperio"
+
+
+def test_flat_stripped_tiff_without_a_pyramid(cmu_pixels, tmp_path):
+    """A flat, stripped TIFF (no tiles, no pyramid): tiffslide reads it, the resolution tags give mpp."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    tifffile.imwrite(slides / "flat.tif", cmu_pixels, photometric="rgb", rowsperstrip=64, metadata=None,
+                     resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(slides / "flat.tif") as tif:
+        assert not tif.pages[0].is_tiled and len(tif.pages) == 1
+    _tile_and_compare(slides, tmp_path, cmu_pixels, "flat")
