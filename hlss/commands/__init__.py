@@ -2,7 +2,7 @@
 commands, each with ``func``: the function that runs it (``args -> exit status``, :mod:`hlss.exit`).
 
 - :mod:`.cohort`: ``demo-cohort``, ``tile``, ``info``, ``verify``;
-- :mod:`.outputs`: ``qc``, ``report``, ``export-mil``;
+- :mod:`.outputs`: ``qc``, ``report``, ``export-mil``, ``export-geojson``;
 - :mod:`.model`: ``train``, ``extract``, ``knn``, ``explain``;
 - :mod:`.flows`: ``serve``, ``deploy``, ``run``.
 """

@@ -1,4 +1,5 @@
-"""``hlss qc``, ``report`` and ``export-mil``: what a store gives out (pictures, an HTML report, MIL bags)."""
+"""``hlss qc``, ``report``, ``export-mil`` and ``export-geojson``: what a store gives out (pictures, an HTML
+report, MIL bags, QuPath objects)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .. import argtypes as at
 from ..exit import OK, SOME_FAILED, UsageError, status_of
 from ..options import add_store
 
-__all__ = ["add_parsers", "qc", "report", "export_mil"]
+__all__ = ["add_parsers", "qc", "report", "export_mil", "export_geojson"]
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +48,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "both (default clam-h5)")
     x.add_argument("--out", type=Path, required=True, help="output folder")
     x.set_defaults(func=export_mil)
+
+    g = sub.add_parser("export-geojson", help="write each slide's tissue outlines and kept tiles as GeoJSON in "
+                                              "level-0 px (QuPath: File > Import objects)")
+    add_store(g, "hlss export-geojson STORE --out DIR")
+    g.add_argument("--out", type=Path, required=True, help="folder for <patient>/<slide>.geojson")
+    g.add_argument("--no-tiles", action="store_true", help="tissue outlines only")
+    g.set_defaults(func=export_geojson)
 
 
 def qc(args: argparse.Namespace) -> int:
@@ -99,3 +107,19 @@ def export_mil(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
     print(result.table())
     return result.exit_code
+
+
+def export_geojson(args: argparse.Namespace) -> int:
+    """0 every complete slide written, 1 some damaged (listed), 2 unusable store."""
+    from pipeline.escape import terminal
+    from pipeline.geojson import export_geojson as export
+    from pipeline.location import StoreError
+
+    try:
+        written, problems = export(args.store, args.out, tiles=not args.no_tiles)
+    except StoreError as e:
+        raise UsageError(str(e)) from e
+    print(f"wrote {len(written)} GeoJSON files to {terminal(str(args.out))}")
+    for problem in problems:
+        print(f"  DAMAGED {terminal(problem)}", file=sys.stderr)
+    return status_of(bool(problems))

@@ -241,6 +241,7 @@ STORE_COMMANDS = {  # command -> (argv before the store, argv after it)
     "export-mil": (["export-mil"], ["--features", "f", "--out", "o"]), "train": (["train"], ["--out", "run"]),
     "extract": (["extract"], ["--encoder", "timm:resnet10t"]), "knn": (["knn"], ["--features", "f"]),
     "explain": (["explain"], ["--checkpoint", "run", "--slide", "s"]), "run": (["run"], []),
+    "export-geojson": (["export-geojson"], ["--out", "o"]),
 }
 
 
