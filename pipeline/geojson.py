@@ -85,7 +85,7 @@ def slide_geojson(store, patient_id: str, slide_id: str, tiles: bool = True) -> 
                                         "isLocked": True}})
     if tiles and int(attrs.get(L.N_TILES, 0)):
         coords = store.coords(patient_id, slide_id)
-        fw, fh = attrs["footprint_px"] if isinstance(attrs["footprint_px"], list) else [attrs["footprint_px"]] * 2
+        fw, fh = attrs["footprint_px"]  # level-0 px (x, y), as the tiler has always written it
         measures = {"tissue": store.tissue(patient_id, slide_id)}
         if L.TILE_QC in group:
             measures.update(store.tile_qc(patient_id, slide_id))

@@ -80,6 +80,11 @@ _STALE_FOREIGN_S = 24 * 3600
 _ASIDE_SUFFIX = ".aside"  # note beside a version set aside during a commit: where it came from
 
 
+def _new_store_attrs() -> dict[str, Any]:
+    """The root ``hlss`` attributes of a store created now."""
+    return {"schema_version": SCHEMA_VERSION, "created": utc_now(), "package_version": _package_version()}
+
+
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -89,7 +94,6 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-_now = utc_now
 
 
 def _check_store_path(path: Path, create: bool) -> None:
@@ -332,8 +336,7 @@ class StoreWriter:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / L.META).exists():
-                hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
-                _ensure_group(self.path, {L.ROOT_ATTR: hlss})
+                _ensure_group(self.path, {L.ROOT_ATTR: _new_store_attrs()})
             _ensure_group(self.path / L.PATIENTS)
             _ensure_group(self.path / STAGING)
         except PermissionError as e:
@@ -619,8 +622,7 @@ class _ObjectStoreWriter(StoreWriter):
         loc = self._remote = ObjectLocation(str(path))
         self.path = loc.url
         if _check_remote_root(loc, create=True) is None:
-            hlss = {"schema_version": SCHEMA_VERSION, "created": _now(), "package_version": _package_version()}
-            loc.write_json(L.META, _group_doc({L.ROOT_ATTR: hlss}))
+            loc.write_json(L.META, _group_doc({L.ROOT_ATTR: _new_store_attrs()}))
         self._ensure_remote_group(L.PATIENTS)
         self._ensure_remote_group(STAGING)
         self._zstore = loc.zarr_store(read_only=False)
@@ -678,11 +680,11 @@ class _ObjectStoreWriter(StoreWriter):
         if doc is None:
             raise StoreError(f"{self.path}: {src} is gone; rerun")
         doc = moved_doc(doc.get("attributes") or {}) or doc  # a move killed before: the slide as it was
-        marker = {L.STATUS: L.MOVING, "moving_to": patient_id, "writer": token, "started": _now(), "moved_doc": doc}
+        marker = {L.STATUS: L.MOVING, "moving_to": patient_id, "writer": token, "started": utc_now(), "moved_doc": doc}
         loc.write_json(f"{src}/{L.META}", _group_doc(marker))
         self._ensure_remote_group(L.patient_key(patient_id), known)
         self._ensure_remote_group(L.slides_key(patient_id))
-        pending = _group_doc({L.STATUS: L.WRITING, "writer": token, "started": _now()})
+        pending = _group_doc({L.STATUS: L.WRITING, "writer": token, "started": utc_now()})
         if self._replace_remote(src, dst, pending, doc, token):
             loc.remove_tree(src)
 
@@ -733,7 +735,7 @@ class _ObjectStoreWriter(StoreWriter):
         known = {k: v for k, v in patient_attrs.items() if v is not None}
         self._ensure_remote_group(L.patient_key(patient_id), known)
         self._ensure_remote_group(L.slides_key(patient_id))
-        pending = _group_doc({L.STATUS: L.WRITING, "writer": staged.token, "started": _now()})
+        pending = _group_doc({L.STATUS: L.WRITING, "writer": staged.token, "started": utc_now()})
         try:
             self._replace_remote(key, L.slide_key(patient_id, slide_id), pending, doc, staged.token)
         finally:

@@ -16,9 +16,14 @@ from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
 
 
-def _area(ring) -> float:
+def _signed(ring) -> float:
+    """Shoelace area of a ring (positive: counter-clockwise read as x-right/y-up numbers)."""
     r = np.asarray(ring, float)
-    return 0.5 * abs(float(np.dot(r[:, 0], np.roll(r[:, 1], -1)) - np.dot(np.roll(r[:, 0], -1), r[:, 1])))
+    return 0.5 * float(np.dot(r[:, 0], np.roll(r[:, 1], -1)) - np.dot(np.roll(r[:, 0], -1), r[:, 1]))
+
+
+def _area(ring) -> float:
+    return abs(_signed(ring))
 
 
 def test_a_ring_with_a_hole_keeps_its_hole_and_area():
@@ -36,8 +41,7 @@ def test_a_ring_with_a_hole_keeps_its_hole_and_area():
     assert outer[:, 0].min() == pytest.approx(10 * 8, abs=8) and outer[:, 1].max() == pytest.approx(35 * 4, abs=4)
     for ring in (outer, hole):
         assert np.allclose(ring[0], ring[-1])  # closed
-    signed = lambda r: 0.5 * float(np.dot(r[:, 0], np.roll(r[:, 1], -1)) - np.dot(np.roll(r[:, 0], -1), r[:, 1]))
-    assert signed(outer) > 0 > signed(hole)  # RFC 7946's right-hand rule on the numbers: outer CCW, holes CW
+    assert _signed(outer) > 0 > _signed(hole)  # RFC 7946's right-hand rule on the numbers: outer CCW, holes CW
 
 
 def test_export_geojson_matches_the_store(make_slide, tmp_path, capsys):
@@ -57,7 +61,7 @@ def test_export_geojson_matches_the_store(make_slide, tmp_path, capsys):
     attrs = store.slide_attrs(patient, slide)
     coords, fractions = store.coords(patient, slide), store.tissue(patient, slide)
     assert len(tiles) == attrs["n_tiles"] == len(coords)
-    fw = attrs["footprint_px"][0] if isinstance(attrs["footprint_px"], list) else attrs["footprint_px"]
+    fw = attrs["footprint_px"][0]
     for feature, (x, y), fraction in zip(tiles, coords.tolist(), fractions):
         ring = feature["geometry"]["coordinates"][0]
         assert ring[0] == [x, y] and ring[2] == [pytest.approx(x + fw, abs=0.01), pytest.approx(y + fw, abs=0.01)]
