@@ -11,7 +11,7 @@ import argparse
 
 from .exit import UsageError
 
-__all__ = ["STORE_HELP", "add_store", "resolve_store"]
+__all__ = ["STORE_HELP", "add_store", "resolve_store", "open_store"]
 
 STORE_HELP = "store folder or URL (s3://bucket/path)"
 
@@ -40,3 +40,14 @@ def resolve_store(args: argparse.Namespace) -> None:
     args.store = positional or option
     if not args.store and args.store_usage:
         raise UsageError(f"give the store: {args.store_usage} (or --store STORE)")
+
+
+def open_store(path: str):
+    """The :class:`~pipeline.store.SlideStore` at ``path``; a store that cannot be opened is a usage error."""
+    from pipeline.location import StoreError
+    from pipeline.store import SlideStore
+
+    try:
+        return SlideStore(path)
+    except (StoreError, OSError, KeyError, ValueError) as e:
+        raise UsageError(str(e)) from e

@@ -13,7 +13,7 @@ from pipeline.reader import READERS
 
 from .. import argtypes as at
 from ..exit import OK, UsageError, damaged_exit
-from ..options import add_store
+from ..options import add_store, open_store
 
 __all__ = ["add_parsers", "demo_cohort", "tile", "info", "verify"]
 
@@ -149,12 +149,7 @@ class Bars:
 
 
 def info(args: argparse.Namespace) -> int:
-    from pipeline.store import SlideStore, StoreError
-
-    try:
-        store = SlideStore(args.store)
-    except StoreError as e:
-        raise UsageError(str(e)) from e
+    store = open_store(args.store)
     summary = store.summary()
     if args.json:  # json.dumps escapes control characters itself
         print(json.dumps(summary, indent=2, default=str))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import argtypes as at
 from ..exit import OK, SOME_FAILED, UsageError, status_of
-from ..options import add_store
+from ..options import add_store, open_store
 
 __all__ = ["add_parsers", "qc", "report", "export_mil", "export_geojson"]
 
@@ -59,14 +59,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def qc(args: argparse.Namespace) -> int:
     """0 when every slide had a picture, 1 when some had none, 2 for an unusable store."""
-    from pipeline.location import StoreError
     from pipeline.qc import export_qc
-    from pipeline.store import SlideStore
 
-    try:
-        store = SlideStore(args.store)
-    except StoreError as e:
-        raise UsageError(str(e)) from e
+    store = open_store(args.store)
     written = export_qc(store, args.out, status=args.status)
     total = sum(1 for _ in store.records(status=args.status))
     print(f"wrote {len(written)} QC pictures of {total} slides to {args.out}")
@@ -75,14 +70,9 @@ def qc(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """0 written, 1 written with damaged slides (listed), 2 unusable store, run folder or output file."""
-    from pipeline.location import StoreError
     from pipeline.report import report_cohort
-    from pipeline.store import SlideStore
 
-    try:
-        store = SlideStore(args.store)
-    except (StoreError, OSError, KeyError, ValueError) as e:
-        raise UsageError(str(e)) from e
+    store = open_store(args.store)
     try:
         out, damaged = report_cohort(store, args.out, args.run, title=args.title, max_px=args.max_px,
                                      pictures=args.pictures)
