@@ -11,14 +11,40 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import socket
 import threading
+from urllib.parse import urlsplit
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-__all__ = ["SlideExecutor", "WorkerLost"]
+__all__ = ["SlideExecutor", "WorkerLost", "check_scheduler"]
 
 log = logging.getLogger(__name__)
+
+
+def check_scheduler(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast, with one line, when nothing listens at a Dask scheduler's ``tcp://`` or ``tls://``
+    host and port (``distributed.Client`` would wait its whole timeout, then raise from deep inside).
+
+    Other schemes (``inproc://``, ``ucx://``) are left to Dask. Raises ConnectionError naming the address.
+    """
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = parts.hostname, parts.port or 8786
+    except ValueError as e:  # a port that is not a number
+        raise ConnectionError(f"Dask scheduler {address}: not an address of the form tcp://host:port ({e})") from None
+    if not host:
+        raise ConnectionError(f"Dask scheduler {address}: not an address of the form tcp://host:port")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConnectionError(f"Dask scheduler {address}: cannot connect to {host}:{port} ({why}); start one with "
+                              f"`dask scheduler` (and `dask worker {address}`), or leave the scheduler "
+                              f"address unset to run on this machine") from None
 
 
 class WorkerLost(RuntimeError):
@@ -44,6 +70,7 @@ class SlideExecutor:
         if scheduler_address:
             from distributed import Client
 
+            check_scheduler(scheduler_address)
             try:
                 self._client = Client(scheduler_address, timeout=connect_timeout_s, set_as_default=False)
             except (OSError, TimeoutError) as e:

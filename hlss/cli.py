@@ -24,7 +24,10 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hlss`` parser; each subcommand's namespace carries its ``func``."""
+    from pipeline import __version__
+
     p = argparse.ArgumentParser(prog="hlss", description="Whole-slide images to a Zarr cohort store, and HLSS on it.")
+    p.add_argument("--version", action="version", version=f"hlss-pipeline {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_parsers(sub)

@@ -100,6 +100,11 @@ def discover_cohort(source: str | Path) -> Cohort:
         raise ManifestError(f"{source}: not a folder, a slide file or a .csv manifest")
     else:
         raise ManifestError(f"{source}: no such folder or manifest")
+    if not cohort.slides and not cohort.problems:
+        # an empty store made from a mistyped folder would look like success
+        what = ("no slide files in this folder or its subfolders (looked for "
+                + ", ".join(SLIDE_SUFFIXES) + ")") if source.is_dir() else "the manifest has no slide rows"
+        raise ManifestError(f"{source}: {what}")
     _reject_duplicates(cohort)
     _check_patient_labels(cohort)
     return cohort

@@ -1139,6 +1139,8 @@ class SlideStore:
         as plain data (a damaged slide's row: status "damaged", its damage as ``error``)."""
         rows, params = [], []
         labels: dict[str, Any] = {}  # one read of each patient's attributes, not one per slide
+        features: dict[str, dict[str, Any]] = {}
+        attribute_runs: dict[str, int] = {}
         for rec in self.records(status=None):
             a = rec.attrs
             if rec.patient_id not in labels:
@@ -1157,6 +1159,8 @@ class SlideStore:
                 "label": labels[rec.patient_id],
                 "error": str(rec.damage) if rec.damage is not None else a.get("error"),
             })
+            if rec.status == "complete" and rec.damage is None:
+                self._count_derived(rec.patient_id, rec.slide_id, features, attribute_runs)
             if rec.status == "complete":
                 keys = ("target_mpp", "tile_size", "tile_um", "min_tissue", "mask_mpp", "compression", "tissue_params")
                 p = {k: a.get(k) for k in keys}
@@ -1172,7 +1176,32 @@ class SlideStore:
             "n_tiles": sum(r["n_tiles"] for r in rows if r["status"] == "complete"),
             "slides": rows,
             "parameters": params,
+            "features": features,
+            "attribute_runs": attribute_runs,
+            "evaluations": {name: _evaluation_line(r) for name, r in self.evaluations().items()},
         }
+
+    def _count_derived(self, patient_id: str, slide_id: str, features: dict[str, dict[str, Any]],
+                       attribute_runs: dict[str, int]) -> None:
+        """Add a slide's complete feature sets (slides, dim, model) and attribute runs to the tallies."""
+        for name in self.feature_names(patient_id, slide_id):
+            entry = features.setdefault(name, {"slides": 0, "dim": None, "model": None})
+            entry["slides"] += 1
+            try:
+                a = self.features(patient_id, slide_id, name).attrs
+                entry["dim"], entry["model"] = entry["dim"] or a.get("dim"), entry["model"] or a.get("model")
+            except (KeyError, StoreDamageError):
+                pass
+        for name in self.attribute_runs(patient_id, slide_id):
+            attribute_runs[name] = attribute_runs.get(name, 0) + 1
+
+
+def _evaluation_line(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline of a recorded evaluation: features, when, and accuracy / MCA per level."""
+    levels = result.get("levels") or {}
+    return {"feature": result.get("feature"), "evaluated": result.get("evaluated"),
+            **{level: {k: v.get(k) for k in ("accuracy", "mean_class_accuracy", "n")}
+               for level, v in levels.items() if isinstance(v, dict)}}
 
 
 class _ObjectSlideStore(SlideStore):

@@ -174,7 +174,24 @@ def info(args: argparse.Namespace) -> int:
             print(f"  {'DAMAGED' if row['status'] == 'damaged' else 'FAILED'} {row['slide']}: {row['error']}")
     for params in summary["parameters"]:
         print("parameters: " + json.dumps(params, sort_keys=True))
+    _print_derived(summary)
     return damaged_exit(summary["n_damaged"], store.path)
+
+
+def _print_derived(summary: dict) -> None:
+    """Feature sets, attribute runs and evaluations, one line each (names are free text: escaped)."""
+    for name, f in sorted(summary["features"].items()):
+        print(f"features {terminal(name)}: {f['slides']} slides, {f['dim'] or '?'}-d, {terminal(f['model'] or '?')}")
+    for name, n in sorted(summary["attribute_runs"].items()):
+        print(f"attribute run {terminal(name)}: {n} slides")
+    for name, e in sorted(summary["evaluations"].items()):
+        levels = ", ".join(f"{level} {e[level]['accuracy']:.1%} (MCA {e[level]['mean_class_accuracy']:.1%}, "
+                           f"n={e[level]['n']})" for level in ("tile", "slide", "patient")
+                           if isinstance(e.get(level), dict) and e[level].get("accuracy") is not None)
+        print(f"evaluation {terminal(name)}: features {terminal(e['feature'] or '?')}, {terminal(e['evaluated'] or '?')}"
+              + (f"; {levels}" if levels else ""))
+    if not (summary["features"] or summary["attribute_runs"] or summary["evaluations"]):
+        print("no features, attribute runs or evaluations yet")
 
 
 def _printable(row: dict) -> dict:

@@ -57,12 +57,20 @@ def _add_deployment_arguments(p: argparse.ArgumentParser, pool: bool = False) ->
                        help="flow runs executed at once by this process (default: no limit)")
 
 
+def _quiet_telemetry() -> None:
+    """No usage reports from Prefect (its temporary server's attempt to send them prints an error
+    offline); a user's own setting wins."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def serve(args: argparse.Namespace) -> int:
     """``hlss serve`` (or ``hlss deploy`` when ``args`` has a pool): 0 stopped cleanly or deployed, 2 unusable
     settings or no Prefect server."""
     from flows.serve import PrefectAPIError, deploy_to_pool, serve as serve_deployments
     from flows.settings import FlowConfigError, load_defaults
 
+    _quiet_telemetry()
     pool = getattr(args, "pool", None)
     try:
         defaults = load_defaults(args.config)
@@ -82,6 +90,8 @@ def serve(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """0 done, 1 done but some slides or features failed, 2 unusable settings or flow failure."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    _quiet_telemetry()
+    from flows.executor import check_scheduler
     from flows.run import FlowRunError, run_tile_and_train, tile_and_train_parameters
     from flows.serve import PrefectAPIError
     from flows.settings import FlowConfigError
@@ -93,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads, scheduler_address=args.scheduler_address, train_config=args.train_config,
             steps=args.steps, method=args.method, device=args.device, resume=args.resume, encoders=args.encoder,
             force_tiling=args.force_tiling)
+        if params.get("scheduler_address"):  # before Prefect starts: one line, not a failed flow run
+            check_scheduler(params["scheduler_address"])
         outcome = run_tile_and_train(params)
-    except (FlowConfigError, PrefectAPIError, FlowRunError) as e:
+    except (FlowConfigError, PrefectAPIError, FlowRunError, ConnectionError) as e:
         raise UsageError(str(e)) from e
     print(summary_markdown(outcome))
     return status_of(bool(outcome["slides"]["failed"] or outcome.get("extraction", {}).get("failed")))

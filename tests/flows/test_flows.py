@@ -445,3 +445,31 @@ def test_hlss_run_uses_a_temporary_local_server(tmp_path, train_yaml):
     assert "knn-demo" in SlideStore(tmp_path / "store").evaluations()
     proc = subprocess.run(cmd[:-2], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--run-dir" in proc.stderr
+
+
+@pytest.mark.parametrize("address, message", [
+    ("tcp://127.0.0.1:notaport", "not an address of the form tcp://host:port"),
+    ("tcp://:8786", "not an address of the form tcp://host:port"),
+])
+def test_check_scheduler_refuses_malformed_addresses(address, message):
+    from flows.executor import check_scheduler
+
+    with pytest.raises(ConnectionError, match=message):
+        check_scheduler(address)
+
+
+def test_slide_executor_fails_fast_on_a_scheduler_nobody_listens_at():
+    import socket
+
+    from flows.executor import SlideExecutor, check_scheduler
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match=rf"127.0.0.1:{port} \(Connection refused\)"):
+        SlideExecutor(2, f"tcp://127.0.0.1:{port}")
+    check_scheduler("inproc://anything")  # schemes without host:port are Dask's to judge
+    with socket.socket() as srv:  # something listening passes the probe
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        check_scheduler(f"127.0.0.1:{srv.getsockname()[1]}")

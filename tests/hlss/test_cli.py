@@ -306,3 +306,82 @@ def test_tile_source_store_positionally_then_info_with_either_form(make_slide, t
 def test_python_dash_m_hlss_runs_the_command():
     proc = subprocess.run([sys.executable, "-m", "hlss", "knn", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "[STORE]" in proc.stdout and "--store STORE" in proc.stdout
+
+
+def test_version_names_the_package():
+    proc = subprocess.run([sys.executable, "-m", "hlss", "--version"], capture_output=True, text=True)
+    from pipeline import __version__
+
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hlss-pipeline {__version__}"
+
+
+@pytest.mark.parametrize("source", ["folder", "manifest"])
+def test_tile_with_no_slides_exits_2_naming_the_source_and_makes_no_store(tmp_path, capsys, source):
+    src = tmp_path / "slides"
+    src.mkdir()
+    (src / "notes.txt").write_text("not a slide")
+    if source == "manifest":
+        src = tmp_path / "manifest.csv"
+        src.write_text("slide_path,patient_id\n\n")
+    store = tmp_path / "s.zarr"
+    assert main(["tile", str(src), str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(src) in err
+    assert ("no slide files" in err and ".svs" in err) if source == "folder" else "no slide rows" in err
+    assert not store.exists()
+
+
+def test_info_lists_features_attribute_runs_and_evaluations(train_store, tmp_path, capsys):
+    import numpy as np
+
+    from pipeline.store import SlideStore, StoreWriter, tiles_version
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(train_store, store)
+    assert main(["info", str(store)]) == 0
+    assert "no features, attribute runs or evaluations yet" in capsys.readouterr().out
+    st, w = SlideStore(store), StoreWriter(store)
+    recs = list(st.records(status="complete"))[:2]
+    for rec in recs:
+        for name, group, dim in (("enc-a", "features", 8), ("run-1", "attributes", 3)):
+            arr = w.stage_features(rec.n_tiles, dim)
+            arr[:] = np.ones((rec.n_tiles, dim), np.float32)
+            w.commit_features(arr, rec.patient_id, rec.slide_id, name,
+                              {"model": "timm:resnet18 weights=r18.safetensors", "dim": dim, "n": rec.n_tiles},
+                              tiles_version(rec.attrs), group=group)
+    w.write_evaluation("knn-enc-a", {"feature": "enc-a", "evaluated": "2026-12-02T00:00:00+00:00",
+                                     "levels": {"tile": {"accuracy": 0.8125, "mean_class_accuracy": 0.75, "n": 32},
+                                                "patient": {"accuracy": 1.0, "mean_class_accuracy": 1.0, "n": 2}}})
+    assert main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "features enc-a: 2 slides, 8-d, timm:resnet18 weights=r18.safetensors" in out
+    assert "attribute run run-1: 2 slides" in out
+    assert ("evaluation knn-enc-a: features enc-a, 2026-12-02T00:00:00+00:00; tile 81.2% (MCA 75.0%, n=32), "
+            "patient 100.0% (MCA 100.0%, n=2)") in out
+    assert main(["info", str(store), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["features"] == {"enc-a": {"slides": 2, "dim": 8, "model": "timm:resnet18 weights=r18.safetensors"}}
+    assert summary["attribute_runs"] == {"run-1": 2}
+    assert summary["evaluations"]["knn-enc-a"]["tile"] == {"accuracy": 0.8125, "mean_class_accuracy": 0.75, "n": 32}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_with_an_unreachable_dask_scheduler_is_one_line_and_starts_nothing(make_slide, tmp_path):
+    folder = tmp_path / "slides"
+    make_slide("a.svs", folder=folder)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    proc = subprocess.run([sys.executable, "-m", "hlss", "run", "--source", str(folder), "--store",
+                           str(tmp_path / "s.zarr"), "--run-dir", str(tmp_path / "run"), "--scheduler-address",
+                           address], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "telemetry" not in proc.stderr.lower()
+    assert f"Dask scheduler {address}: cannot connect" in proc.stderr and "dask scheduler" in proc.stderr
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "run").exists()
