@@ -21,7 +21,8 @@ def tile_and_train_parameters(config: str | None = None, *, source: str | None =
                               force_tiling: bool = False) -> dict[str, Any]:
     """The ``tile-and-train`` parameters: the flow settings (``config``, else ``$HLSS_FLOW_CONFIG``, and
     ``HLSS_*`` variables) with the values given here (None: keep the setting) on top; ``encoders`` are
-    added to the configured ones. FlowConfigError when source, store or run folder is set nowhere."""
+    added to the configured ones. FlowConfigError when source or store is set nowhere (the run folder defaults to
+    :func:`flows.settings.default_run_dir`)."""
     d = load_defaults(config)
     flat = {"source": source, "store": store, "run_dir": run_dir, "workers": workers, "threads": threads,
             "scheduler_address": scheduler_address}
@@ -33,7 +34,7 @@ def tile_and_train_parameters(config: str | None = None, *, source: str | None =
     if encoders:
         d.extraction = d.extraction.model_copy(update={"encoders": d.extraction.encoders + list(encoders)})
     params = d.flow_parameters("tile-and-train")
-    missing = [k for k in ("source", "store", "run_dir") if not params.get(k)]
+    missing = [k for k in ("source", "store") if not params.get(k)]
     if missing:
         raise FlowConfigError(f"set {', '.join('--' + k.replace('_', '-') for k in missing)} "
                               "(or in the flow config / HLSS_* variables)")

@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hlss_model.settings import METHODS, EvaluationSettings, ExtractionSettings
 from pipeline.codecs import TileCompression
@@ -34,9 +34,12 @@ from pipeline.config import TilingParams
 from pipeline.location import is_remote, local_path
 from pipeline.reader import READERS
 
+if TYPE_CHECKING:  # torch is imported only when a training config is built
+    from hlss_model.config import TrainConfig
+
 __all__ = [
     "TilingSettings", "TrainingSettings", "ExtractionSettings", "EvaluationSettings", "FlowDefaults",
-    "load_defaults", "check_paths", "FlowConfigError",
+    "load_defaults", "check_paths", "default_run_dir", "FlowConfigError",
 ]
 
 
@@ -80,6 +83,42 @@ class TrainingSettings(_Model):
     method: Literal[METHODS] | None = None
     device: str | None = Field(None, description="auto, cpu, cuda, cuda:N")
     resume: bool = Field(False, description="continue an unfinished (or extended) run in run_dir")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="training config keys to change, by section, on top of the config "
+                                          "file, e.g. {sampler: {batch_size: 4}, optim: {lr: 0.0005}}")
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_keys(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        from hlss_model.config import ConfigError, TrainConfig
+
+        try:  # unknown sections, keys and bad values are refused here, before any work
+            TrainConfig.from_dict(_merged(TrainConfig().to_dict(), overrides))
+        except ConfigError as e:
+            raise ValueError(f"training.overrides: {e}") from None
+        return overrides
+
+    def train_config(self, fallback: str | Path | None = None) -> "TrainConfig":
+        """The training config these settings make: ``config`` (else ``fallback``, e.g. the run's saved
+        config, else the defaults), then ``overrides``, then ``steps``, ``method`` and ``device``."""
+        from hlss_model.config import ConfigError, TrainConfig
+
+        source = self.config or fallback
+        try:
+            cfg = TrainConfig.from_yaml(Path(source).expanduser()) if source else TrainConfig()
+            if self.overrides:
+                cfg = TrainConfig.from_dict(_merged(cfg.to_dict(), self.overrides))
+            return cfg.with_overrides(steps=self.steps, method=self.method, device=self.device)
+        except ConfigError as e:
+            raise FlowConfigError(f"training: {e}") from None
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` laid over it, section by section (nested mappings merged, not replaced)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 Workers = Annotated[int, Field(ge=1, description="slides tiled at once (processes, or Dask worker slots)")]
@@ -157,6 +196,16 @@ def load_defaults(config: str | Path | None = None, env: dict[str, str] | None =
 
 def _errors(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+
+
+def default_run_dir(store: str) -> str:
+    """Where a training run goes when no ``run_dir`` is given: beside a local store,
+    ``/data/cohort.zarr`` -> ``/data/cohort-run``. A store in an object store has no such place."""
+    if is_remote(store):
+        raise FlowConfigError(f"run_dir: not set, and the store {store} is not a local folder to put the run "
+                              "beside; set run_dir to a local folder")
+    path = local_path(store)
+    return str(path.with_name(path.name.removesuffix(".zarr") + "-run"))
 
 
 def check_paths(source: str | None = None, store: str | None = None, run_dir: str | None = None) -> None:

@@ -201,9 +201,7 @@ def train_step(store: str, run_dir: str, training: TrainingSettings) -> dict[str
                                "drop training.steps or choose another run_dir")
     else:
         saved_yaml = RunFolder(run_dir).config  # resuming a start without a checkpoint: its config
-        source = training.config or (saved_yaml if training.resume and saved_yaml.is_file() else None)
-        cfg = (TrainConfig.from_yaml(source) if source else TrainConfig()).with_overrides(
-            steps=training.steps, method=training.method, device=training.device)
+        cfg = training.train_config(saved_yaml if training.resume and saved_yaml.is_file() else None)
         status = "trained"
     saved = TrainConfig.from_yaml(RunFolder(run_dir).config) if cfg is None else cfg
     device = training.device or saved.device

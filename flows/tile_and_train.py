@@ -13,10 +13,11 @@ from pipeline.escape import markdown
 
 from .artifacts import attach_cohort_artifacts
 from .executor import SlideExecutor
+from .preflight import check_before_work
 from .settings import (EvaluationSettings, ExtractionSettings, Threads, TilingSettings, TrainingSettings, Workers,
-                       check_paths)
-from .steps import (extract_step, knn_step, register_executor, release_executor, rederived, tile_phase, train_step,
-                    training_curve)
+                       check_paths, default_run_dir)
+from .steps import (extract_step, knn_step, register_executor, release_executor, rederived, run_state, tile_phase,
+                    train_step, training_curve)
 from .summary import run_summary, slide_rows, summary_markdown
 from .work import EncoderSpec
 
@@ -27,7 +28,7 @@ __all__ = ["tile_and_train"]
 def tile_and_train(
     source: str,
     store: str,
-    run_dir: str,
+    run_dir: str | None = None,
     tiling: TilingSettings = TilingSettings(),
     training: TrainingSettings = TrainingSettings(),
     extraction: ExtractionSettings = ExtractionSettings(),
@@ -41,15 +42,23 @@ def tile_and_train(
     (a finished run is reused; ``training.resume`` continues one), extract features with the
     trained encoder, evaluate them by kNN, write the cohort report ``run_dir/report.html`` and attach
     the summary, the slide table, this run's QC pictures and a link to the report to the run.
+    Without ``run_dir`` the run goes beside the store (:func:`flows.settings.default_run_dir`).
+    Settings that cannot work (too few training patients for the batch, a missing device) fail
+    before tiling (:func:`flows.preflight.check_before_work`).
 
     ``workers`` slides are tiled at once (processes of ``threads`` cores each), on the Dask cluster
     at ``scheduler_address`` when given. A failed slide is recorded and reported; the others go on.
     """
     t0 = time.perf_counter()
+    if run_dir is None:
+        run_dir = default_run_dir(store)
+        get_run_logger().info("run_dir not set: training in %s, beside the store", run_dir)
     check_paths(source, store, run_dir)
     params = tiling.params()
     encoders = [EncoderSpec("run", run_dir, name=extraction.name)] + \
         [EncoderSpec.parse(e).checked() for e in extraction.encoders]
+    check_before_work(source, store, run_dir, training, extraction,
+                      reused=run_state(run_dir)["finished"] and not training.resume)
     with SlideExecutor(workers, scheduler_address) as executor:
         key = register_executor(executor)
         try:

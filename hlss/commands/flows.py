@@ -27,7 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--config", help="YAML flow settings (default $HLSS_FLOW_CONFIG); flags override it")
     w.add_argument("--source", help="folder of slides or manifest .csv")
     add_store(w, None, help="store folder or URL (s3://bucket/path); default from the flow settings")
-    w.add_argument("--run-dir", help="training run folder")
+    w.add_argument("--run-dir", help="training run folder (default: beside the store, /data/cohort.zarr -> /data/cohort-run)")
     w.add_argument("--train-config", type=at.as_text(at.readable_file),
                    help="YAML training config (see hlss_model/config.py)")
     w.add_argument("--steps", type=at.positive_int)

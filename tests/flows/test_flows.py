@@ -139,8 +139,14 @@ def test_a_failed_training_start_is_restarted_by_the_corrected_rerun(harness, tm
     bad.write_text(yaml.safe_dump({**cfg, "sampler": {**cfg["sampler"], "batch_size": 50}}))
     params = dict(source=str(manifest), store=str(tmp_path / "store"), run_dir=str(tmp_path / "run"),
                   tiling=TILING, training={"config": str(bad)}, evaluation={"k": 5})
-    state = tile_and_train(**params, return_state=True)
-    assert state.is_failed() and "batch of 50 patients" in str(state.result(raise_on_failure=False))
+    # the flow refuses it before tiling (test_settings_that_cannot_train_fail_before_tiling); a start
+    # made outside the flow, e.g. `hlss train`, fails once its store is there
+    tile_and_train(**{**params, "training": {"config": str(train_yaml), "steps": 1}, "run_dir": str(tmp_path / "r0")})
+    from hlss_model.config import TrainConfig
+    from hlss_model.train import train
+
+    with pytest.raises(ValueError, match="batch of 50 patients"):
+        train(params["store"], tmp_path / "run", TrainConfig.from_yaml(bad))
     assert (tmp_path / "run" / "run.json").is_file() and not (tmp_path / "run" / "checkpoints").exists()
     fixed = tile_and_train(**{**params, "training": {"config": str(train_yaml)}})
     assert fixed["training"]["status"] == "restarted" and fixed["training"]["steps"] == 2
@@ -148,6 +154,35 @@ def test_a_failed_training_start_is_restarted_by_the_corrected_rerun(harness, tm
     with get_client(sync_client=True) as client:
         md = {a.key: a for a in client.read_latest_artifacts()}["tile-and-train-summary"].data
     assert "restarted, 2 steps" in md
+
+
+def test_settings_that_cannot_train_fail_before_tiling(harness, tmp_path, train_yaml):
+    from flows.tile_and_train import tile_and_train
+
+    manifest = _cohort(tmp_path, n_patients=4, seed=8)  # 2 classes of 2 patients, 1 of each held out: 2 train
+    store = tmp_path / "cohort.zarr"
+    params = dict(source=str(manifest), store=str(store), tiling=TILING, evaluation={"k": 5},
+                  training={"config": str(train_yaml), "overrides": {"sampler": {"batch_size": 3}}})
+    state = tile_and_train(**params, return_state=True)
+    message = str(state.result(raise_on_failure=False))
+    assert state.is_failed()
+    assert ("sampler.batch_size is 3 patients but the cohort has 2 training patients (4 patients, 2 held out "
+            "for evaluation); set training.overrides.sampler.batch_size to 2 or less") in message
+    assert not store.exists() and not (tmp_path / "cohort-run").exists()  # nothing was tiled or started
+    for bad, says in (({"sampler": {"batch_sise": 2}}, "unknown config key sampler.batch_sise"),
+                      ({"sampler": {"batch_size": 0}}, "sampler.batch_size must be >= 1")):
+        state = tile_and_train(**{**params, "training": {"overrides": bad}}, return_state=True)
+        assert state.is_failed() and says in str(state.result(raise_on_failure=False))
+    state = tile_and_train(**{**params, "extraction": {"device": "cuda:7"}}, return_state=True)
+    assert state.is_failed() and "extraction.device" in str(state.result(raise_on_failure=False))
+    # the same settings with the batch the cohort allows: trains, in the documented default run_dir
+    ok = tile_and_train(**{**params, "training": {"config": str(train_yaml), "overrides": {"sampler": {"batch_size": 2}}}})
+    assert ok["training"]["status"] == "trained" and ok["training"]["run_dir"] == str(tmp_path / "cohort-run")
+    assert (tmp_path / "cohort-run" / "model.safetensors").is_file()
+    from hlss_model.config import TrainConfig
+    from pipeline.run_folder import RunFolder
+
+    assert TrainConfig.from_yaml(RunFolder(tmp_path / "cohort-run").config).sampler.batch_size == 2
 
 
 def test_bad_slide_is_reported_and_others_finish(harness, tmp_path, train_yaml):
