@@ -6,8 +6,9 @@ Each tiling flow run attaches, next to its markdown summary (:mod:`flows.summary
   status, tiles, mean tissue fraction, mpp0, error), the table of the HTML report;
 * ``<flow>-qc``: a markdown artifact with the QC pictures of the slides tiled or failed in this run
   (at most :data:`MAX_PICTURES`, :data:`PICTURE_PX` px JPEGs embedded as data URIs, so the UI needs no
-  file access), or a line saying that none was;
-* ``<flow>-report``: a link artifact to the HTML report written into the run folder
+  file access), each with its status, tiles, tissue fraction and mpp as text, or a line saying that none was;
+* ``<flow>-report``: a link artifact to the HTML report written into the run folder, served over HTTP by
+  ``hlss serve``'s report server when the run was started by it (:func:`flows.report_server.report_url`)
   (:func:`pipeline.report.write_report`, pictures as files in ``report_files/`` beside it, redrawn
   only for slides that changed: a nightly rerun redraws what it retiled), when the flow has one.
 
@@ -33,10 +34,14 @@ from pipeline.report import slide_table, write_report
 from pipeline.run_folder import RunFolder, run_split
 from pipeline.store import SlideStore
 
-__all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "qc_markdown", "table_artifact_rows"]
+from .report_server import report_url
+from .summary import summary_markdown
+
+__all__ = ["MAX_PICTURES", "PICTURE_PX", "REPORT_PX", "attach_cohort_artifacts", "publish", "qc_markdown",
+           "table_artifact_rows"]
 
 MAX_PICTURES = 24
-PICTURE_PX = 256
+PICTURE_PX = 512  # the stored QC picture's size: its caption readable in the UI (256 px was not)
 REPORT_PX = 512  # pictures in the flows' HTML report: ~0.1-0.3 MB per slide, as files
 
 
@@ -50,16 +55,43 @@ def _jpeg_uri(image: np.ndarray, max_px: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_ROUNDING = {"tissue_fraction": 3, "mpp0": 4}  # decimals people read (the store keeps full precision)
+
+
 def table_artifact_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of the ``<flow>-slides`` table artifact from :func:`pipeline.report.slide_table`'s rows:
-    strings escaped as markdown (the UI renders each cell as markdown), numbers and None as they are."""
+    strings escaped as markdown (the UI renders each cell as markdown), fractions and µm/px rounded
+    for people, other numbers and None as they are."""
     keys = ("patient", "slide", "label", "split", "status", "n_tiles", "tissue_fraction", "mpp0", "error")
-    return [{k: markdown(r.get(k)) if isinstance(r.get(k), str) else r.get(k) for k in keys} for r in table]
+    return [{k: _cell(k, r.get(k)) for k in keys} for r in table]
+
+
+def _cell(key: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return markdown(value)
+    if isinstance(value, float) and key in _ROUNDING:
+        return round(value, _ROUNDING[key])
+    return value
+
+
+def _caption(row: dict[str, Any] | None) -> str:
+    """The facts of a QC picture as text beside it (the picture's own caption is small print)."""
+    if row is None:
+        return ""
+    parts = [markdown(row["status"]), f"{row.get('n_tiles') or 0} tiles"]
+    if isinstance(row.get("tissue_fraction"), float):
+        parts.append(f"mean tissue fraction {row['tissue_fraction']:.2f}")
+    if isinstance(row.get("mpp0"), (int, float)):
+        parts.append(f"{row['mpp0']:.3g} µm/px at level 0")
+    if row.get("error"):
+        parts.append(f"error: {markdown(row['error'])}")
+    return ": " + ", ".join(parts)
 
 
 def qc_markdown(store: SlideStore, slides: list[tuple[str, str]], max_pictures: int = MAX_PICTURES,
-                max_px: int = PICTURE_PX) -> str:
-    """Markdown with the QC pictures of ``slides`` (patient, slide), at most ``max_pictures``."""
+                max_px: int = PICTURE_PX, rows: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
+    """Markdown with the QC pictures of ``slides`` (patient, slide), at most ``max_pictures``, each under
+    its name and, from its slide-table row in ``rows``, status, tiles, tissue fraction and mpp as text."""
     lines = ["# QC pictures", ""]
     if not slides:
         return "\n".join(lines + ["No slide was tiled in this run; the report shows every slide.", ""])
@@ -70,10 +102,11 @@ def qc_markdown(store: SlideStore, slides: list[tuple[str, str]], max_pictures: 
             lines += [f"{len(slides) - shown} more slides are in the report.", ""]
             break
         name = f"{markdown(p)} / {markdown(s)}"
+        facts = _caption((rows or {}).get((p, s)))
         if not store.has_qc(p, s):
-            lines += [f"**{name}**: no QC picture.", ""]
+            lines += [f"**{name}**{facts}; no QC picture.", ""]
             continue
-        lines += [f"**{name}**", "", f"![{name}]({_jpeg_uri(store.qc_image(p, s), max_px)})", ""]
+        lines += [f"**{name}**{facts}", "", f"![{name}]({_jpeg_uri(store.qc_image(p, s), max_px)})", ""]
         shown += 1
     return "\n".join(lines)
 
@@ -92,14 +125,14 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
                               description=f"every slide of {markdown(store)}")
         touched = [(r["patient"], r["slide"]) for r in summary.get("slide_rows", [])
                    if r["status"] != "skipped" and r["patient"] and r["slide"]]
-        known = {(r["patient"], r["slide"]) for r in table}
-        create_markdown_artifact(qc_markdown(reader, [k for k in touched if k in known]), key=f"{flow}-qc",
-                                 description="QC pictures of the slides tiled or failed in this run")
+        by_slide = {(r["patient"], r["slide"]): r for r in table}
+        create_markdown_artifact(qc_markdown(reader, [k for k in touched if k in by_slide], rows=by_slide),
+                                 key=f"{flow}-qc", description="QC pictures of the slides tiled or failed in this run")
         if report is None:
             return None
         written = write_report(reader, report, run_dirs, max_px=REPORT_PX, pictures="files", summary=cohort,
                                table=table)
-        create_link_artifact(written.resolve().as_uri(), link_text=markdown(f"cohort report ({written})"),
+        create_link_artifact(report_url(written), link_text=markdown(f"cohort report ({written})"),
                              key=f"{flow}-report", description="static HTML: open it in a browser")
         logger.info("cohort report: %s", written)
         return written
@@ -107,3 +140,12 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
         logger.error("the cohort report or its artifacts failed: %s: %s", type(e).__name__, e)
         summary["artifacts_error"] = f"{type(e).__name__}: {e}"
         return None
+
+
+def publish(flow: str, source: str, store: str, summary: dict[str, Any], report: Path | None) -> None:
+    """Attach a flow run's artifacts (:func:`attach_cohort_artifacts`) and its markdown summary
+    ``<flow>-summary``; also after a failed step (``summary["failed"]``), which heads the summary."""
+    written = attach_cohort_artifacts(flow, store, summary, report)
+    summary["report"] = str(written) if written else None
+    create_markdown_artifact(summary_markdown(summary), key=f"{flow}-summary",
+                             description=f"{flow} of {markdown(source)} into {markdown(store)}")

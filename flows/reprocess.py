@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
-from pipeline.escape import markdown
-
-from .artifacts import attach_cohort_artifacts
+from .artifacts import publish
 from .executor import SlideExecutor
 from .settings import ExtractionSettings, Threads, TilingSettings, Workers, check_paths
 from .steps import extract_step, rederived, register_executor, release_executor, run_state, tile_phase
-from .summary import run_summary, slide_rows, summary_markdown
+from .summary import run_summary, slide_rows
 from .work import EncoderSpec
 
 __all__ = ["reprocess"]
@@ -49,18 +46,23 @@ def reprocess(
         else:
             logger.warning("run_dir %s has no finished training run; its features are not extracted",
                            Path(run_dir).expanduser())
-    with SlideExecutor(workers, scheduler_address) as executor:
-        key = register_executor(executor)
-        try:
-            results, reasons, dropped = tile_phase(source, store, params, threads, executor, key)
-            report = extract_step(store, encoders, extraction, executor, key) if encoders else None
-        finally:
-            release_executor(key)
+    results, reasons, dropped, report = [], {}, {}, None
+    step, failure = "tiling", None
+    try:  # whatever fails, the slides tiled so far get their summary, table and QC pictures
+        with SlideExecutor(workers, scheduler_address) as executor:
+            key = register_executor(executor)
+            try:
+                results, reasons, dropped = tile_phase(source, store, params, threads, executor, key)
+                step = "feature extraction"
+                report = extract_step(store, encoders, extraction, executor, key) if encoders else None
+            finally:
+                release_executor(key)
+    except Exception as e:
+        failure = e
     summary = run_summary("reprocess", store, slide_rows(results, reasons), time.perf_counter() - t0,
-                          extraction=report, dropped=rederived(store, dropped))
-    report = attach_cohort_artifacts("reprocess", store, summary,
-                                     Path(run_dir).expanduser() / "report.html" if run_dir else None)
-    summary["report"] = str(report) if report else None
-    create_markdown_artifact(summary_markdown(summary), key="reprocess-summary",
-                             description=f"reprocess of {markdown(source)} into {markdown(store)}")
+                          extraction=report, dropped=rederived(store, dropped) if dropped else None,
+                          failed=None if failure is None else (step, f"{type(failure).__name__}: {failure}"))
+    publish("reprocess", source, store, summary, Path(run_dir).expanduser() / "report.html" if run_dir else None)
+    if failure is not None:
+        raise failure
     return summary

@@ -71,11 +71,30 @@ def build_deployments(defaults: FlowDefaults, schedule: bool = True) -> list:
 
 
 def serve(defaults: FlowDefaults, limit: int | None = None, schedule: bool = True) -> None:
-    """Register the deployments with the configured Prefect server and run their flow runs until stopped."""
+    """Register the deployments with the configured Prefect server and run their flow runs until stopped,
+    with the report server (:mod:`flows.report_server`) beside them unless ``report_port`` is None."""
+    import logging
+    import os
+
     from prefect import serve as prefect_serve
 
+    from .report_server import REPORT_URL_ENV, ReportServer
+
     check_api(require_server=True)
-    prefect_serve(*build_deployments(defaults, schedule), limit=limit)
+    deployments = build_deployments(defaults, schedule)
+    if defaults.report_port is None:
+        prefect_serve(*deployments, limit=limit)
+        return
+    try:
+        server = ReportServer(defaults.report_host, defaults.report_port)
+    except OSError as e:
+        raise FlowConfigError(str(e)) from None
+    with server:
+        # the flow runs this process starts inherit it and link their reports there
+        os.environ[REPORT_URL_ENV] = defaults.report_url or server.url
+        logging.getLogger(__name__).warning("cohort reports served at %s/report/<run folder>/report.html",
+                                            server.url)
+        prefect_serve(*deployments, limit=limit)
 
 
 def deploy_to_pool(defaults: FlowDefaults, pool: str, schedule: bool = True) -> None:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hlss_model.settings import METHODS, EvaluationSettings, ExtractionSettings
 from pipeline.codecs import TileCompression
+from pipeline.escape import plain_schema
 from pipeline.config import TilingParams
 from pipeline.location import is_remote, local_path
 from pipeline.reader import READERS
@@ -48,7 +49,7 @@ class FlowConfigError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=plain_schema)
 
 
 class TilingSettings(_Model):
@@ -140,6 +141,11 @@ class FlowDefaults(_Model):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     reprocess_cron: str = "0 2 * * *"
     timezone: str = "UTC"
+    report_host: str = Field("127.0.0.1", description="address the report server of hlss serve binds to")
+    report_port: int | None = Field(4280, ge=0, le=65535,
+                                    description="its port (0: any free one; null: no report server)")
+    report_url: str | None = Field(None, description="the address people open the reports at, when it is not "
+                                                     "http://report_host:report_port (a reverse proxy, a tunnel)")
 
     def flow_parameters(self, flow: str) -> dict[str, Any]:
         """The parameters of ``flow`` (``tile-and-train`` | ``extract-features`` | ``reprocess``) that are set."""
@@ -162,7 +168,8 @@ _ENV = {
     "HLSS_SOURCE": ("source",), "HLSS_STORE": ("store",), "HLSS_RUN_DIR": ("run_dir",),
     "HLSS_WORKERS": ("workers",), "HLSS_SCHEDULER_ADDRESS": ("scheduler_address",),
     "HLSS_TRAIN_CONFIG": ("training", "config"), "HLSS_DEVICE": ("training", "device"),
-    "HLSS_REPROCESS_CRON": ("reprocess_cron",),
+    "HLSS_REPROCESS_CRON": ("reprocess_cron",), "HLSS_REPORT_HOST": ("report_host",),
+    "HLSS_REPORT_PORT": ("report_port",),
 }
 
 

@@ -31,10 +31,12 @@ def slide_rows(results: list[SlideResult], reasons: dict[tuple[str, str], str]) 
 def run_summary(flow: str, store: str, rows: list[dict[str, Any]], seconds: float,
                 training: dict[str, Any] | None = None, extraction: ExtractReport | None = None,
                 knn: dict[str, Any] | None = None, curve: list[tuple[int, float]] | None = None,
-                dropped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                dropped: list[dict[str, Any]] | None = None,
+                failed: tuple[str, str] | None = None) -> dict[str, Any]:
     """The flow's return value: counts, per-slide rows, and each later step's outcome (JSON-ready).
 
     ``dropped``: the derived sets retiling dropped, ``{slide, set, remade}`` (see ``flows.steps.rederived``).
+    ``failed``: ``(step, error)`` of the step that stopped the run; the steps after it are absent.
     """
     count = {s: sum(r["status"] == s for r in rows) for s in ("complete", "skipped", "failed")}
     out: dict[str, Any] = {
@@ -55,14 +57,22 @@ def run_summary(flow: str, store: str, rows: list[dict[str, Any]], seconds: floa
         out["knn"] = knn
     if dropped:
         out["dropped"] = dropped
+    if failed is not None:
+        out["failed"] = {"step": failed[0], "error": failed[1]}
     return out
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """A readable report of :func:`run_summary`'s output (slides, tiles, training, kNN table)."""
     s = summary["slides"]
-    lines = [
-        f"# {summary['flow']}: {s['complete']} tiled, {s['skipped']} unchanged, {s['failed']} failed",
+    lines = []
+    if summary.get("failed"):
+        f = summary["failed"]
+        lines += [f"# {summary['flow']} FAILED at {md(f['step'])}", "", f"**Error:** {md(f['error'])}", "",
+                  "What was done before the failure is kept and shown below; fix the cause and run again "
+                  "(unchanged slides are not tiled again).", ""]
+    lines += [
+        f"{'##' if lines else '#'} {summary['flow']}: {s['complete']} tiled, {s['skipped']} unchanged, {s['failed']} failed",
         "",
         f"Store {md(summary['store'])}; {s['tiled_tiles']} tiles written; {summary['seconds']:.0f} s.",
         "",

@@ -7,18 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
-from pipeline.escape import markdown
-
-from .artifacts import attach_cohort_artifacts
+from .artifacts import publish
 from .executor import SlideExecutor
 from .preflight import check_before_work
 from .settings import (EvaluationSettings, ExtractionSettings, Threads, TilingSettings, TrainingSettings, Workers,
                        check_paths, default_run_dir)
 from .steps import (extract_step, knn_step, register_executor, release_executor, rederived, run_state, tile_phase,
                     train_step, training_curve)
-from .summary import run_summary, slide_rows, summary_markdown
+from .summary import run_summary, slide_rows
 from .work import EncoderSpec
 
 __all__ = ["tile_and_train"]
@@ -59,22 +56,31 @@ def tile_and_train(
         [EncoderSpec.parse(e).checked() for e in extraction.encoders]
     check_before_work(source, store, run_dir, training, extraction,
                       reused=run_state(run_dir)["finished"] and not training.resume)
-    with SlideExecutor(workers, scheduler_address) as executor:
-        key = register_executor(executor)
-        try:
-            results, reasons, dropped = tile_phase(source, store, params, threads, executor, key, force_tiling)
-            trained = train_step(store, run_dir, training)
-            extracted = extract_step(store, encoders, extraction, executor, key)
-        finally:
-            release_executor(key)
-    knn = knn_step(store, extraction.name, run_dir, evaluation)
+    results, reasons, dropped = [], {}, {}
+    trained = extracted = knn = None
+    step, failure = "tiling", None
+    try:  # whatever fails, the slides tiled so far get their summary, table and QC pictures
+        with SlideExecutor(workers, scheduler_address) as executor:
+            key = register_executor(executor)
+            try:
+                results, reasons, dropped = tile_phase(source, store, params, threads, executor, key, force_tiling)
+                step = "training"
+                trained = train_step(store, run_dir, training)
+                step = "feature extraction"
+                extracted = extract_step(store, encoders, extraction, executor, key)
+            finally:
+                release_executor(key)
+        step = "kNN evaluation"
+        knn = knn_step(store, extraction.name, run_dir, evaluation)
+    except Exception as e:
+        failure = e
     summary = run_summary("tile-and-train", store, slide_rows(results, reasons), time.perf_counter() - t0,
                           training=trained, extraction=extracted, knn=knn, curve=training_curve(run_dir),
-                          dropped=rederived(store, dropped))
-    report = attach_cohort_artifacts("tile-and-train", store, summary, Path(run_dir).expanduser() / "report.html")
-    summary["report"] = str(report) if report else None
-    create_markdown_artifact(summary_markdown(summary), key="tile-and-train-summary",
-                             description=f"tile-and-train of {markdown(source)} into {markdown(store)}")
+                          dropped=rederived(store, dropped) if dropped else None,
+                          failed=None if failure is None else (step, f"{type(failure).__name__}: {failure}"))
+    publish("tile-and-train", source, store, summary, Path(run_dir).expanduser() / "report.html")
+    if failure is not None:
+        raise failure
     get_run_logger().info("done: %(complete)d slides tiled, %(skipped)d unchanged, %(failed)d failed",
                           summary["slides"])
     return summary

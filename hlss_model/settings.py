@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.escape import plain_schema
 from pipeline.qc import TileFilter
 from pipeline.run_folder import is_run_folder
 
@@ -70,7 +71,7 @@ class EncoderSpec:
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=plain_schema)
 
 
 class ExtractionSettings(_Settings):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["terminal", "markdown"]
+__all__ = ["terminal", "markdown", "plain_words", "plain_schema"]
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Markdown punctuation, backslash-escaped (CommonMark makes an escaped one literal): links, images,
@@ -52,3 +52,20 @@ def markdown(text: object) -> str:
     s = _MD_WWW.sub(r"\1\\.", _MD_PUNCT.sub(r"\\\1", terminal(text)))
     s = _MD_LEAD_NUMBER.sub(r"\1\\.", _MD_LEAD_MARK.sub(r"\1\\\2", s))
     return _MD_LEAD_SPACES.sub(lambda m: "&#32;" * len(m.group()), s)
+
+
+_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]+\.)?(\w+)`")  # :class:`pipeline.config.TilingParams` -> TilingParams
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain_words(doc: str) -> str:
+    """A docstring as people read it in a form: reStructuredText roles and literals made plain words
+    (``:meth:`a.B.c``` -> ``c``, double-backquoted ``x`` -> ``x``), whitespace collapsed."""
+    return " ".join(_LITERAL.sub(r"\1", _ROLE.sub(r"\1", doc)).split())
+
+
+def plain_schema(schema: dict, cls: type | None = None) -> None:
+    """pydantic's ``json_schema_extra`` hook: the model's description (its docstring, which Prefect's
+    run form shows) in :func:`plain_words`."""
+    if isinstance(schema.get("description"), str):
+        schema["description"] = plain_words(schema["description"])

@@ -34,11 +34,12 @@ from .png import encode_png
 from .run_folder import RunFolder, read_metrics, run_split
 
 __all__ = ["Pictures", "write_report", "render_report", "slide_table", "run_split", "recorded_runs", "report_cohort",
-           "slide_picture", "read_metrics"]
+           "slide_picture", "read_metrics", "GENERATOR"]
 
 log = logging.getLogger(__name__)
 
 MAX_PX = 1024
+GENERATOR = "hlss-pipeline"  # <meta name=generator>: how the flows' report server knows a report it may serve
 _CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 _CSS = """
@@ -438,15 +439,15 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
         figures.append(f'<figure id="{_e(_anchor("qc", p, s))}">{img}<figcaption>{_e(chr(10).join(caption))}'
                        f'</figcaption></figure>')
 
-    params = "".join(f"<li><code>{_e(json.dumps(x, sort_keys=True, default=str))}</code></li>"
-                     for x in summary.get("parameters", []))
+    params = _parameters_table(summary.get("parameters", []))
+    several = " (one column per set the store's slides were tiled with)" if len(summary.get("parameters", [])) > 1 else ""
     header = (f"<p class=meta>store <code>{_e(store.path)}</code>; schema {_e(info.get('schema_version'))}; "
               f"hlss-pipeline {_e(info.get('package_version'))}; created {_e(info.get('created'))}; "
               f"report written {_e(utc_now())}</p>"
               f'<p class="counts">{summary["n_patients"]} patients, {summary["n_slides"]} slides '
               f'({summary["n_complete"]} complete, {summary["n_failed"]} failed, '
               f'{sum(r["status"] == "damaged" for r in table)} damaged), {summary["n_tiles"]} tiles</p>'
-              + (f"<p>tiling parameters:</p><ul>{params}</ul>" if params else ""))
+              + (f"<p>tiling parameters{several}:</p>{params}" if params else ""))
 
     table = ('<table id="slides"><thead><tr><th>patient</th><th>slide</th><th>label</th><th>split</th>'
              '<th>status</th><th>tiles</th><th>mean tissue fraction</th><th>mpp0 (µm/px)</th><th>error</th></tr>'
@@ -486,8 +487,42 @@ def render_report(store, run_dirs: Iterable[Path] = (), title: str | None = None
 
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             '<meta name=viewport content="width=device-width, initial-scale=1">'
+            f"<meta name=generator content={GENERATOR}>"
             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(sections) + "\n</body></html>\n")
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as ``section.key`` -> value (``tissue_params`` -> ``tissue.*``)."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        key = prefix + k.removesuffix("_params")
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "; ".join(_value(x) if not isinstance(x, (list, tuple)) else ", ".join(map(_value, x)) for x in v)
+    return "-" if v is None else str(v)
+
+
+def _parameters_table(param_sets: list[dict[str, Any]]) -> str:
+    """The distinct tiling parameter sets of the store as one table: a row per parameter, a column per set."""
+    if not param_sets:
+        return ""
+    flat = [_flat(p) for p in param_sets]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    head = "<th>parameter</th>" + ("".join(f"<th>set {i + 1}</th>" for i in range(len(flat))) if len(flat) > 1
+                                   else "<th>value</th>")
+    rows = "".join(f"<tr><td><code>{_e(k)}</code></td>" + "".join(f"<td>{_e(_value(f.get(k)))}</td>" for f in flat)
+                   + "</tr>" for k in keys)
+    return f'<table class="parameters"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
 def write_report(store, out: Path, run_dirs: Iterable[Path] = (), title: str | None = None,

@@ -55,6 +55,12 @@ def _add_deployment_arguments(p: argparse.ArgumentParser, pool: bool = False) ->
     if not pool:
         p.add_argument("--limit", type=at.positive_int,
                        help="flow runs executed at once by this process (default: no limit)")
+        p.add_argument("--report-host", help="address the report server binds to (default from the config, "
+                                             "else 127.0.0.1: this machine only)")
+        p.add_argument("--report-port", type=at.int_in(0, 65535), help="report server port (default from the config, else "
+                                                           "4280; 0: any free port)")
+        p.add_argument("--no-report-server", action="store_true",
+                       help="do not serve the cohort reports (the UI's report links are then file:// URIs)")
 
 
 def _quiet_telemetry() -> None:
@@ -76,6 +82,11 @@ def serve(args: argparse.Namespace) -> int:
         defaults = load_defaults(args.config)
         if args.cron:
             defaults = defaults.model_copy(update={"reprocess_cron": args.cron})
+        if not pool:
+            reports = {"report_host": args.report_host, "report_port": args.report_port}
+            defaults = defaults.model_copy(update={k: v for k, v in reports.items() if v is not None})
+            if args.no_report_server:
+                defaults = defaults.model_copy(update={"report_port": None})
         if pool:
             deploy_to_pool(defaults, pool, schedule=not args.no_schedule)
             print(f"deployed tile-and-train/default, extract-features/default and reprocess/nightly to work pool "

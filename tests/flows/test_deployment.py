@@ -37,6 +37,16 @@ _DECODED_IMAGES = """(async () => {
 })()"""
 
 
+_REPORT_LINK = "[...document.links].map(a => a.href).find(h => h.includes('/report/')) || null"
+
+_REPORT_PAGE = """(async () => {
+  const imgs = [...document.images];
+  await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+  return {url: location.href, title: document.title, n: imgs.length,
+          decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length};
+})()"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,8 +101,9 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
         "extraction": {"batch_size": 32}, "reprocess_cron": "15 3 * * *",
     }))
     store, run = tmp_path / "store.zarr", tmp_path / "run"
+    report_port = _free_port()
     serve_env = {**env, "HLSS_FLOW_CONFIG": str(flow_cfg), "HLSS_SOURCE": str(manifest), "HLSS_STORE": str(store),
-                 "HLSS_RUN_DIR": str(run), "HLSS_TRAIN_CONFIG": str(train_cfg)}
+                 "HLSS_RUN_DIR": str(run), "HLSS_TRAIN_CONFIG": str(train_cfg), "HLSS_REPORT_PORT": str(report_port)}
     work = tmp_path / "cwd"
     work.mkdir()
 
@@ -147,9 +158,23 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
                 return state if state["n"] == 6 else None
 
             shown = _wait("the QC pictures in the Prefect UI", pictures, 60)
+            # the report link as the UI shows it, followed as a click does: served by `hlss serve` over HTTP
+            link = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [
+                "tile-and-train-report"]}}}, timeout=10).json()
+            assert len(link) == 1
+            url = link[0]["data"].rsplit("](", 1)[1].removesuffix(")")  # the artifact is markdown: [text](url)
+            assert url == f"http://127.0.0.1:{report_port}/report{run / 'report.html'}"
+            session = browser.open(f"http://127.0.0.1:{port}/artifacts/artifact/{link[0]['id']}")
+            _wait("the report link in the Prefect UI", lambda: browser.evaluate(session, _REPORT_LINK), 60)
+            browser.evaluate(session, "(() => { const a = [...document.links].find(a => a.href.includes('/report/'));"
+                                      " a.removeAttribute('target'); a.click(); return true; })()")
+            browser.wait_event("Page.loadEventFired", session)
+            report_page = browser.evaluate(session, _REPORT_PAGE)
         finally:
             browser.close()
         assert shown["decoded"] == 6 and shown["alts"] == sorted(f"{r.patient_id} / {r.slide_id}" for r in records)
+        assert report_page["url"] == url and report_page["title"].startswith("Cohort report")
+        assert report_page["n"] >= 6 and report_page["decoded"] == report_page["n"]  # its pictures, over HTTP too
 
         # --params overrides the served defaults for one run: a timm encoder instead of the run's
         override = subprocess.run([str(BIN / "prefect"), "deployment", "run", "extract-features/default", "--watch",

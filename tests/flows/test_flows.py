@@ -185,6 +185,30 @@ def test_settings_that_cannot_train_fail_before_tiling(harness, tmp_path, train_
     assert TrainConfig.from_yaml(RunFolder(tmp_path / "cohort-run").config).sampler.batch_size == 2
 
 
+def test_a_run_that_fails_after_tiling_still_shows_what_it_tiled(harness, tmp_path, train_yaml):
+    from prefect.client.orchestration import get_client
+
+    from flows.tile_and_train import tile_and_train
+
+    manifest = _cohort(tmp_path, n_patients=4, seed=8)
+    bad = tmp_path / "bad.yaml"
+    cfg = yaml.safe_load(train_yaml.read_text())
+    bad.write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], "backbone": "no_such_network"}}))
+    state = tile_and_train(source=str(manifest), store=str(tmp_path / "store"), run_dir=str(tmp_path / "run"),
+                           tiling=TILING, training={"config": str(bad)}, evaluation={"k": 5}, return_state=True)
+    assert state.is_failed() and "no_such_network" in str(state.result(raise_on_failure=False))
+    assert len(list(SlideStore(tmp_path / "store").records(status="complete"))) == 4  # tiling was kept
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_latest_artifacts()}
+    summary = arts["tile-and-train-summary"].data
+    assert summary.startswith("# tile-and-train FAILED at training\n\n**Error:** ValueError\\: unknown timm model")
+    assert "no\\_such\\_network" in summary and "## tile-and-train: 4 tiled, 0 unchanged, 0 failed" in summary
+    qc = arts["tile-and-train-qc"].data
+    assert qc.count("data:image/jpeg;base64,") == 4 and "No slide was tiled" not in qc
+    table = json.loads(arts["tile-and-train-slides"].data)
+    assert len(table) == 4 and {r["status"] for r in table} == {"complete"}
+
+
 def test_bad_slide_is_reported_and_others_finish(harness, tmp_path, train_yaml):
     from flows.reprocess import reprocess
 
@@ -478,8 +502,9 @@ def test_hlss_run_uses_a_temporary_local_server(tmp_path, train_yaml):
     assert "# tile-and-train: 4 tiled, 0 unchanged, 0 failed" in proc.stdout
     assert "| patient |" in proc.stdout  # the kNN table
     assert "knn-demo" in SlideStore(tmp_path / "store").evaluations()
-    proc = subprocess.run(cmd[:-2], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--run-dir" in proc.stderr
+    no_store = cmd[:cmd.index("--store")] + cmd[cmd.index("--store") + 2:]  # --run-dir has a default, --store none
+    proc = subprocess.run(no_store, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--store" in proc.stderr and "--run-dir" not in proc.stderr
 
 
 @pytest.mark.parametrize("address, message", [
@@ -508,3 +533,18 @@ def test_slide_executor_fails_fast_on_a_scheduler_nobody_listens_at():
         srv.bind(("127.0.0.1", 0))
         srv.listen()
         check_scheduler(f"127.0.0.1:{srv.getsockname()[1]}")
+
+
+def test_run_form_descriptions_are_plain_words():
+    import re
+
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.extract import extract_features_flow
+    from flows.reprocess import reprocess
+    from flows.tile_and_train import tile_and_train
+
+    for f in (tile_and_train, extract_features_flow, reprocess):
+        schema = json.dumps(parameter_schema(f).model_dump())
+        assert "TilingParams" in schema or f is extract_features_flow  # the descriptions are there...
+        assert not re.search(r":(class|func|meth|mod|attr):|``", schema), f.name  # ...without markup
