@@ -49,7 +49,7 @@ def tile_and_train(
     check_paths(source, store, run_dir)
     params = tiling.params()
     encoders = [EncoderSpec("run", run_dir, name=extraction.name)] + \
-        [EncoderSpec.parse(e).checked() for e in extraction.encoders]
+        extraction.encoder_specs()
     with SlideExecutor(workers, scheduler_address) as executor:
         key = register_executor(executor)
         try:
