@@ -100,8 +100,8 @@ def load_strict(net: nn.Module, path: str | Path, layout: str = "timm", *, drop:
                 what: str = "the network") -> None:
     """Load ``path`` into ``net`` strictly after converting ``layout`` (see the module docstring).
 
-    ``drop``: key prefixes of the file the network does not have by design (a classifier, truncated
-    layers). CheckpointError naming the file and the first missing/unexpected/mis-shaped keys otherwise.
+    ``drop``: key prefixes of the file the network may lack by design (a classifier, truncated
+    layers): such keys are ignored when the network has no such parameter. CheckpointError naming the file and the first missing/unexpected/mis-shaped keys otherwise.
     """
     shown = terminal(str(path))
     target = net.state_dict()
@@ -109,7 +109,7 @@ def load_strict(net: nn.Module, path: str | Path, layout: str = "timm", *, drop:
     if layout == "timm" and "_conv_stem.weight" in sd and "_conv_stem.weight" not in target:
         sd = _by_position(sd, target, shown)
     _resample_pos_embed(sd, net, target)
-    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
+    sd = {k: v for k, v in sd.items() if k in target or not k.startswith(drop)}
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
