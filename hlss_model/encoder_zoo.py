@@ -275,13 +275,13 @@ def hub_unavailable(entry: ZooEntry) -> str | None:
     return None
 
 
-def hub_error(e: BaseException, repo: str, file: str, what: str) -> str:
+def hub_error(e: BaseException, repo: str, file: str | None, what: str) -> str:
     """The message for a hub download of ``repo``'s ``file`` that raised ``e``: gated (accept the licence
     and log in), offline or unreachable and not cached, not on the hub, or another failure."""
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    where = f"{repo}/{file}" if "/" not in file else file
+    where = f"{repo}/{file}" if file else repo
     if isinstance(e, GatedRepoError):
         why = f"{repo} is gated: accept the licence at https://huggingface.co/{repo} and `huggingface-cli login`"
     elif isinstance(e, LocalEntryNotFoundError):

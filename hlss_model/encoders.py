@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import load_strict
+from .checkpoints import load_strict, load_transformers
 from .encoder_zoo import IMAGENET_MEAN, IMAGENET_STD, WeightsError, hub_error, zoo_entry
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def hub_encoder(repo: str, name: str | None = None, *, random_init: bool = False
             model = _create_timm(f"hf-hub:{repo}", f"hf-hub:{repo}", pretrained=not random_init, num_classes=0,
                                  **options)
         except OSError as e:  # the hub's errors (gated, offline, missing) are OSErrors
-            raise WeightsError(hub_error(e, repo, "its weights", f"hf-hub:{repo}")) from None
+            raise WeightsError(hub_error(e, repo, None, f"hf-hub:{repo}")) from None
     cfg = timm.data.resolve_data_config({}, model=model)
     fixed = getattr(getattr(model, "patch_embed", None), "strict_img_size", False)
     return Encoder(
@@ -221,11 +221,8 @@ def build_network(entry: "ZooEntry", *, head: bool = False) -> nn.Module:
     with the classifier its hub file has, where it has one). Builds on the current default device,
     so ``with torch.device("meta"):`` builds it without memory."""
     if entry.builder in ("dinov2", "dinov2-reg"):
-        import transformers
-
-        config_cls, model_cls = ((transformers.Dinov2Config, transformers.Dinov2Model) if entry.builder == "dinov2"
-                                 else (transformers.Dinov2WithRegistersConfig, transformers.Dinov2WithRegistersModel))
-        return model_cls(config_cls(**entry.args))
+        model_cls, config = _transformers_model(entry)
+        return model_cls(config)
     kwargs = dict(_resolve(entry.args), num_classes=entry.head_classes if head and entry.head_classes else 0)
     net = _create_timm(entry.arch, f"encoder {entry.name}", pretrained=False, **kwargs)
     if entry.name == "resnet50-trunc":  # CLAM's resnet50_trunc: layers 1-3, then the average pool
@@ -236,15 +233,27 @@ def build_network(entry: "ZooEntry", *, head: bool = False) -> nn.Module:
     return net
 
 
+def _transformers_model(entry: "ZooEntry") -> tuple[Any, Any]:
+    """The transformers model class and config of a ``dinov2`` / ``dinov2-reg`` entry."""
+    import transformers
+
+    if entry.builder == "dinov2":
+        return transformers.Dinov2Model, transformers.Dinov2Config(**entry.args)
+    return transformers.Dinov2WithRegistersModel, transformers.Dinov2WithRegistersConfig(**entry.args)
+
+
 def zoo_network(entry: "ZooEntry", weights: str | Path | None, *, head: bool = False, seed: int = 0) -> nn.Module:
     """``entry``'s network with ``weights`` loaded strictly in its hub layout (None: random from
     ``seed``), in eval mode; ``head`` keeps the classifier of an ImageNet baseline (for checking its
     predictions)."""
+    what = f"encoder {entry.name} ({entry.architecture})"
+    if weights and entry.layout == "transformers":
+        return load_transformers(*_transformers_model(entry), weights, what).eval()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = build_network(entry, head=entry.head_classes is not None)
     if weights:
-        load_strict(net, weights, entry.layout, drop=entry.drop, what=f"encoder {entry.name} ({entry.architecture})")
+        load_strict(net, weights, entry.layout, drop=entry.drop, what=what)
     if entry.head_classes is not None and not head:
         net.reset_classifier(0)
     return net.eval()
