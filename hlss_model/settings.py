@@ -10,6 +10,7 @@ and what the command line's defaults must equal (a test compares them). Training
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,18 @@ def parse_options(text: str, where: str) -> tuple[tuple[str, Any], ...]:
             parsed = value
         if isinstance(parsed, (dict, list)):
             raise ValueError(f"encoder {where}: option {key}={value!r}: expected a number, true/false or a word")
-        out.append((key, parsed))
+        out.append((key, _number(parsed)))
     return tuple(out)
+
+
+def _number(value: Any) -> Any:
+    """``value``, or the float a string spells: YAML 1.1 reads ``1e-5`` (no dot) as text."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _with_options(text: str, where: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
@@ -102,7 +113,8 @@ def read_encoder_file(path: str | Path) -> dict[str, Any]:
     if weights:
         file = Path(str(weights)).expanduser()
         doc["weights"] = str(file if file.is_absolute() else path.parent / file)
-    return {**doc, "kind": kinds[0], "ref": doc[kinds[0]], "options": dict(doc.get("options") or {})}
+    options = {str(k): _number(v) for k, v in (doc.get("options") or {}).items()}
+    return {**doc, "kind": kinds[0], "ref": doc[kinds[0]], "options": options}
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,9 @@ class EncoderSpec:
             return cls("yaml", text, None, name)
         if kind in ZOO:
             return cls("zoo", kind, rest or None, name)
-        raise ValueError(f"encoder {text!r}: expected {ENCODER_SYNTAX}")
+        close = difflib.get_close_matches(kind, list(ZOO), n=1)
+        raise ValueError(f"encoder {text!r}: " + (f"did you mean {close[0]}? " if close else "") +
+                         f"expected {ENCODER_SYNTAX}")
 
     @property
     def label(self) -> str:
