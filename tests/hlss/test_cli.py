@@ -306,3 +306,24 @@ def test_tile_source_store_positionally_then_info_with_either_form(make_slide, t
 def test_python_dash_m_hlss_runs_the_command():
     proc = subprocess.run([sys.executable, "-m", "hlss", "knn", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "[STORE]" in proc.stdout and "--store STORE" in proc.stdout
+
+
+# -- encoders: the registry, and random weights only on request ---------------------------------------
+
+def test_hlss_encoders_and_silent_random_init_refused_in_a_real_process(train_store, tmp_path):
+    """``hlss encoders --json`` lists the registry; ``hlss extract --encoder timm:NAME`` without weights
+    exits 2 naming the ways to give them (and ``knn`` too), and the store is left as it was."""
+    from store_snapshot import assert_unchanged, snapshot
+
+    listed = subprocess.run([sys.executable, "-m", "hlss", "encoders", "--json"], capture_output=True, text=True,
+                            timeout=120, check=True)
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["uni"]["weights_file"] == "pytorch_model.bin" and rows["conch-v1.5"]["dim"] == 768
+    before = snapshot(train_store)
+    for command in (["extract", "--no-progress"], ["knn"]):
+        proc = subprocess.run([sys.executable, "-m", "hlss", *command, str(train_store), "--encoder", "timm:resnet10t",
+                               "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 2, proc.stderr
+        assert "encoder timm:resnet10t: no weights" in proc.stderr and "--random-init" in proc.stderr
+    assert_unchanged(before, snapshot(train_store))

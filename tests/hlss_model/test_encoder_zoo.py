@@ -343,3 +343,14 @@ def test_efficientnet_lite0_real_weights_classify_a_cat_then_extract(efficientne
         assert f.shape[1] == 1280 and np.isfinite(f).all()
         assert not np.allclose(f, rnd[slide], atol=1e-3)
     assert not math.isclose(float(np.std(np.concatenate(list(eff.values())))), 0.0)
+
+
+def test_the_readme_table_is_the_registry():
+    """README's Encoders table has every registered encoder with its dimension and hub file."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| `")}
+    for e in ZOO.values():
+        assert rows[e.name][2] == str(e.dim) and rows[e.name][-1] == f"{e.hub_repo}/{e.hub_file}", e.name
