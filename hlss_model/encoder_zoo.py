@@ -25,7 +25,7 @@ from pipeline.escape import terminal
 
 from .checks import check_weights_file
 
-__all__ = ["ZooEntry", "Ref", "ZOO", "zoo_entry", "encoder_table", "read_checkpoints", "hub_weights",
+__all__ = ["ZooEntry", "Ref", "ZOO", "zoo_entry", "encoder_table", "read_checkpoints", "read_yaml", "hub_weights",
            "WeightsError", "missing_weights_message", "hub_unavailable", "checkpoint_for", "hub_error", "zoo_weights", "resolution_warnings", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 log = logging.getLogger(__name__)
@@ -201,18 +201,23 @@ def encoder_table() -> list[dict[str, Any]]:
              "hub": e.hub_repo, "weights_file": e.hub_file} for e in ZOO.values()]
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path``; ValueError starting with ``what`` when it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what}: not YAML ({e})") from None
+
+
 def read_checkpoints(path: str | Path) -> dict[str, Path]:
     """A checkpoints map: a YAML mapping of registered encoder names to local weights files (relative
     paths from the YAML's folder; empty values are ignored, as in TRIDENT's ``local_ckpts.json``).
     ValueError naming the file and the entry when it is not such a mapping."""
     path = Path(path).expanduser()
     shown = terminal(str(path))
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"checkpoints {shown}: cannot read it ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"checkpoints {shown}: not YAML ({e})") from None
+    doc = read_yaml(path, f"checkpoints {shown}")
     if doc is None:
         return {}
     if not isinstance(doc, dict):

@@ -24,7 +24,8 @@ from pipeline.qc import TileFilter
 from pipeline.run_folder import is_run_folder
 
 from .checks import check_weights_file
-from .encoder_zoo import ZOO, WeightsError, missing_weights_message, read_checkpoints, zoo_entry, zoo_weights
+from .encoder_zoo import (ZOO, WeightsError, missing_weights_message, read_checkpoints, read_yaml, zoo_entry,
+                          zoo_weights)
 
 if TYPE_CHECKING:  # torch is imported only when an encoder is built
     from .encoders import Encoder
@@ -80,12 +81,7 @@ def read_encoder_file(path: str | Path) -> dict[str, Any]:
     naming the file and the key otherwise."""
     path = Path(path).expanduser()
     shown = terminal(str(path))
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"encoder file {shown}: cannot read it ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"encoder file {shown}: not YAML ({e})") from None
+    doc = read_yaml(path, f"encoder file {shown}")
     if not isinstance(doc, dict):
         raise ValueError(f"encoder file {shown}: expected a mapping with timm, hf-hub or encoder")
     unknown = sorted(set(map(str, doc)) - _ENCODER_FILE_KEYS)
