@@ -36,7 +36,7 @@ def extract_features_flow(
     t0 = time.perf_counter()
     check_paths(store=store)
     encoders = ([EncoderSpec("run", run_dir, name=extraction.name)] if run_dir else []) + \
-        [EncoderSpec.parse(e).checked() for e in extraction.encoders]
+        extraction.encoder_specs()
     if not encoders:
         raise FlowConfigError("extract-features: give run_dir (a training run) or extraction.encoders (timm:NAME)")
     with SlideExecutor(workers, scheduler_address) as executor:

@@ -39,7 +39,7 @@ def reprocess(
     logger = get_run_logger()
     check_paths(source, store)
     params = tiling.params()
-    encoders = [EncoderSpec.parse(e).checked() for e in extraction.encoders]
+    encoders = extraction.encoder_specs()
     if run_dir:
         if run_state(run_dir)["finished"]:
             encoders.insert(0, EncoderSpec("run", run_dir, name=extraction.name))

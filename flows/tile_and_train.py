@@ -53,7 +53,7 @@ def tile_and_train(
     check_paths(source, store, run_dir)
     params = tiling.params()
     encoders = [EncoderSpec("run", run_dir, name=extraction.name)] + \
-        [EncoderSpec.parse(e).checked() for e in extraction.encoders]
+        extraction.encoder_specs()
     check_before_work(source, store, run_dir, training, extraction,
                       reused=run_state(run_dir)["finished"] and not training.resume)
     results, reasons, dropped = [], {}, {}

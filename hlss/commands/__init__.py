@@ -4,9 +4,10 @@ commands, each with ``func``: the function that runs it (``args -> exit status``
 - :mod:`.cohort`: ``demo-cohort``, ``tile``, ``info``, ``verify``;
 - :mod:`.outputs`: ``qc``, ``report``, ``export-mil``, ``export-geojson``;
 - :mod:`.model`: ``train``, ``extract``, ``knn``, ``explain``;
-- :mod:`.flows`: ``serve``, ``deploy``, ``run``.
+- :mod:`.flows`: ``serve``, ``deploy``, ``run``;
+- :mod:`.encoders`: ``encoders``.
 """
 
-from . import cohort, flows, model, outputs
+from . import cohort, encoders, flows, model, outputs
 
-GROUPS = (cohort, model, flows, outputs)
+GROUPS = (cohort, model, encoders, flows, outputs)

@@ -21,6 +21,20 @@ if TYPE_CHECKING:
 
 __all__ = ["add_parsers", "train", "extract", "knn", "explain"]
 
+_ENCODER = "NAME[:WEIGHTS]|timm:NAME[?OPTS][:WEIGHTS]|hf-hub:ORG/NAME|FILE.yaml"
+
+
+def _add_weights_options(p: argparse.ArgumentParser) -> None:
+    """Where ``--encoder``'s weights come from: a file, a checkpoints map, or random on purpose."""
+    p.add_argument("--weights", type=at.weights_file, metavar="FILE",
+                   help="weights file of the --encoder (one encoder; else NAME:FILE each)")
+    p.add_argument("--checkpoints", type=at.checkpoints_file, metavar="YAML",
+                   help="YAML map of registered encoder names to local weights files (like TRIDENT's "
+                        "local_ckpts.json); before the hub")
+    p.add_argument("--random-init", action="store_true",
+                   help="encoders given no weights start from random weights (a baseline); without it, "
+                        "an encoder with no weights is an error")
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the commands of this group to ``hlss``'s subparsers."""
@@ -39,8 +53,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_store(e, "hlss extract STORE --checkpoint RUN | --encoder timm:NAME")
     e.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="RUN",
                    help="a training run folder (repeatable)")
-    e.add_argument("--encoder", type=at.encoder_spec, action="append", default=[], metavar="timm:NAME[:WEIGHTS]",
-                   help="a timm model, optionally with a local weights file (repeatable)")
+    e.add_argument("--encoder", type=at.encoder_spec, action="append", default=[], metavar=_ENCODER,
+                   help="a registered encoder (`hlss encoders`), a timm model, a timm model on the hub or an "
+                        "encoder YAML file, optionally with a local weights file (repeatable)")
+    _add_weights_options(e)
     e.add_argument("--name", action="append", default=[],
                    help="feature name per encoder, in order (--checkpoint ones first); default from the model")
     e.add_argument("--batch-size", type=at.positive_int, default=EXTRACTION.batch_size)
@@ -58,8 +74,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     src = k.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", help="a stored feature name")
     src.add_argument("--checkpoint", type=Path, metavar="RUN", help="a training run (uses the run's split)")
-    src.add_argument("--encoder", type=at.encoder_spec, metavar="timm:NAME[:WEIGHTS]",
-                     help="a timm model (e.g. a baseline)")
+    src.add_argument("--encoder", type=at.encoder_spec, metavar=_ENCODER,
+                     help="a registered encoder (`hlss encoders`), a timm model (e.g. a baseline), a timm model "
+                          "on the hub or an encoder YAML file")
+    _add_weights_options(k)
     k.add_argument("--initial", action="store_true",
                    help="with --checkpoint: the run's encoder before training (its baseline)")
     k.add_argument("--k", type=at.positive_int, default=EVALUATION.k)
@@ -116,10 +134,13 @@ def train(args: argparse.Namespace) -> int:
     return OK
 
 
-def _timm_encoder(spec: "EncoderSpec", name: str | None = None):
-    """An encoder from a parsed ``--encoder`` (:func:`hlss.argtypes.encoder_spec`)."""
+def _timm_encoder(spec: "EncoderSpec", args: argparse.Namespace, name: str | None = None):
+    """An encoder from a parsed ``--encoder`` (:func:`hlss.argtypes.encoder_spec`) with ``--weights``,
+    ``--checkpoints`` and ``--random-init``; no weights and no ``--random-init`` is a usage error."""
+    weights = spec.weights or (str(args.weights) if args.weights else None)
     try:
-        return dataclasses.replace(spec, name=name).build()
+        return dataclasses.replace(spec, name=name, weights=weights, random_init=args.random_init,
+                                   checkpoints=str(args.checkpoints) if args.checkpoints else None).checked().build()
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -132,6 +153,8 @@ def _encoders(args: argparse.Namespace) -> list:
         raise UsageError("give --checkpoint RUN or --encoder timm:NAME (each may repeat)")
     if len(args.name) > n:
         raise UsageError(f"{len(args.name)} --name for {n} encoders")
+    if args.weights and len(args.encoder) != 1:
+        raise UsageError(f"--weights is for one --encoder ({len(args.encoder)} given); give NAME:FILE for each")
     names = args.name + [None] * (n - len(args.name))
     out = []
     for run, name in zip(args.checkpoint, names):
@@ -139,14 +162,20 @@ def _encoders(args: argparse.Namespace) -> list:
             out.append(run_encoder(run, name))
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from e
-    return out + [_timm_encoder(spec, name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])]
+    return out + [_timm_encoder(spec, args, name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])]
 
 
 def extract(args: argparse.Namespace) -> int:
+    from hlss_model.encoder_zoo import resolution_warnings
     from hlss_model.extract import extract_features
     from pipeline.store import StoreError
 
     encoders = _encoders(args)
+    try:
+        for line in resolution_warnings(args.store, encoders):
+            print(terminal(line))
+    except StoreError as e:
+        raise UsageError(str(e)) from e
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -186,7 +215,7 @@ def knn(args: argparse.Namespace) -> int:
     elif args.initial:
         raise UsageError("--initial needs --checkpoint")
     elif args.encoder is not None:
-        encoder = _timm_encoder(args.encoder)
+        encoder = _timm_encoder(args.encoder, args)
     try:
         report = knn_from_store(args.store, features=args.features, encoder=encoder, split=split, k=args.k,
                                 temperature=args.temperature, max_tiles_per_slide=args.max_tiles_per_slide,

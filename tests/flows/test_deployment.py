@@ -178,7 +178,7 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
 
         # --params overrides the served defaults for one run: a timm encoder instead of the run's
         override = subprocess.run([str(BIN / "prefect"), "deployment", "run", "extract-features/default", "--watch",
-                                   "--params", '{"run_dir": null, "extraction": {"encoders": ["timm:resnet10t"], '
+                                   "--params", '{"run_dir": null, "extraction": {"encoders": ["timm:resnet10t"], "random_init": true, '
                                    '"batch_size": 32}}'],
                                   env=env, cwd=work, capture_output=True, text=True, timeout=300)
         assert override.returncode == 0, override.stdout + override.stderr + serve_log.read_text()[-4000:]

@@ -351,7 +351,7 @@ def test_extract_features_flow_with_timm_encoder_and_dask(harness, tmp_path, tra
     reader = SlideStore(store)
     tissue = np.concatenate([reader.tissue(r.patient_id, r.slide_id) for r in reader.records(status="complete")])
     threshold = float(np.median(tissue))  # a QC filter that keeps about half the tiles, passed to the workers
-    extraction = {"encoders": ["timm:resnet10t"], "batch_size": 32, "device": "cpu",
+    extraction = {"encoders": ["timm:resnet10t"], "random_init": True, "batch_size": 32, "device": "cpu",
                   "tile_filter": {"min_tissue": threshold}}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         out = extract_features_flow(store=str(store), extraction=extraction, workers=2,

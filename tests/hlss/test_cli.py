@@ -385,3 +385,24 @@ def test_run_with_an_unreachable_dask_scheduler_is_one_line_and_starts_nothing(m
     assert "Traceback" not in proc.stderr and "telemetry" not in proc.stderr.lower()
     assert f"Dask scheduler {address}: cannot connect" in proc.stderr and "dask scheduler" in proc.stderr
     assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "run").exists()
+
+
+# -- encoders: the registry, and random weights only on request ---------------------------------------
+
+def test_hlss_encoders_and_silent_random_init_refused_in_a_real_process(train_store, tmp_path):
+    """``hlss encoders --json`` lists the registry; ``hlss extract --encoder timm:NAME`` without weights
+    exits 2 naming the ways to give them (and ``knn`` too), and the store is left as it was."""
+    from store_snapshot import assert_unchanged, snapshot
+
+    listed = subprocess.run([sys.executable, "-m", "hlss", "encoders", "--json"], capture_output=True, text=True,
+                            timeout=120, check=True)
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["uni"]["weights_file"] == "pytorch_model.bin" and rows["conch-v1.5"]["dim"] == 768
+    before = snapshot(train_store)
+    for command in (["extract", "--no-progress"], ["knn"]):
+        proc = subprocess.run([sys.executable, "-m", "hlss", *command, str(train_store), "--encoder", "timm:resnet10t",
+                               "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 2, proc.stderr
+        assert "encoder timm:resnet10t: no weights" in proc.stderr and "--random-init" in proc.stderr
+    assert_unchanged(before, snapshot(train_store))

@@ -400,7 +400,7 @@ def test_knn_from_stored_features(train_store, tmp_path):
 
 def test_cli_extract_and_knn(train_store, tmp_path, capsys):
     store = _copy(train_store, tmp_path)
-    code = main(["extract", "--store", str(store), "--encoder", "timm:resnet10t", "--name", "a",
+    code = main(["extract", "--store", str(store), "--random-init", "--encoder", "timm:resnet10t", "--name", "a",
                  "--encoder", "timm:test_resnet", "--name", "b", "--no-progress", "--batch-size", "16",
                  "--device", "cpu"])
     out = capsys.readouterr().out
@@ -409,12 +409,12 @@ def test_cli_extract_and_knn(train_store, tmp_path, capsys):
     slides = _slides(store)
     assert all(SlideStore(store).feature_names(p, s) == ["a", "b"] for p, s in slides)
 
-    code = main(["extract", "--store", str(store), "--encoder", "timm:test_resnet", "--name", "b",
+    code = main(["extract", "--store", str(store), "--random-init", "--encoder", "timm:test_resnet", "--name", "b",
                  "--no-progress", "--device", "cpu"])
     assert code == 0 and f"{len(slides)} already done" in capsys.readouterr().out
 
     # --tile-filter: only tiles within the QC limits get features; the other rows are NaN
-    code = main(["extract", "--store", str(store), "--encoder", "timm:test_resnet", "--name", "qc",
+    code = main(["extract", "--store", str(store), "--random-init", "--encoder", "timm:test_resnet", "--name", "qc",
                  "--tile-filter", "min_tissue=0.6, max_pen=1", "--no-progress", "--device", "cpu"])
     assert code == 0, capsys.readouterr()
     reader = SlideStore(store)
@@ -448,7 +448,7 @@ def test_cli_extract_and_knn(train_store, tmp_path, capsys):
     ("timm:no_such_model_xyz", "no_such_model_xyz"),
 ])
 def test_cli_bad_encoder_exits_2(train_store, tmp_path, capsys, spec, message):
-    code = main(["extract", "--store", str(train_store), "--encoder", spec, "--no-progress"])
+    code = main(["extract", "--store", str(train_store), "--encoder", spec, "--no-progress", "--random-init"])
     err = capsys.readouterr().err
     assert code == 2
     assert "hlss extract: error:" in err and message in err
@@ -457,17 +457,17 @@ def test_cli_bad_encoder_exits_2(train_store, tmp_path, capsys, spec, message):
 def test_cli_extract_usage_errors(train_store, tmp_path, capsys):
     assert main(["extract", "--store", str(train_store), "--no-progress"]) == 2
     assert "--checkpoint RUN or --encoder" in capsys.readouterr().err
-    assert main(["extract", "--store", str(train_store), "--encoder", "timm:test_resnet", "--name", "a",
+    assert main(["extract", "--store", str(train_store), "--random-init", "--encoder", "timm:test_resnet", "--name", "a",
                  "--name", "b", "--no-progress"]) == 2
     assert "2 --name for 1 encoders" in capsys.readouterr().err
     for bad, message in (("min_focus", "'min_focus' is not KEY=NUMBER"), ("min_focus=abc", "is not KEY=NUMBER"),
                          ("min_blur=3", "unknown tile_filter keys ['min_blur']")):
-        assert main(["extract", "--store", str(train_store), "--encoder", "timm:test_resnet", "--tile-filter", bad,
+        assert main(["extract", "--store", str(train_store), "--random-init", "--encoder", "timm:test_resnet", "--tile-filter", bad,
                      "--no-progress"]) == 2
         assert message in capsys.readouterr().err
     assert main(["knn", "--store", str(train_store), "--features", "a", "--initial"]) == 2
     assert "--initial needs --checkpoint" in capsys.readouterr().err
-    assert main(["extract", "--store", str(tmp_path / "nowhere"), "--encoder", "timm:test_resnet",
+    assert main(["extract", "--store", str(tmp_path / "nowhere"), "--random-init", "--encoder", "timm:test_resnet",
                  "--no-progress"]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()  # extract never creates a store

@@ -104,7 +104,7 @@ def test_flipped_byte_in_a_tile_is_a_named_read_error_and_extract_goes_on(store,
     assert SlideStore(store).tiles(P1, S1)[5].shape == (64, 64, 3)  # the rest of the shard still reads
 
     before = snapshot(store)
-    rc = main(["extract", "--store", str(store), "--encoder", "timm:test_resnet", "--name", "g", "--device", "cpu",
+    rc = main(["extract", "--store", str(store), "--random-init", "--encoder", "timm:test_resnet", "--name", "g", "--device", "cpu",
                "--batch-size", "8", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 1

@@ -363,7 +363,7 @@ def test_reprocess_flow_on_an_object_store(cohort, s3_endpoint):
 
     url = f"s3://{_new_bucket(s3_endpoint)}/flow.zarr"
     params = dict(source=str(cohort), store=url, tiling={"target_mpp": 1.0, "tile_size": 64}, workers=2,
-                  extraction={"encoders": ["timm:resnet10t"], "batch_size": 64, "device": "cpu"})
+                  extraction={"encoders": ["timm:resnet10t"], "random_init": True, "batch_size": 64, "device": "cpu"})
     with prefect_test_harness(server_startup_timeout=180):
         first = reprocess(**params)
         again = reprocess(**params)

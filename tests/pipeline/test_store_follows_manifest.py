@@ -191,7 +191,7 @@ def test_reprocess_flow_retiles_re_extracts_its_features_and_lists_the_rest(make
     manifest = _manifest(tmp_path / "m.csv", [(a, "P1", "S1", "tumour", "train"), (b, "P2", "S2", "normal", "test")])
     store = tmp_path / "s.zarr"
     tiling = {"target_mpp": 1.0, "tile_size": 64}
-    extraction = {"encoders": ["timm:resnet10t"], "batch_size": 32, "device": "cpu"}
+    extraction = {"encoders": ["timm:resnet10t"], "random_init": True, "batch_size": 32, "device": "cpu"}
     with prefect_test_harness(server_startup_timeout=180):
         first = reprocess(source=str(manifest), store=str(store), tiling=tiling, extraction=extraction)
         assert first["slides"]["complete"] == 2
