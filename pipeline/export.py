@@ -41,9 +41,10 @@ tile filter left out at extraction) are not in the bags, so no MIL model sees th
 are the store's (:mod:`pipeline.pooling`), computed for older stores.
 
 Every file is written to a temporary name and renamed into place, so a reader (or a killed run)
-never sees half a file, and a rerun replaces the previous export. Files this export wrote earlier
-for slides that are skipped or renamed now are removed (and listed), so the folder always agrees
-with ``dataset.csv``; h5 files not marked as ours (``exported_by``) are never removed.
+never sees half a file, and a rerun replaces the previous export. Files an earlier export wrote
+for the slides looked at now that this run does not write again (skipped now, or named otherwise)
+are removed and listed, so the folders written agree with ``dataset.csv``; h5 files not marked as
+ours (``exported_by``, with ``patient_id``/``slide_id``) are never removed.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
         report.written.append(sl.key)
         report.tiles += int(feats.shape[0])
 
-    _remove_stale(out, considered, {r["slide_id"] for r in rows}, dirs, encoder, report)
+    _remove_stale(out, considered, report, dirs, layout in ("trident", "both"), encoder)
     columns = ["case_id", "slide_id", "label"] + (["split"] if any(r["split"] for r in rows) else []) + \
               ["slide_path", "store_slide_id"]
     report.csv_path = out / CSV_NAME
@@ -445,32 +446,42 @@ def _write_trident(out: Path, sl: _Slide, encoder: str, feats: np.ndarray, coord
     return [patches, patch_feats, slide_feats]
 
 
-def _remove_stale(out: Path, considered: list[_Slide], names: set[str], dirs: list[str], encoder: str,
-                  report: ExportReport) -> None:
-    """Remove the files an earlier export wrote for the slides looked at now under a name they no
-    longer have (skipped now, or named otherwise): their stem and slide id, unless exported now."""
-    for sl in considered:
-        for name in {file_stem(sl.source_path), sl.slide_id} - names - {""}:
-            paths = [out / d / f"{name}{'.h5' if d == H5_DIR else '.pt'}" for d in dirs]
-            if sl.attrs.get("target_mpp") and sl.attrs.get(L.TILE_SIZE):
-                paths += _trident_paths(out, sl.attrs, name, encoder)
-            for path in paths:
-                if path.exists() and _ours(path) and remove_owned(out, path.relative_to(out)):
-                    report.removed.append(path)
+def _remove_stale(out: Path, considered: list[_Slide], report: ExportReport, dirs: list[str],
+                  trident: bool, encoder: str) -> None:
+    """Remove what an earlier export wrote for the slides looked at now and this run did not write
+    again (skipped now, named otherwise, or retiled to another TRIDENT coords_dir), in the folders
+    of the layout written now: h5 files marked as ours whose ``patient_id``/``slide_id`` attributes
+    name such a slide, and ``pt_files/<name>.pt`` of their names, stems and slide ids."""
+    keys = {sl.key for sl in considered}
+    written = set(report.files)
+    folders = [out / H5_DIR] if H5_DIR in dirs else []
+    if trident:
+        for base in sorted(out.glob("*x_*px_*px_overlap")):
+            folders += [base / "patches", base / f"features_{encoder}", base / f"slide_features_mean-{encoder}"]
+    stale_names = {n for sl in considered for n in (file_stem(sl.source_path), sl.slide_id)}
+    for folder in folders:
+        for path in sorted(folder.glob("*.h5")):
+            if path not in written and _owner(path) in keys and remove_owned(out, path.relative_to(out)):
+                report.removed.append(path)
+                stale_names.add(path.stem)
+    if PT_DIR in dirs:
+        for name in sorted(stale_names - {p.stem for p in written if p.suffix == ".pt"} - {""}):
+            path = out / PT_DIR / f"{name}.pt"
+            if remove_owned(out, path.relative_to(out)):
+                report.removed.append(path)
 
 
-def _ours(path: Path) -> bool:
-    """Whether ``path`` is a file this export wrote (h5 files carry ``exported_by``; .pt files in
-    ``pt_files/`` are ours by place)."""
-    if path.suffix != ".h5":
-        return True
+def _owner(path: Path) -> tuple[str, str] | None:
+    """(patient_id, slide_id) of an h5 file this export wrote (``exported_by``), else None."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return f.attrs.get("exported_by") == EXPORTED_BY
+            if f.attrs.get("exported_by") != EXPORTED_BY:
+                return None
+            return str(f.attrs.get("patient_id")), str(f.attrs.get("slide_id"))
     except OSError:
-        return False
+        return None
 
 
 def _write_splits(out: Path, rows: list[dict[str, str]], report: ExportReport) -> None:

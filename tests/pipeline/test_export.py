@@ -567,6 +567,24 @@ def test_rerun_overwrites_and_drops_slides_whose_features_are_gone(exported_stor
     assert not (out / "pt_files").exists()
 
 
+def test_rerun_drops_the_bags_of_a_slide_whose_metadata_is_damaged(exported_store, tmp_path):
+    store, slides, _ = exported_store
+    out = tmp_path / "mil"
+    export_mil(store, "f", "both", out)
+    key = slides[0]
+    bag = out / "h5_files" / f"{_stem(store, *key)}.h5"
+    assert bag.exists()
+    meta = _slide_meta(store, *key)
+    meta.write_bytes(meta.read_bytes()[:40])  # its stem cannot be read any more
+    before = snapshot(store)
+    report = export_mil(store, "f", "both", out)
+    assert report.skipped[0][:2] == key and "zarr.json" in report.skipped[0][2]
+    assert not bag.exists() and not (out / "pt_files" / f"{bag.stem}.pt").exists()
+    assert bag in report.removed and out / "pt_files" / f"{bag.stem}.pt" in report.removed
+    assert key[1] not in {r["store_slide_id"] for r in _read_csv(out / "dataset.csv")}
+    assert_unchanged(before, snapshot(store))
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
