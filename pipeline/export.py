@@ -59,6 +59,7 @@ import numpy as np
 from . import layout as L
 from .escape import terminal
 from .files import atomic_write, remove_owned, remove_temporaries, spreadsheet_safe, write_csv
+from .ids import InvalidIdError, validate_id
 from .pooling import POOLED, Pooled, combine, slide_pooled
 
 __all__ = ["FORMATS", "LAYOUTS", "ExportError", "ExportReport", "export_mil", "file_stem", "trident_dir",
@@ -179,8 +180,8 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
         out: output folder (created; earlier exports there are replaced slide by slide).
         slides: only these (patient_id, slide_id); default every slide of the store.
         layout: ``"clam"``, ``"trident"`` (TRIDENT's job_dir: ``out`` is the job_dir) or ``"both"``.
-        encoder: the encoder name in TRIDENT's folder names (``features_<encoder>``); default
-            ``features``.
+        encoder: the encoder name in TRIDENT's folder names (``features_<encoder>``, e.g. ``uni_v1``);
+            default: ``features``, the feature name.
 
     ``dataset.csv``, ``splits_0.csv`` (when the store has splits) and the slide and patient
     embeddings are always written (see the module docstring). Slides that are not complete, lack
@@ -197,6 +198,10 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     encoder = encoder or features
+    try:
+        validate_id(encoder, kind="TRIDENT encoder name")
+    except InvalidIdError as e:
+        raise ExportError(str(e)) from e
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: is a file, not a folder; choose another --out")
@@ -260,6 +265,8 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
     _write_splits(out, rows, report)
     if rows:
         _write_embeddings(out, rows, pooled, features, dim or 0)
+    else:  # an earlier export's vectors would disagree with the empty dataset.csv
+        report.removed += [out / n for n in (SLIDE_EMBEDDINGS, PATIENT_EMBEDDINGS) if remove_owned(out, n)]
     return report
 
 

@@ -622,6 +622,8 @@ def test_unknown_feature_name_or_layout_is_a_clear_error(exported_store, tmp_pat
         export_mil(store, "f", "npz", tmp_path / "mil")
     with pytest.raises(ExportError, match="unknown layout 'qupath'; choose one of clam, trident, both"):
         export_mil(store, "f", "pt", tmp_path / "mil", layout="qupath")
+    with pytest.raises(ExportError, match=r"TRIDENT encoder name '\.\./up' is not allowed"):
+        export_mil(store, "f", "pt", tmp_path / "mil", layout="trident", encoder="../up")
     assert not (tmp_path / "mil").exists()
     assert_unchanged(before, snapshot(store))
 
