@@ -294,7 +294,7 @@ def trident_splitext(path: str) -> tuple[str, str]:
 
 
 def trident_collect_valid_slides(wsi_dir: str, wsi_ext: list[str]) -> list[str]:
-    """trident/IO.py collect_valid_slides without a custom list (L97-121): listdir, extension match, sorted."""
+    """trident/IO.py collect_valid_slides without a custom list (L96-123): listdir, extension match, sorted."""
     wsi_ext = [ext.lower() for ext in wsi_ext]
     valid_rel_paths = sorted(f for f in os.listdir(wsi_dir) if any(f.lower().endswith(ext) for ext in wsi_ext))
     return [os.path.join(wsi_dir, rel) for rel in valid_rel_paths]
