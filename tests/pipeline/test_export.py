@@ -24,7 +24,7 @@ import torch
 from hlss.cli import build_parser, main
 from hlss.commands import outputs as commands
 from hlss.options import resolve_store
-from pipeline.export import ExportError, export_mil, file_stem
+from pipeline.export import ExportError, export_mil, file_stem, trident_dir
 from pipeline.pooling import POOLED, combine, pool
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 from tests.store_snapshot import assert_unchanged, snapshot
@@ -464,6 +464,25 @@ def test_old_features_without_pooled_vectors_are_pooled_on_the_fly(exported_stor
     with h5py.File(tmp_path / "old" / "slide_embeddings.h5", "r") as f:
         for i, key in enumerate(slides[:-1]):
             np.testing.assert_allclose(f["mean"][i], values[key].mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path, stem", [
+    ("/d/TCGA-AA-0001-01Z-00-DX1.1f2e.svs", "TCGA-AA-0001-01Z-00-DX1.1f2e"), ("/d/x.OME.TIFF", "x"),
+    ("s3://bucket/a/b.ome.tif", "b"), ("/d/s.ome.zarr", "s"), ("C:\\slides\\w.ndpi", "w"), ("/d/noext", "noext"),
+    ("/d/.hidden", ".hidden"), ("", ""),
+])
+def test_file_stem_is_tridents_wsi_name(path, stem):
+    assert file_stem(path) == stem
+    if path and "\\" not in path and "://" not in path:  # TRIDENT's WSI.name (trident/IO.py splitext)
+        assert trident_splitext(os.path.basename(path))[0] == stem
+
+
+@pytest.mark.parametrize("mpp, tile, folder", [(0.5, 256, "20x_256px_0px_overlap"), (1.0, 64, "10x_64px_0px_overlap"),
+                                               (0.25, 224, "40x_224px_0px_overlap"), (0.3, 256, "33.3333x_256px_0px_overlap")])
+def test_trident_dir_is_the_folder_of_tridents_mag(mpp, tile, folder):
+    assert trident_dir({"target_mpp": mpp, "tile_size": tile}) == folder
+    mag = 10 / mpp  # run_batch_of_slides.py L383-384 with --mag 10/mpp
+    assert f"{float(round(mag, 4) if mag % 1 else mag):g}x_{tile}px_0px_overlap" == folder
 
 
 def test_pooling_helpers():
