@@ -30,7 +30,9 @@ the names defined here.
                                            one row per tile, aligned with coords (NaN rows: tiles left out
                                            by a tile filter); attrs: model, weights_fingerprint,
                                            tiles_version (of the tiles it saw), complete (True only once
-                                           every row is written)
+                                           every row is written), pooled {rows, mean, max}: the slide's
+                                           vectors over its non-NaN rows (pipeline.pooling; absent in
+                                           arrays committed before, then computed when read)
           attributes/<run> (N, A) float32  cosine of each tile's HLSS projection to each attribute text
                                            embedding of run <run> (all levels, columns concatenated);
                                            attrs: levels, names (per column), run, weights_fingerprint,

@@ -68,6 +68,7 @@ from .files import atomic_write_bytes, remove_owned, utc_now
 from .ids import sanitize_id, validate_id
 from .layout import READABLE_SCHEMAS, SCHEMA_VERSION, STAGING
 from .location import ObjectLocation, StoreError, is_remote, local_path
+from .pooling import POOLED, pool
 
 log = logging.getLogger(__name__)
 
@@ -421,10 +422,14 @@ class StoreWriter:
 
         ``group``: ``features`` (encoder features) or ``attributes`` (attribute scores of a run).
         Refused if the slide was retiled since its tiles were read (``expect_tiles_version``).
+        Encoder features get ``attrs["pooled"]``: the slide's mean and max over the committed rows
+        (:mod:`pipeline.pooling`), written in the same metadata document as the array.
         """
         if group not in _ARRAY_GROUPS:
             raise ValueError(f"group must be one of {_ARRAY_GROUPS}, got {group!r}")
         validate_id(name, kind="feature name" if group == L.FEATURES else "attribute run name")
+        if group == L.FEATURES:
+            attrs = {**attrs, POOLED: pool(array).to_attrs()}
         self._commit_array(array, patient_id, slide_id, name, attrs, expect_tiles_version, group)
 
     def _commit_array(self, array: zarr.Array, patient_id: str, slide_id: str, name: str,

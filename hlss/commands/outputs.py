@@ -16,7 +16,7 @@ __all__ = ["add_parsers", "qc", "report", "export_mil", "export_geojson"]
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the commands of this group to ``hlss``'s subparsers."""
-    from pipeline.export import FORMATS
+    from pipeline.export import FORMATS, LAYOUTS
     from pipeline.report import MAX_PX
 
     q = sub.add_parser("qc", help="write each slide's QC picture (thumbnail, tissue outline, kept tiles) as PNG")
@@ -39,14 +39,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "redrawn only when their slide changed (big cohorts, nightly reports)")
     r.set_defaults(func=report)
 
-    x = sub.add_parser("export-mil", help="write stored features as CLAM/TRIDENT MIL bags (h5_files/, "
-                                          "pt_files/) and dataset.csv")
+    x = sub.add_parser("export-mil", help="write stored features as CLAM/TRIDENT MIL bags named by slide file "
+                                          "stem, dataset.csv, splits_0.csv and slide/patient embeddings")
     add_store(x, "hlss export-mil STORE --features NAME --out DIR")
     x.add_argument("--features", required=True, metavar="NAME", help="a stored feature name (see `hlss extract`)")
     x.add_argument("--format", choices=FORMATS, default="clam-h5",
-                   help="clam-h5: h5_files/<slide>.h5 with features and coords; pt: pt_files/<slide>.pt; "
+                   help="clam layout: clam-h5: h5_files/<stem>.h5 with features and coords; pt: pt_files/<stem>.pt; "
                         "both (default clam-h5)")
-    x.add_argument("--out", type=Path, required=True, help="output folder")
+    x.add_argument("--layout", choices=LAYOUTS, default="clam",
+                   help="clam: h5_files/, pt_files/ (default); trident: TRIDENT's job_dir "
+                        "(<mag>x_<T>px_0px_overlap/{patches,features_<encoder>,slide_features_mean-<encoder>}); both")
+    x.add_argument("--trident-encoder", metavar="NAME",
+                   help="encoder name in TRIDENT's folder names, e.g. uni_v1 (default: the feature name)")
+    x.add_argument("--out", type=Path, required=True, help="output folder (TRIDENT's job_dir with --layout trident)")
     x.set_defaults(func=export_mil)
 
     g = sub.add_parser("export-geojson", help="write each slide's tissue outlines and kept tiles as GeoJSON in "
@@ -92,7 +97,8 @@ def export_mil(args: argparse.Namespace) -> int:
     from pipeline.store import StoreError
 
     try:
-        result = export(args.store, args.features, args.format, args.out)
+        result = export(args.store, args.features, args.format, args.out, layout=args.layout,
+                        encoder=args.trident_encoder)
     except (StoreError, ExportError) as e:
         raise UsageError(str(e)) from e
     print(result.table())

@@ -178,7 +178,8 @@ def test_exported_dataset_csv_carries_no_formula(tiled, tmp_path):
     report = export_mil(store, "f", "pt", tmp_path / "out")
     with open(report.csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert rows == [{"case_id": "P1", "slide_id": "S1", "label": "'=cmd|' /C calc'!A0", "split": "train"}]
+    assert rows == [{"case_id": "P1", "slide_id": "a", "label": "'=cmd|' /C calc'!A0", "split": "train",
+                     "slide_path": str(a), "store_slide_id": "S1"}]
 
 
 def test_write_csv_is_atomic_and_safe(tmp_path):

@@ -262,6 +262,7 @@ def test_features_extracted_into_s3_equal_local_ones_and_a_killed_commit_is_redo
         assert remote.feature_names(p, s) == ["f"]
         arr = remote.features(p, s, "f")
         assert arr.attrs["complete"] is True and "writer" not in arr.attrs
+        assert arr.attrs["pooled"]["rows"] == arr.shape[0]  # slide vectors committed with the array
         assert arr.chunks[0] == min(32, arr.shape[0])  # one chunk per batch: no read-modify-write of objects
         np.testing.assert_allclose(arr[:], local_store.features(p, s, "f")[:], rtol=1e-5, atol=1e-6)
     assert ObjectLocation(url).children(STAGING) == ["zarr.json"]
