@@ -132,8 +132,12 @@ def attach_cohort_artifacts(flow: str, store: str, summary: dict[str, Any], repo
             return None
         written = write_report(reader, report, run_dirs, max_px=REPORT_PX, pictures="files", summary=cohort,
                                table=table)
-        create_link_artifact(report_url(written), link_text=markdown(f"cohort report ({written})"),
-                             key=f"{flow}-report", description="static HTML: open it in a browser")
+        # the UI shows link_text as it is (escapes would show as backslashes): plain words only, the
+        # path goes in the description, which it renders as markdown
+        summary["report_url"] = report_url(written)
+        create_link_artifact(summary["report_url"], link_text="open the cohort report", key=f"{flow}-report",
+                             description=f"cohort report {markdown(str(written))}: slides, QC pictures, "
+                                         "training curves, kNN")
         logger.info("cohort report: %s", written)
         return written
     except Exception as e:  # a view of the store: never fails a run whose slides are saved

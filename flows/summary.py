@@ -117,7 +117,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                              f"{100 * r['mean_class_accuracy']:.1f}% |")
             lines.append("")
     if summary.get("report"):
-        lines += [f"Cohort report: {md(summary['report'])} (slides, QC pictures, training curve, kNN).", ""]
+        shown = md(summary["report"])  # a link where the report is served (percent-encoded: no markdown in it)
+        link = f"[{shown}]({summary['report_url']})" if summary.get("report_url") else shown
+        lines += [f"Cohort report: {link} (slides, QC pictures, training curve, kNN).", ""]
     if summary.get("artifacts_error"):
         lines += [f"The cohort report could not be drawn: {md(summary['artifacts_error'])}", ""]
     return "\n".join(lines)
