@@ -289,15 +289,7 @@ def extract_step(store: str, encoders: list[EncoderSpec], extraction: Extraction
     shards = [slides[i::executor.slots] for i in range(executor.slots)]
     futures = [extract_task.submit(store, encoders, shard, extraction, executor_key, f"{i + 1}/{len(shards)}")
                for i, shard in enumerate(shards) if shard]
-    total = ExtractReport()
-    for future in futures:
-        part = future.result()
-        total.extracted += part.extracted
-        total.skipped += part.skipped
-        total.failed += part.failed
-        total.tiles += part.tiles
-        total.seconds = max(total.seconds, part.seconds)
-    return total
+    return ExtractReport.merged(future.result() for future in futures)
 
 
 # -- evaluation --------------------------------------------------------------------------------
