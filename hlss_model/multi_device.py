@@ -48,6 +48,7 @@ class DeviceRun:
     planned_tiles: int
     report: ExtractReport = field(default_factory=ExtractReport)
     error: str | None = None  # why the worker stopped early, if it did
+    pid: int | None = None  # the worker's process id
 
     @property
     def tiles_per_s(self) -> float:
@@ -164,7 +165,8 @@ def _start(store: str, specs: list[EncoderSpec], devices: list[str], shares: lis
                                  threads if device == "cpu" else None))
         proc.start()
         theirs.close()  # so the parent sees EOF when the worker ends
-        workers.append(_Worker(DeviceRun(device, share, sum(sizes[k] for k in share)), proc, mine))
+        run = DeviceRun(device, share, sum(sizes[k] for k in share), pid=proc.pid)
+        workers.append(_Worker(run, proc, mine))
     return workers
 
 
