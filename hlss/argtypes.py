@@ -124,7 +124,7 @@ def devices(text: str) -> list[str]:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     names = [name.strip() for name in text.split(",")]
     if "" in names:
-        raise _Bad(f"{terminal(text)}: expected DEVICE[,DEVICE...] (e.g. cuda:0,cuda:1) or all")
+        raise _Bad(f"{text!r}: expected DEVICE[,DEVICE...] (e.g. cuda:0,cuda:1) or all")
     return [device(name) for name in names]
 
 
