@@ -247,7 +247,8 @@ def extract_on_devices(store: str | Path, encoders: list[EncoderSpec], devices: 
 
     Returns the merged report (``seconds``: wall time including the workers' start) with each
     worker's :class:`DeviceRun`. Raises ValueError, with nothing written, when a device is not
-    there or an encoder cannot be built.
+    there or an encoder cannot be built. Workers are spawned (CUDA cannot be forked), so a script
+    calling this needs the ``if __name__ == "__main__":`` guard.
     """
     t0, store = time.perf_counter(), str(store)
     devices = expand_devices(devices)
