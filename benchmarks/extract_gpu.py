@@ -211,11 +211,17 @@ def main() -> None:
     store = build_store(args)
 
     bare = bare_rate(spec, store, args, device, amp)
+    print(f"(a) bare forward: {bare['tiles_per_s']:.0f} tiles/s ({time.perf_counter() - t0:.0f} s so far)")
     one = one_device_rate(spec, store, args, device)
+    print(f"(b) one device: {one['tiles_per_s']:.0f} tiles/s ({time.perf_counter() - t0:.0f} s so far)")
     configs = [["cpu", "cpu"]] if args.quick else [expand_devices(["all"])]
     if not args.quick and len(configs[0]) == 1:
         configs.append(["cuda:0", "cuda:0"])  # one device: does a second reader keep it busier?
-    multi = [devices_rate(spec, store, args, devices) for devices in configs]
+    multi = []
+    for devices in configs:
+        multi.append(devices_rate(spec, store, args, devices))
+        print(f"(c) {','.join(devices)}: {multi[-1]['tiles_per_s']:.0f} tiles/s wall "
+              f"({time.perf_counter() - t0:.0f} s so far)")
 
     print(f"\nencoder {spec.model} {dict(spec.options)} at {spec.image_size or args.tile_size} px, "
           f"{bare['tiles']} tiles of {args.tile_size} px, batch {args.batch_size}\n")

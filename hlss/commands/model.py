@@ -137,7 +137,7 @@ def _encoder_specs(args: argparse.Namespace) -> list["EncoderSpec"]:
     if len(args.name) > n:
         raise UsageError(f"{len(args.name)} --name for {n} encoders")
     names = args.name + [None] * (n - len(args.name))
-    return ([EncoderSpec("run", str(run), None, name) for run, name in zip(args.checkpoint, names)]
+    return ([EncoderSpec("run", str(run), name=name) for run, name in zip(args.checkpoint, names)]
             + [dataclasses.replace(spec, name=name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])])
 
 

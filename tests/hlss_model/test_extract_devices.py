@@ -20,7 +20,7 @@ from pipeline.ids import sanitize_id
 from pipeline.store import SlideStore, StoreWriter, tiles_version
 from store_snapshot import assert_unchanged, snapshot
 
-SPEC = EncoderSpec("timm", "resnet10t", None, "r10")  # random init, seed 0: the same weights in every process
+SPEC = EncoderSpec("timm", "resnet10t", name="r10")  # random init, seed 0: the same weights in every process
 BATCH = 16
 
 
