@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +92,13 @@ def test_a_killed_worker_loses_only_its_unfinished_slides(train_store, tmp_path)
     store = _copy(train_store, tmp_path)
     before = snapshot(store)
     killed: list[int] = []
+    started = time.time()
 
     def kill_one(p: str, s: str, status: str) -> None:
         if status == "extracted" and not killed:
-            workers = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+            workers = [c for c in psutil.Process().children() if c.create_time() >= started - 1
+                       and "spawn_main" in " ".join(c.cmdline())]  # this run's two workers
+            assert len(workers) == 2
             victim = min(workers, key=lambda c: c.pid)
             victim.kill()
             killed.append(victim.pid)
