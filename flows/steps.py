@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from contextlib import ExitStack
 from typing import Any, Callable, Iterable
 
 from prefect import get_run_logger, task
@@ -28,7 +29,7 @@ from pipeline.tiler import SlideResult
 
 from .executor import SlideExecutor, WorkerLost
 from .limits import device_slot
-from .settings import EvaluationSettings, ExtractionSettings, TrainingSettings
+from .settings import EvaluationSettings, ExtractionSettings, FlowConfigError, TrainingSettings
 from .work import EncoderSpec, extract_slides
 
 __all__ = [
@@ -250,20 +251,25 @@ def training_curve(run_dir: str, points: int = 20) -> list[tuple[int, float]]:
 
 @task(name="extract-slide-features", task_run_name="extract {extraction.name} ({shard})", cache_policy=NO_CACHE)
 def extract_task(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
-                 extraction: ExtractionSettings, executor_key: str | None, shard: str = "all") -> ExtractReport:
+                 extraction: ExtractionSettings, executor_key: str | None, shard: str = "all",
+                 clean_staging: bool = True) -> ExtractReport:
     """Features of ``slides`` for each encoder: on the cluster when there is one, else here.
 
     Locally the step holds this host's device slot, so it never shares a GPU with training or
-    another extraction. On a Dask cluster, GPU work asks for a ``GPU`` resource when the workers
-    declare one (``dask worker --resources GPU=1``), which keeps one job per device there.
+    another extraction; with ``extraction.devices``, one slot per device and one worker process
+    each. On a Dask cluster, GPU work asks for a ``GPU`` resource when the workers declare one
+    (``dask worker --resources GPU=1``), which keeps one job per device there.
+    ``clean_staging``: False for shards running side by side (their step cleans once before).
     """
     logger = get_run_logger()
     args = (store, encoders, slides, extraction.batch_size, extraction.device, extraction.dtype,
-            extraction.tile_filter)
+            extraction.tile_filter, clean_staging)
     executor = _EXECUTORS.get(executor_key) if executor_key else None
     if executor is not None and executor.scheduler_address:
         gpu = extraction.device != "cpu" and "GPU" in executor.worker_resources()
         report = executor.run(extract_slides, *args, resources={"GPU": 1} if gpu else None)
+    elif extraction.devices:
+        report = _extract_on_devices(store, encoders, slides, extraction, logger)
     else:
         with device_slot(str(resolve_device(extraction.device))) as slot:
             logger.info("extracting on %s (device slot %s)", extraction.device, slot)
@@ -275,27 +281,43 @@ def extract_task(store: str, encoders: list[EncoderSpec], slides: list[tuple[str
     return report
 
 
+def _extract_on_devices(store: str, encoders: list[EncoderSpec], slides: list[tuple[str, str]] | None,
+                        extraction: ExtractionSettings, logger) -> ExtractReport:
+    """:func:`hlss_model.multi_device.extract_on_devices` over ``extraction.devices``, holding this
+    host's slot of each device (taken in one order, so two runs never wait on each other)."""
+    from hlss_model.multi_device import expand_devices, extract_on_devices
+    from pipeline.qc import TileFilter
+
+    devices = expand_devices(extraction.devices)
+    with ExitStack() as stack:
+        slots = [stack.enter_context(device_slot(d)) for d in sorted(set(devices))]
+        logger.info("extracting on %s (device slots %s)", ", ".join(devices), ", ".join(slots))
+        report = extract_on_devices(store, encoders, devices, batch_size=extraction.batch_size,
+                                    dtype=extraction.dtype, slides=slides,
+                                    tile_filter=TileFilter.from_dict(extraction.tile_filter))
+    for run in report.devices:
+        logger.info("%s: %d slides, %d tiles, %.1f tiles/s%s", run.device, len(run.share), run.report.tiles,
+                    run.tiles_per_s, f"; stopped: {run.error}" if run.error else "")
+    return report
+
+
 def extract_step(store: str, encoders: list[EncoderSpec], extraction: ExtractionSettings,
                  executor: SlideExecutor, executor_key: str, slides: list[tuple[str, str]] | None = None
                  ) -> ExtractReport:
     """One extraction task locally; on a Dask cluster, one task per worker slot over a share of the slides."""
+    if extraction.devices and executor.scheduler_address:
+        raise FlowConfigError("extraction.devices starts workers on this machine; on a Dask cluster start one "
+                              "dask worker per GPU (--resources GPU=1) and set extraction.device instead")
     if not executor.scheduler_address or executor.slots == 1:
         return extract_task.submit(store, encoders, slides, extraction, executor_key).result()
     if slides is None:
         reader = SlideStore(store)  # damaged slides come too: extraction reports each as failed, naming it
         slides = [(r.patient_id, r.slide_id) for r in reader.records(status="complete")]
     shards = [slides[i::executor.slots] for i in range(executor.slots)]
-    futures = [extract_task.submit(store, encoders, shard, extraction, executor_key, f"{i + 1}/{len(shards)}")
+    StoreWriter(store).clean_staging()  # once: a shard cleaning could undo another's commit in progress
+    futures = [extract_task.submit(store, encoders, shard, extraction, executor_key, f"{i + 1}/{len(shards)}", False)
                for i, shard in enumerate(shards) if shard]
-    total = ExtractReport()
-    for future in futures:
-        part = future.result()
-        total.extracted += part.extracted
-        total.skipped += part.skipped
-        total.failed += part.failed
-        total.tiles += part.tiles
-        total.seconds = max(total.seconds, part.seconds)
-    return total
+    return ExtractReport.merged(future.result() for future in futures)
 
 
 # -- evaluation --------------------------------------------------------------------------------

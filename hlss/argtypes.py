@@ -19,7 +19,7 @@ from pipeline.run_folder import is_run_folder
 if TYPE_CHECKING:
     from hlss_model.settings import EncoderSpec
 
-__all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "weights_file",
+__all__ = ["positive_int", "int_in", "positive_float", "float_in", "device", "devices", "weights_file",
            "encoder_spec", "flow_encoder_spec", "checkpoints_file", "tile_filter", "compression", "count_range", "readable_file", "cron",
            "as_text"]
 
@@ -111,6 +111,21 @@ def device(text: str) -> str:
         if not torch.backends.mps.is_available():
             raise _Bad("'mps': Apple MPS is not available on this machine; use auto or cpu")
     return name
+
+
+def devices(text: str) -> list[str]:
+    """A comma-separated list of :func:`device` names, one extraction worker each (a name may
+    repeat), or ``all``: every CUDA device of this machine."""
+    if text.strip() == "all":
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            raise _Bad("'all': no CUDA device is visible on this machine; list devices, e.g. cpu,cpu")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    names = [name.strip() for name in text.split(",")]
+    if "" in names:
+        raise _Bad(f"{text!r}: expected DEVICE[,DEVICE...] (e.g. cuda:0,cuda:1) or all")
+    return [device(name) for name in names]
 
 
 def _checked(check: Callable[[str], object], text: str):

@@ -29,7 +29,8 @@ from pipeline.store import SlideStore, StoreDamageError, StoreWriter, tiles_vers
 from .encoders import Encoder
 from .settings import EVALUATION, EXTRACTION
 
-__all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows", "read_ahead"]
+__all__ = ["extract_features", "embed_tiles", "ExtractReport", "resolve_device", "sample_rows", "read_ahead",
+           "check_encoder_names"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,19 @@ class ExtractReport:
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
+
+    @classmethod
+    def merged(cls, parts: Iterable["ExtractReport"], seconds: float | None = None) -> "ExtractReport":
+        """One report of runs that went on side by side: lists and tiles add up; ``seconds`` is the
+        wall time of the whole (default: the longest part's)."""
+        parts = list(parts)
+        total = cls(seconds=max((p.seconds for p in parts), default=0.0) if seconds is None else seconds)
+        for part in parts:
+            total.extracted += part.extracted
+            total.skipped += part.skipped
+            total.failed += part.failed
+            total.tiles += part.tiles
+        return total
 
 
 def sample_rows(n: int, limit: int | None, seed: int = EVALUATION.seed) -> np.ndarray | None:
@@ -73,6 +87,8 @@ class _Runner:
 
     def __init__(self, encoders: list[Encoder], device: str, amp: bool | None) -> None:
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # work timm or autocast puts on "cuda" lands here, not on cuda:0
         self.amp = (self.device.type == "cuda") if amp is None else amp
         for enc in encoders:
             enc.model.to(self.device).eval().to(memory_format=torch.channels_last)
@@ -82,6 +98,11 @@ class _Runner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = enc.model(enc.preprocess(batch))
         return out.float().cpu().numpy()
+
+    @property
+    def precision(self) -> str:
+        """What the forward passes compute in: ``bf16`` (autocast) or ``fp32``; recorded on the features."""
+        return "bf16" if self.amp else "fp32"
 
     def upload(self, block: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(block)
@@ -148,7 +169,7 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
                      on_slide: Callable[[str, str, str], None] | None = None,
                      on_tiles: Callable[[int], None] | None = None,
                      slides: Iterable[tuple[str, str]] | None = None,
-                     tile_filter: TileFilter | None = None) -> ExtractReport:
+                     tile_filter: TileFilter | None = None, clean_staging: bool = True) -> ExtractReport:
     """Write ``features/<encoder.name>`` ``(N, D)`` for every complete slide of ``store``.
 
     Reads run ``prefetch`` batches ahead across slide boundaries, and feature rows are written to
@@ -160,7 +181,8 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda:N``.
         dtype: stored feature dtype (``float32`` or ``float16``).
         force: recompute even when finished features match.
-        amp: bf16 autocast; default on CUDA only.
+        amp: bf16 autocast; default on CUDA only. Recorded as the features' ``precision`` attr
+            (``bf16`` or ``fp32``); features are stored as ``dtype`` either way.
         on_slide: called ``(patient, slide, status)`` with status extracted | skipped | failed.
         on_tiles: called with the number of tiles of each finished batch.
         slides: only these ``(patient, slide)`` (default: every complete slide).
@@ -170,18 +192,16 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
             features made with another filter (or none) are recomputed. A slide with no kept tile
             is skipped; one without ``tile_qc`` (older store) fails when a QC limit is asked for.
             Consumers must drop NaN rows (``np.isnan(f).any(axis=1)``) or use the same mask.
+        clean_staging: first remove staging left by dead writers. False when other writers of this
+            store run beside this one: a live writer's version set aside mid-commit looks like a
+            dead one's, so the multi-device driver cleans once before starting its workers.
     """
-    if not encoders:
-        raise ValueError("extract_features: give at least one encoder")
-    names = [e.name for e in encoders]
-    if len(set(names)) != len(names):
-        raise ValueError(f"extract_features: encoder names must differ, got {names}")
-    for name in names:  # before any work: each becomes a key features/<name> of every slide
-        validate_id(name, kind="feature name")
+    check_encoder_names([e.name for e in encoders])
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     reader, writer = SlideStore(store), StoreWriter(store)
-    writer.clean_staging()
+    if clean_staging:
+        writer.clean_staging()
     chunk_rows = writer.feature_chunk_rows(batch_size)
     run = _Runner(encoders, device, amp)
     report, t0 = ExtractReport(), time.perf_counter()
@@ -212,7 +232,8 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
         for fut in job.writes:
             fut.result()
         for enc in job.encoders:
-            extra = {} if filt is None else {"tile_filter": filt, "n_kept": int(len(job.rows))}
+            extra = {"precision": run.precision, **({} if filt is None else {"tile_filter": filt,
+                                                                             "n_kept": int(len(job.rows))})}
             writer.commit_features(job.staged[enc.name], job.patient, job.slide, enc.name,
                                    {**enc.attrs(), "dtype": dtype, "n": job.n, **extra}, job.version)
 
@@ -271,6 +292,17 @@ def extract_features(store: str | Path, encoders: list[Encoder], batch_size: int
                     writer.discard_array(arr)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_encoder_names(names: list[str]) -> None:
+    """ValueError unless there is at least one name, all differ and each is a valid feature name
+    (each becomes the key ``features/<name>`` of every slide)."""
+    if not names:
+        raise ValueError("extract_features: give at least one encoder")
+    if len(set(names)) != len(names):
+        raise ValueError(f"extract_features: encoder names must differ, got {names}")
+    for name in names:
+        validate_id(name, kind="feature name")
 
 
 def read_ahead(items: Iterator[tuple], read: Callable, pool: ThreadPoolExecutor,

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.escape import plain_schema, terminal
 from pipeline.qc import TileFilter
 from pipeline.run_folder import is_run_folder
 
-from .checks import check_weights_file
+from .checks import check_device_name, check_weights_file
 from .encoder_zoo import (ZOO, WeightsError, missing_weights_message, read_checkpoints, read_yaml, zoo_entry,
                           zoo_weights)
 
@@ -245,6 +245,22 @@ class ExtractionSettings(_Settings):
         for spec in specs:
             EncoderSpec.parse(spec)
         return specs
+
+    devices: list[str] = Field(
+        default_factory=list, description="several devices of this machine instead of device, one worker "
+                                          "process each, slides split between them: e.g. [cuda:0, cuda:1], or [all] "
+                                          "for every CUDA device (hlss_model.multi_device)")
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, names: list[str]) -> list[str]:
+        return [name if name == "all" else check_device_name(name) for name in names]
+
+    @model_validator(mode="after")
+    def _device_or_devices(self) -> "ExtractionSettings":
+        if self.devices and self.device != "auto":
+            raise ValueError(f"give device ({self.device}) or devices ({', '.join(self.devices)}), not both")
+        return self
 
     def encoder_specs(self) -> list[EncoderSpec]:
         """:attr:`encoders` as specs carrying :attr:`checkpoints` and :attr:`random_init`, each

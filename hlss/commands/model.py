@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from hlss_model.settings import EVALUATION, EXTRACTION
@@ -61,6 +62,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="feature name per encoder, in order (--checkpoint ones first); default from the model")
     e.add_argument("--batch-size", type=at.positive_int, default=EXTRACTION.batch_size)
     e.add_argument("--device", type=at.device, default=EXTRACTION.device, help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--devices", type=at.devices, metavar="DEVICE,DEVICE...|all",
+                   help="one worker process per device (e.g. cuda:0,cuda:1; all: every CUDA device), "
+                        "slides split between them by tile count; instead of --device")
     e.add_argument("--dtype", choices=("float32", "float16"), default=EXTRACTION.dtype)
     e.add_argument("--force", action="store_true", help="recompute finished features")
     e.add_argument("--tile-filter", type=at.tile_filter, metavar="KEY=VALUE[,KEY=VALUE]",
@@ -134,19 +138,22 @@ def train(args: argparse.Namespace) -> int:
     return OK
 
 
-def _timm_encoder(spec: "EncoderSpec", args: argparse.Namespace, name: str | None = None):
-    """An encoder from a parsed ``--encoder`` (:func:`hlss.argtypes.encoder_spec`) with ``--weights``,
-    ``--checkpoints`` and ``--random-init``; no weights and no ``--random-init`` is a usage error."""
+def _with_weights(spec: "EncoderSpec", args: argparse.Namespace, name: str | None = None) -> "EncoderSpec":
+    """A parsed ``--encoder`` (:func:`hlss.argtypes.encoder_spec`) with ``--weights``, ``--checkpoints`` and
+    ``--random-init``, checked; no weights and no ``--random-init`` is a usage error."""
     weights = spec.weights or (str(args.weights) if args.weights else None)
     try:
         return dataclasses.replace(spec, name=name, weights=weights, random_init=args.random_init,
-                                   checkpoints=str(args.checkpoints) if args.checkpoints else None).checked().build()
+                                   checkpoints=str(args.checkpoints) if args.checkpoints else None).checked()
     except ValueError as e:
         raise UsageError(str(e)) from e
 
 
-def _encoders(args: argparse.Namespace) -> list:
-    from hlss_model.runs import run_encoder
+def _encoder_specs(args: argparse.Namespace) -> list["EncoderSpec"]:
+    """The ``--checkpoint`` then ``--encoder`` encoders, named by ``--name`` in order, as checked specs:
+    ``--encoder`` ones with ``--weights``, ``--checkpoints`` and ``--random-init`` (no weights and no
+    ``--random-init`` is a usage error)."""
+    from hlss_model.settings import EncoderSpec
 
     n = len(args.checkpoint) + len(args.encoder)
     if not n:
@@ -156,13 +163,27 @@ def _encoders(args: argparse.Namespace) -> list:
     if args.weights and len(args.encoder) != 1:
         raise UsageError(f"--weights is for one --encoder ({len(args.encoder)} given); give NAME:FILE for each")
     names = args.name + [None] * (n - len(args.name))
+    return ([EncoderSpec("run", str(run), name=name) for run, name in zip(args.checkpoint, names)]
+            + [_with_weights(spec, args, name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])])
+
+
+def _encoders(args: argparse.Namespace) -> list:
     out = []
-    for run, name in zip(args.checkpoint, names):
+    for spec in _encoder_specs(args):
         try:
-            out.append(run_encoder(run, name))
+            out.append(spec.build())
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from e
-    return out + [_timm_encoder(spec, args, name) for spec, name in zip(args.encoder, names[len(args.checkpoint):])]
+    return out
+
+
+def _spec_resolutions(args: argparse.Namespace) -> list[SimpleNamespace]:
+    """``name`` and training ``mpp`` of the registered encoders asked for, without building them (with
+    ``--devices`` each worker builds its own)."""
+    from hlss_model.encoder_zoo import zoo_entry
+
+    return [SimpleNamespace(name=spec.name or spec.ref, mpp=zoo_entry(spec.ref).mpp)
+            for spec in _encoder_specs(args) if spec.kind == "zoo"]
 
 
 def extract(args: argparse.Namespace) -> int:
@@ -170,9 +191,11 @@ def extract(args: argparse.Namespace) -> int:
     from hlss_model.extract import extract_features
     from pipeline.store import StoreError
 
-    encoders = _encoders(args)
-    try:
-        for line in resolution_warnings(args.store, encoders):
+    if args.devices and args.device != EXTRACTION.device:
+        raise UsageError("give --device or --devices, not both")
+    encoders = None if args.devices else _encoders(args)
+    try:  # the resolution each encoder was trained at, against the store's
+        for line in resolution_warnings(args.store, encoders if encoders is not None else _spec_resolutions(args)):
             print(terminal(line))
     except StoreError as e:
         raise UsageError(str(e)) from e
@@ -181,19 +204,29 @@ def extract(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(desc="tiles", unit="tile", file=sys.stderr)
+    options = dict(batch_size=args.batch_size, dtype=args.dtype, force=args.force, tile_filter=args.tile_filter,
+                   on_tiles=bar.update if bar is not None else None)
     try:
-        report = extract_features(args.store, encoders, batch_size=args.batch_size, device=args.device,
-                                  dtype=args.dtype, force=args.force, tile_filter=args.tile_filter,
-                                  on_tiles=bar.update if bar is not None else None)
+        if encoders is None:
+            from hlss_model.multi_device import extract_on_devices
+
+            report = extract_on_devices(args.store, _encoder_specs(args), args.devices, **options)
+        else:
+            report = extract_features(args.store, encoders, device=args.device, **options)
     except (StoreError, ValueError) as e:
         raise UsageError(str(e)) from e
     finally:
         if bar is not None:
             bar.close()
-    names = ", ".join(f"{terminal(e.name)} ({e.dim}-d)" for e in encoders)
+    built = [(e.name, e.dim) for e in encoders] if encoders is not None else report.encoders
+    names = ", ".join(f"{terminal(name)} ({dim}-d)" for name, dim in built)
     print(f"features {names}: {len(report.extracted)} slides extracted, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed; {report.tiles} tiles in {report.seconds:.1f} s "
           f"({report.tiles_per_s:.1f} tiles/s)")
+    for run in getattr(report, "devices", []):
+        print(f"  {run.device}: {len(run.share)} slides ({run.planned_tiles} tiles), {run.report.tiles} tiles "
+              f"extracted in {run.report.seconds:.1f} s ({run.tiles_per_s:.1f} tiles/s)"
+              + (f"; STOPPED: {terminal(run.error)}" if run.error else ""))
     for p, s, err in report.failed:
         print(f"  FAILED {terminal(p)}/{terminal(s)}: {terminal(err)}")
     return report.exit_code
@@ -215,7 +248,10 @@ def knn(args: argparse.Namespace) -> int:
     elif args.initial:
         raise UsageError("--initial needs --checkpoint")
     elif args.encoder is not None:
-        encoder = _timm_encoder(args.encoder, args)
+        try:
+            encoder = _with_weights(args.encoder, args).build()
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from e
     try:
         report = knn_from_store(args.store, features=args.features, encoder=encoder, split=split, k=args.k,
                                 temperature=args.temperature, max_tiles_per_slide=args.max_tiles_per_slide,
