@@ -111,9 +111,19 @@ class ZooEntry:
     note: str = field(default="", compare=False)
 
     @property
+    def trident_name(self) -> str | None:
+        """TRIDENT's name for the same encoder (its ``encoder_registry``; ``features_<name>/`` folders)."""
+        return TRIDENT_NAMES.get(self.name)
+
+    @property
     def hub_url(self) -> str:
         return f"https://huggingface.co/{self.hub_repo}"
 
+
+# trident/patch_encoder_models/load.py, encoder_registry (mahmoodlab/TRIDENT a91fa84)
+TRIDENT_NAMES = {"uni": "uni_v1", "uni2-h": "uni_v2", "virchow2": "virchow2", "h-optimus-0": "hoptimus0",
+                 "h-optimus-1": "hoptimus1", "gigapath": "gigapath", "phikon-v2": "phikon_v2", "hibou-l": "hibou_l",
+                 "conch-v1.5": "conch_v15", "resnet50-trunc": "resnet50"}
 
 _SWIGLU, _SILU = Ref("timm.layers.SwiGLUPacked"), Ref("torch.nn.SiLU")
 

@@ -49,6 +49,8 @@ class Encoder:
         source: what the model is, e.g. ``timm:resnet50`` or ``hlss-run:/runs/a``.
         fingerprint: identity of the weights (see :func:`state_fingerprint`).
         mpp: µm/px of the tiles it was trained on (None: unknown, or natural images).
+        trident_name: TRIDENT's name for it (``uni_v1``...), recorded so exports name TRIDENT's folders
+            the way TRIDENT does; None for encoders TRIDENT does not have.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Encoder:
     source: str
     fingerprint: str
     mpp: float | None = None
+    trident_name: str | None = None
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(N, H, W, 3) uint8`` on any device -> ``(N, 3, S, S) float32`` normalised, channels-last."""
@@ -74,7 +77,8 @@ class Encoder:
     def attrs(self) -> dict:
         """Attributes recorded on the feature array."""
         return {"model": self.source, "weights_fingerprint": self.fingerprint, "dim": self.dim,
-                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                **({"trident_name": self.trident_name} if self.trident_name else {})}
 
 
 def _origin(weights: str | Path | None, seed: int) -> str:
@@ -276,7 +280,7 @@ def zoo_encoder(entry_name: str, weights: str | Path | None = None, name: str | 
     model = _features(entry, zoo_network(entry, weights, seed=seed)).eval()
     return Encoder(name=name or entry.name, model=model, dim=entry.dim, image_size=entry.image_size,
                    mean=entry.mean, std=entry.std, source=f"{entry.name}{_origin(weights, seed)}",
-                   fingerprint=state_fingerprint(model), mpp=entry.mpp)
+                   fingerprint=state_fingerprint(model), mpp=entry.mpp, trident_name=entry.trident_name)
 
 
 def file_encoder(doc: Mapping[str, Any], weights: str | Path | None, name: str | None = None, *,

@@ -119,6 +119,23 @@ class ExportReport:
         return "\n".join(terminal(line) for line in lines)
 
 
+def _check_trident_name(encoder: str) -> None:
+    try:
+        validate_id(encoder, kind="TRIDENT encoder name")
+    except InvalidIdError as e:
+        raise ExportError(str(e)) from e
+
+
+def _recorded_trident_name(st: Any, candidates: list["_Slide"], features: str) -> str | None:
+    """The ``trident_name`` the extraction recorded on the first exported slide's features, if any."""
+    for sl in candidates[:1]:
+        try:
+            return st.features(*sl.key, features).attrs.get("trident_name")
+        except Exception:  # a damaged array is reported when its bag is read
+            return None
+    return None
+
+
 @dataclass
 class _Slide:
     """One slide to export: store keys, slide attrs and the bag name."""
@@ -181,7 +198,8 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
         slides: only these (patient_id, slide_id); default every slide of the store.
         layout: ``"clam"``, ``"trident"`` (TRIDENT's job_dir: ``out`` is the job_dir) or ``"both"``.
         encoder: the encoder name in TRIDENT's folder names (``features_<encoder>``, e.g. ``uni_v1``);
-            default: ``features``, the feature name.
+            default: the ``trident_name`` the extraction recorded (registered encoders: TRIDENT's name
+            for them), else ``features``, the feature name.
 
     ``dataset.csv``, ``splits_0.csv`` (when the store has splits) and the slide and patient
     embeddings are always written (see the module docstring). Slides that are not complete, lack
@@ -197,11 +215,8 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    encoder = encoder or features
-    try:
-        validate_id(encoder, kind="TRIDENT encoder name")
-    except InvalidIdError as e:
-        raise ExportError(str(e)) from e
+    if encoder is not None:
+        _check_trident_name(encoder)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: is a file, not a folder; choose another --out")
@@ -213,6 +228,9 @@ def export_mil(store: str | Path, features: str, fmt: str, out: str | Path, *,
 
     candidates, considered = _candidates(st, features, slides, report)
     _name_bags(candidates, report)
+    if encoder is None:  # TRIDENT's own name for a registered encoder (uni -> uni_v1), else the feature name
+        encoder = _recorded_trident_name(st, candidates, features) or features
+        _check_trident_name(encoder)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for d in dirs:

@@ -50,7 +50,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="clam: h5_files/, pt_files/ (default); trident: TRIDENT's job_dir "
                         "(<mag>x_<T>px_0px_overlap/{patches,features_<encoder>,slide_features_mean-<encoder>}); both")
     x.add_argument("--trident-encoder", metavar="NAME",
-                   help="encoder name in TRIDENT's folder names, e.g. uni_v1 (default: the feature name)")
+                   help="encoder name in TRIDENT's folder names, e.g. uni_v1 (default: TRIDENT's name of a "
+                        "registered encoder, else the feature name)")
     x.add_argument("--out", type=Path, required=True, help="output folder (TRIDENT's job_dir with --layout trident)")
     x.set_defaults(func=export_mil)
 

@@ -46,8 +46,8 @@ def _copy(train_store: Path, tmp_path: Path, patients: int = 3) -> Path:
     return dst
 
 
-def _put_features(store: Path, p: str, s: str, name: str, seed: int = 0, values: np.ndarray | None = None
-                  ) -> np.ndarray:
+def _put_features(store: Path, p: str, s: str, name: str, seed: int = 0, values: np.ndarray | None = None,
+                  **attrs_extra) -> np.ndarray:
     """Commit ``values`` (default random ``(N, DIM)``) as features of a slide through the store's writer."""
     st = SlideStore(store)
     attrs = st.slide_attrs(p, s)
@@ -57,8 +57,8 @@ def _put_features(store: Path, p: str, s: str, name: str, seed: int = 0, values:
     arr = w.stage_features(len(values), values.shape[1], fill_value=float("nan"))
     arr[:] = values
     w.commit_features(arr, p, s, name, {"model": "test:random", "weights_fingerprint": f"seed{seed}",
-                                        "dim": values.shape[1], "dtype": "float32", "n": len(values)},
-                      tiles_version(attrs))
+                                        "dim": values.shape[1], "dtype": "float32", "n": len(values),
+                                        **attrs_extra}, tiles_version(attrs))
     return values
 
 
@@ -677,3 +677,30 @@ def test_cli_entry(exported_store, tmp_path, capsys):
     for opt in (["--format", "npz"], ["--layout", "qupath"]):
         with pytest.raises(SystemExit):
             _parse(["export-mil", "--store", str(store), "--features", "f", *opt, "--out", str(out)])
+
+
+def test_trident_folders_take_tridents_name_of_a_registered_encoder(train_store, tmp_path):
+    """Features of ``--encoder uni`` record ``trident_name: uni_v1``, so the export writes
+    ``features_uni_v1/`` (the folder TRIDENT's Processor looks in for its ``uni_v1``) without
+    ``--trident-encoder``; an explicit name still wins, and features without the attr keep their name."""
+    from hlss_model.encoder_zoo import TRIDENT_NAMES, ZOO
+
+    store = _copy(train_store, tmp_path)
+    slides = _slides(store)
+    for p, s in slides:
+        _put_features(store, p, s, "uni", trident_name=ZOO["uni"].trident_name)
+        _put_features(store, p, s, "mine")
+    job = tmp_path / "job"
+    export_mil(store, "uni", "clam-h5", job, layout="trident")
+    def feature_folders(job_dir: Path) -> list[str]:
+        return sorted(d.name for d in job_dir.glob("*_overlap/features_*"))
+
+    assert feature_folders(job) == ["features_uni_v1"]
+    export_mil(store, "uni", "clam-h5", tmp_path / "job2", layout="trident", encoder="my_uni")
+    assert feature_folders(tmp_path / "job2") == ["features_my_uni"]
+    export_mil(store, "mine", "clam-h5", tmp_path / "job3", layout="trident")
+    assert feature_folders(tmp_path / "job3") == ["features_mine"]
+    # every name is a key of TRIDENT's encoder_registry (trident/patch_encoder_models/load.py, a91fa84)
+    assert set(TRIDENT_NAMES.values()) <= {"conch_v15", "uni_v1", "uni_v2", "phikon_v2", "resnet50", "gigapath",
+                                          "virchow2", "hoptimus0", "hoptimus1", "hibou_l"}
+    assert set(TRIDENT_NAMES) <= set(ZOO)
