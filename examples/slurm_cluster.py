@@ -6,7 +6,7 @@ node), each job is a ``dask worker`` on a compute node, and the flows get its ad
     python examples/slurm_cluster.py --jobs 2 --partition gpu --gpus 1    # extraction on GPU nodes
     python examples/slurm_cluster.py --partition cpu --print-script       # show the sbatch script only
 
-It prints the scheduler address and keeps the cluster up until Ctrl-C. Point the flows at it with
+It prints the scheduler address and keeps ``--jobs`` jobs running (resubmitting ended ones) until Ctrl-C. Point the flows at it with
 ``HLSS_SCHEDULER_ADDRESS=tcp://<login-node>:8786 hlss serve ...`` (or ``scheduler_address:`` in the
 flow settings file, or ``--param scheduler_address=...`` on one run), and set ``workers`` to the
 slides wanted at once (at most the cluster's worker threads). The store, the slides and the run
@@ -45,11 +45,14 @@ def slurm_cluster(
     GPU jobs run one worker process with ``cores`` threads that declares ``--resources GPU=<gpus>``,
     the resource the flows' extraction asks for, so each GPU runs one extraction at a time.
     ``local_directory``: where workers spill, node-local scratch (``$TMPDIR`` is expanded by the job's
-    shell). ``walltime`` as ``HH:MM:SS``; a job that reaches it is a lost worker: its slides are redone
-    on the others. ``interface``: the network interface (``ib0``) workers and scheduler talk over.
+    shell). ``walltime`` as ``HH:MM:SS``: workers retire 10 minutes (staggered by up to 4) before it
+    (``--lifetime``), so a job leaves instead of being killed mid-slide by SLURM; either way its
+    slides are redone on the other workers. ``interface``: the network interface (``ib0``) workers
+    and scheduler talk over.
     ``prologue``: shell lines run before the worker starts (``module load``, activating the venv).
     """
     directives = [f"--gres=gpu:{gpus}"] if gpus else []
+    retire = ["--lifetime", _lifetime(walltime), "--lifetime-stagger", "4m"]
     return SLURMCluster(
         queue=partition,
         account=account,
@@ -59,7 +62,7 @@ def slurm_cluster(
         walltime=walltime,
         job_name="hlss-worker",
         job_extra_directives=directives,
-        worker_extra_args=["--resources", f"GPU={gpus}"] if gpus else [],
+        worker_extra_args=retire + (["--resources", f"GPU={gpus}"] if gpus else []),
         local_directory=local_directory,
         log_directory=log_directory,
         interface=interface,
@@ -68,8 +71,20 @@ def slurm_cluster(
     )
 
 
+def _lifetime(walltime: str, margin_min: int = 10) -> str:
+    """A worker lifetime ``margin_min`` minutes short of a SLURM ``HH:MM:SS`` walltime, as ``<n>m``."""
+    try:
+        h, m, s = (int(part) for part in walltime.split(":"))
+    except ValueError:
+        raise ValueError(f"walltime {walltime!r}: expected HH:MM:SS, e.g. 04:00:00") from None
+    minutes = h * 60 + m + s // 60 - margin_min
+    if minutes < 5:
+        raise ValueError(f"walltime {walltime!r}: give at least {margin_min + 5} minutes")
+    return f"{minutes}m"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Start the cluster, ask SLURM for ``--jobs`` jobs and serve until Ctrl-C."""
+    """Start the cluster, keep ``--jobs`` jobs running (ended ones are resubmitted) until Ctrl-C."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=4, help="SLURM jobs (nodes' shares) to keep running")
     ap.add_argument("--partition", help="SLURM partition (sbatch -p)")
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.print_script:
             print(cluster.job_script())
             return
-        cluster.scale(jobs=args.jobs)
+        cluster.adapt(minimum_jobs=args.jobs, maximum_jobs=args.jobs)  # unlike scale(), replaces ended jobs
         print(f"scheduler: {cluster.scheduler_address}   dashboard: {cluster.dashboard_link}")
         print(f"run the flows with HLSS_SCHEDULER_ADDRESS={cluster.scheduler_address} (Ctrl-C stops the jobs)")
         try:

@@ -37,7 +37,8 @@ def test_slurm_example_renders_cpu_and_gpu_job_scripts(tmp_path, monkeypatch):
     assert not any("--gres" in line for line in lines)
     (worker,) = [line for line in lines if "distributed.cli.dask_worker" in line]
     assert f"dask_worker {address} " in worker
-    for arg in ("--nworkers 8", "--nthreads 1", "--memory-limit 4.00GiB", "--nanny", "--local-directory $TMPDIR"):
+    for arg in ("--nworkers 8", "--nthreads 1", "--memory-limit 4.00GiB", "--nanny", "--local-directory $TMPDIR",
+                "--lifetime 230m --lifetime-stagger 4m"):
         assert arg in worker, (arg, worker)
     assert "--resources" not in worker
     assert (tmp_path / "slurm-logs").is_dir()
@@ -49,3 +50,11 @@ def test_slurm_example_renders_cpu_and_gpu_job_scripts(tmp_path, monkeypatch):
     (worker,) = [line for line in lines if "distributed.cli.dask_worker" in line]
     assert "--resources GPU=1" in worker and "--nthreads 8" in worker and "--nworkers" not in worker
 
+
+
+def test_slurm_example_refuses_a_walltime_it_cannot_retire_workers_before():
+    example = _example()
+    with pytest.raises(ValueError, match=r"walltime '4h': expected HH:MM:SS"):
+        example.slurm_cluster(walltime="4h", port=0)
+    with pytest.raises(ValueError, match=r"walltime '00:12:00': give at least 15 minutes"):
+        example.slurm_cluster(walltime="00:12:00", port=0)
