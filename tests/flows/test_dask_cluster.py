@@ -43,9 +43,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    """A ``dask`` command in its own session (so its process group is the node to kill), importing this checkout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A ``dask`` command in its own session (so its process group is the node to kill), importing this
+    checkout, with ``env`` added to its environment."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     with open(log, "wb") as out:
         return subprocess.Popen([str(DASK), *args], stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -94,11 +95,14 @@ def _kill_a_writing_node(store: Path, nodes: list[subprocess.Popen], killed: lis
 
 
 @pytest.mark.slow
-def test_a_lost_dask_worker_node_has_its_slide_redone(harness, tmp_path):
+@pytest.mark.parametrize("allowed_failures", [3, 0], ids=["dask-reschedules", "task-retries"])
+def test_a_lost_dask_worker_node_has_its_slide_redone(harness, tmp_path, allowed_failures):
     """Two ``dask worker`` nodes (nanny + worker each) tile four slides; one node is SIGKILLed while it
     writes a slide. The flow finishes, every slide is in the store once, complete, with the same tiles
     as a local run, the store verifies clean, and only the dead writer's staging group is left (the
-    next run's clean-up removes it)."""
+    next run's clean-up removes it). With Dask's default ``allowed-failures`` (3) the scheduler
+    reschedules the slide; with 0 it gives up at once (KilledWorker) and the tile-slide task's retry
+    submits it again."""
     from distributed import Client
 
     from flows.reprocess import reprocess
@@ -108,7 +112,8 @@ def test_a_lost_dask_worker_node_has_its_slide_redone(harness, tmp_path):
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler = _start(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
-                       tmp_path / "scheduler.log")
+                       tmp_path / "scheduler.log",
+                       {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(allowed_failures)})
     nodes: list[subprocess.Popen] = []
     try:
         for i in range(2):  # with a nanny (the default): the nanny would restart a worker killed alone
@@ -132,6 +137,8 @@ def test_a_lost_dask_worker_node_has_its_slide_redone(harness, tmp_path):
         for proc in [*nodes, scheduler]:
             _stop(proc)
 
+    gave_up = "workers died while trying to run it" in (tmp_path / "scheduler.log").read_text()
+    assert gave_up == (allowed_failures == 0)  # which layer redid the slide: the task's retry, or Dask
     specs = discover_cohort(slides).slides
     ids = sorted((s.patient_id, s.slide_id) for s in specs)
     assert out["slides"]["complete"] == 4 and out["slides"]["failed"] == 0
