@@ -38,16 +38,16 @@ def slurm_cluster(
     prologue: list[str] | None = None,
 ) -> SLURMCluster:
     """A SLURMCluster whose every job is one node's share of per-slide work (nothing is submitted
-    until ``scale``).
+    until ``scale`` or ``adapt``).
 
     CPU jobs (``gpus=0``) run ``cores`` one-thread worker processes, one slide each, with
-    ``memory / cores`` apiece (4 GiB by default: enough for a 100k x 100k px slide at 256 px tiles).
+    ``memory / cores`` apiece (4 GiB by default).
     GPU jobs run one worker process with ``cores`` threads that declares ``--resources GPU=<gpus>``,
     the resource the flows' extraction asks for, so each GPU runs one extraction at a time.
     ``local_directory``: where workers spill, node-local scratch (``$TMPDIR`` is expanded by the job's
     shell). ``walltime`` as ``HH:MM:SS``: workers retire 10 minutes (staggered by up to 4) before it
-    (``--lifetime``), so a job leaves instead of being killed mid-slide by SLURM; either way its
-    slides are redone on the other workers. ``interface``: the network interface (``ib0``) workers
+    (``--lifetime``), so a job leaves before SLURM kills it and the slides it was tiling are redone
+    on the other workers without counting as a worker death. ``interface``: the network interface (``ib0``) workers
     and scheduler talk over.
     ``prologue``: shell lines run before the worker starts (``module load``, activating the venv).
     """
