@@ -16,15 +16,21 @@ with raw rows; with centred rows it falls). ``head_init="raw"`` keeps the rows a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HLSSModel", "create_backbone", "HEAD_INITS"]
+from .config import HEAD_INITS
 
-HEAD_INITS = ("centered", "raw")
+if TYPE_CHECKING:
+    from .towers import ImageTower
+
+__all__ = ["HLSSModel", "create_backbone", "HEAD_INITS", "HEAD_OUTPUTS", "head_rows", "effective_rank"]
+
+HEAD_OUTPUTS = 128  # outputs per level of the orthogonal and whitened heads (at least)
 
 
 def create_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
@@ -60,31 +66,43 @@ class HLSSModel(nn.Module):
     """Backbone + projection (+ per-level heads when ``attributes`` is given).
 
     Args:
-        backbone: timm model name.
-        embed_dim: D, the projection's output size (the text encoder's dimension for HLSS).
+        backbone: timm model name (not used with a ``tower``).
+        embed_dim: D, the projection's output size (the text encoder's dimension for HLSS); with a
+            ``tower`` it must be the tower's joint dimension.
         attributes: level -> ``(A_level, D)`` L2-normalised attribute embeddings; None for HiDisc.
-        weights: optional local backbone weights file.
-        head_init: ``centered`` (rows minus the level's mean, re-normalised) or ``raw``.
+        weights: optional local backbone weights file (timm backbones only).
+        head_init: one of :data:`HEAD_INITS` (see the module doc).
+        tower: a vision-language tower (:class:`~hlss_model.towers.ImageTower` or its ``model.tower``
+            spec): its image tower is the backbone and its projection gives z; None = timm backbone.
     """
 
     def __init__(self, backbone: str, embed_dim: int, attributes: dict[str, torch.Tensor] | None = None,
-                 weights: str | Path | None = None, head_init: str = "centered") -> None:
+                 weights: str | Path | None = None, head_init: str = "centered",
+                 tower: "ImageTower | str | None" = None) -> None:
         super().__init__()
-        self.backbone = create_backbone(backbone, weights)
-        self.feature_dim = int(self.backbone.num_features)
-        self.embed_dim = embed_dim
-        self.projection = nn.Linear(self.feature_dim, embed_dim)
         if head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        if tower is None:
+            self.backbone = create_backbone(backbone, weights)
+            self.feature_dim = int(self.backbone.num_features)
+            self.projection = nn.Linear(self.feature_dim, embed_dim)
+        else:
+            if isinstance(tower, str):
+                from .towers import load_tower
+
+                tower = load_tower(tower, text=False).image
+            if tower.embed_dim != embed_dim:
+                raise ValueError(f"{tower.spec}: its joint embedding has {tower.embed_dim} dims, not {embed_dim}")
+            self.backbone, self.projection, self.feature_dim = tower.backbone, tower.projection, tower.feature_dim
+        self.embed_dim = embed_dim
         self.heads = nn.ModuleDict()
         for level, emb in (attributes or {}).items():
             if emb.ndim != 2 or emb.shape[1] != embed_dim:
                 raise ValueError(f"attributes[{level!r}] is {tuple(emb.shape)}, expected (A, {embed_dim})")
-            if head_init == "centered" and emb.shape[0] > 1:
-                emb = F.normalize(emb - emb.mean(0, keepdim=True), dim=1)
-            head = nn.Linear(embed_dim, emb.shape[0])
+            rows = head_rows(emb, head_init)
+            head = nn.Linear(embed_dim, rows.shape[0])
             with torch.no_grad():
-                head.weight.copy_(emb)
+                head.weight.copy_(rows)
                 head.bias.zero_()
             self.heads[level] = head
 
@@ -93,8 +111,47 @@ class HLSSModel(nn.Module):
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
-        """``(N, 3, H, W)`` -> ``{"features": (N, F), "z": (N, D), "heads": {level: (N, A_level)}}``."""
+        """``(N, 3, H, W)`` -> ``{"features": (N, F), "z": (N, D), "heads": {level: (N, K_level)}}``."""
         feats = self.backbone(images)
         z = F.normalize(self.projection(feats).float(), dim=-1)
         heads = {level: F.normalize(head(z), dim=-1) for level, head in self.heads.items()}
         return {"features": feats, "z": z, "heads": heads}
+
+
+def head_rows(text: torch.Tensor, init: str, outputs: int = HEAD_OUTPUTS) -> torch.Tensor:
+    """The initial ``(K, D)`` weight rows of one level's head from its ``(A, D)`` attribute embeddings.
+
+    ``centered`` / ``raw``: K = A (see the module doc). ``orthogonal``: the L2-normalised text rows,
+    then an orthonormal basis of their span's complement drawn at random (torch's global generator,
+    so the seed fixes it), K = max(A, ``outputs``). ``whitened``: the same complement after the text
+    rows' polar factor ``U V^T`` (the orthonormal rows nearest to the text rows). Rows that cannot
+    be orthogonal (K > D) are random unit rows.
+    """
+    text = F.normalize(text.float(), dim=1)
+    a, d = text.shape
+    if init == "raw":
+        return text
+    if init == "centered":
+        return F.normalize(text - text.mean(0, keepdim=True), dim=1) if a > 1 else text
+    if init == "whitened":
+        u, _, vh = torch.linalg.svd(text, full_matrices=False)
+        text = u @ vh
+    k = max(a, outputs)
+    basis = torch.linalg.svd(text, full_matrices=True).Vh  # rows past rank(text) span the complement
+    rank = int(torch.linalg.matrix_rank(text))
+    complement = basis[rank:]
+    if complement.shape[0]:  # a random orthonormal basis of the complement, not SVD's arbitrary one
+        rotation, _ = torch.linalg.qr(torch.randn(complement.shape[0], complement.shape[0]))
+        complement = rotation @ complement
+    extra = complement[:k - a]
+    spare = F.normalize(torch.randn(max(0, k - a - extra.shape[0]), d), dim=1)
+    return torch.cat([text, extra, spare])
+
+
+def effective_rank(rows: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of ``rows`` (Roy and Vetterli, 2007): between 1
+    (one direction) and min(K, D) (all singular values equal)."""
+    s = torch.linalg.svdvals(rows.double())
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))

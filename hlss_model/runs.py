@@ -33,7 +33,8 @@ def load_run_model(run: str | Path, map_location: str | torch.device = "cpu",
         attributes = load_file(str(folder.attributes))
     with torch.random.fork_rng():
         torch.manual_seed(meta["seed"])
-        model = HLSSModel(meta["backbone"], meta["embed_dim"], attributes, meta.get("weights"), meta["head_init"])
+        model = HLSSModel(meta["backbone"], meta["embed_dim"], attributes, meta.get("weights"), meta["head_init"],
+                          tower=meta.get("tower"))
     if initial:
         return model.eval(), meta
     model.load_state_dict(load_file(str(folder.weights()), device=str(map_location)))
@@ -43,7 +44,9 @@ def load_run_model(run: str | Path, map_location: str | torch.device = "cpu",
 def run_encoder(run: str | Path, name: str | None = None, initial: bool = False) -> Encoder:
     """The backbone of a run as an extraction :class:`~hlss_model.encoders.Encoder` (pooled ``(N, F)`` features).
 
-    Tiles are resized to the run's training view size, as its views were during training.
+    Tiles are resized to the run's training view size and normalised as its views were during training
+    (a tower's own mean and std). A tower run rebuilds its tower from ``model.tower`` (the folder or
+    cached hub model must still be there) before loading the trained weights.
     ``initial=True``: the same backbone before training (see :func:`load_run_model`).
     """
     model, meta = load_run_model(run, initial=initial)
@@ -55,6 +58,7 @@ def run_encoder(run: str | Path, name: str | None = None, initial: bool = False)
         image_size=int(meta["image_size"]),
         mean=tuple(meta["mean"]),
         std=tuple(meta["std"]),
-        source=f"hlss-run:{run} ({meta['method']}, {meta['backbone']}{', at initialisation' if initial else ''})",
+        source=f"hlss-run:{run} ({meta['method']}, {meta.get('tower') or meta['backbone']}"
+               f"{', at initialisation' if initial else ''})",
         fingerprint=state_fingerprint(model.backbone),
     )
