@@ -127,12 +127,12 @@ def head_rows(text: torch.Tensor, init: str, outputs: int = HEAD_OUTPUTS) -> tor
     rows' polar factor ``U V^T`` (the orthonormal rows nearest to the text rows). Rows that cannot
     be orthogonal (K > D) are random unit rows.
     """
-    text = F.normalize(text.float(), dim=1)
     a, d = text.shape
-    if init == "raw":
+    if init == "raw":  # the rows as given, bit for bit (old run folders rebuild exactly)
         return text
     if init == "centered":
         return F.normalize(text - text.mean(0, keepdim=True), dim=1) if a > 1 else text
+    text = F.normalize(text.float(), dim=1)
     if init == "whitened":
         u, _, vh = torch.linalg.svd(text, full_matrices=False)
         text = u @ vh
