@@ -234,3 +234,20 @@ def test_tower_none_is_the_timm_backbone_and_a_missing_tower_says_what_to_do(tmp
         load_tower("clip:nobody/no-such-clip")
     with pytest.raises(TowerError, match=r"cannot load open_clip model 'RN50' with pretrained 'no-such-tag'"):
         load_tower("open_clip:RN50:no-such-tag")
+
+
+def test_hlss_train_with_a_tower_that_is_not_there_is_a_usage_error_and_leaves_the_store(train_store, tmp_path):
+    import subprocess
+    import sys
+
+    from store_snapshot import assert_unchanged, snapshot
+
+    (tmp_path / "c.yaml").write_text(f"model: {{tower: 'clip:{tmp_path / 'no-such-folder'}'}}\nsteps: 2\n")
+    before = snapshot(train_store)
+    proc = subprocess.run([sys.executable, "-m", "hlss", "train", str(train_store), "--out", str(tmp_path / "r"),
+                           "--config", str(tmp_path / "c.yaml"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"model.tower clip:{tmp_path / 'no-such-folder'}: " in proc.stderr and "is not a model folder" in proc.stderr
+    assert_unchanged(before, snapshot(train_store))
+    assert not (tmp_path / "r" / "checkpoints").exists()
