@@ -251,3 +251,10 @@ def test_hlss_train_with_a_tower_that_is_not_there_is_a_usage_error_and_leaves_t
     assert f"model.tower clip:{tmp_path / 'no-such-folder'}: " in proc.stderr and "is not a model folder" in proc.stderr
     assert_unchanged(before, snapshot(train_store))
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_the_clip_example_config_reads():
+    from pathlib import Path
+
+    cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "hlss-clip.yaml")
+    assert (cfg.model.tower, cfg.model.head_init, cfg.augment.out_size) == ("clip:vinid/plip", "whitened", 224)
