@@ -147,6 +147,9 @@ def test_a_tiny_training_run_with_a_tower_reloads_and_extracts_the_same_features
         feats = trained.model.eval()(x)
         torch.testing.assert_close(feats, model.backbone(x))
         torch.testing.assert_close(initial.model.eval()(x), load_tower(spec, text=False).image.backbone.eval()(x))
+        z = run_encoder(tmp_path / "r", space="z")  # the joint embedding, for kNN on z
+        assert z.dim == 32 and z.fingerprint != trained.fingerprint
+        torch.testing.assert_close(z.model.eval()(x), model(x)["z"])
     if kind == "clip":  # the trained weights in the library's own model give the same features
         clip = CLIPModel.from_pretrained(spec.partition(":")[2]).eval()
         clip.vision_model.load_state_dict({k.removeprefix("backbone.vision_model."): v for k, v in weights.items()
@@ -170,7 +173,9 @@ def test_hidisc_on_a_tower_trains_the_same_image_tower_and_z_without_heads(tower
 
 
 def test_a_run_folder_from_before_towers_still_loads(train_store, tiny_text_model, tmp_path):
-    train(train_store, tmp_path / "r", tiny_config(tiny_text_model, steps=2), progress=False)
+    # as trained before towers and wide heads: a timm backbone and centred heads
+    train(train_store, tmp_path / "r", tiny_config(tiny_text_model, steps=2, model={"head_init": "centered"}),
+          progress=False)
     meta_path = tmp_path / "r" / "run.json"
     meta = json.loads(meta_path.read_text())
     del meta["tower"]  # run.json as written before towers existed
