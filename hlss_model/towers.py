@@ -36,7 +36,7 @@ from torch import nn
 from .augment import AugmentParams
 from .text import TowerTextEncoder, _looks_like_path
 
-__all__ = ["TOWER_KINDS", "ImageTower", "Tower", "TowerError", "check_tower_spec", "load_tower",
+__all__ = ["TOWER_KINDS", "ImageTower", "Tower", "TowerError", "check_tower_spec", "check_tower_source", "load_tower",
            "make_tiny_clip", "make_tiny_open_clip"]
 
 TOWER_KINDS = ("clip", "open_clip")
@@ -91,6 +91,15 @@ def check_tower_spec(spec: str) -> str:
     return spec
 
 
+def check_tower_source(spec: str) -> None:
+    """TowerError if ``spec`` names a local folder or weights file that is not there (nothing is loaded)."""
+    kind, _, source = check_tower_spec(spec).partition(":")
+    if kind == "clip":
+        _hf_source(spec, source.strip())
+    else:
+        _open_clip_names(spec, source.strip())
+
+
 def load_tower(spec: str, text: bool = True) -> Tower:
     """The tower named by ``spec`` (see the module doc); ``text=False`` leaves the text side out.
 
@@ -133,15 +142,20 @@ class _HFTextTower(nn.Module):
         return self.text_projection(self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
 
 
-def _load_hf_clip(spec: str, source: str) -> tuple[ImageTower, TowerTextEncoder]:
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
+def _hf_source(spec: str, source: str) -> str:
+    """A ``clip:`` source as a local folder or a hub id; TowerError for a path that is not a folder."""
     local = Path(source).expanduser()
     if not local.is_dir() and (local.exists() or _looks_like_path(source)):
         raise TowerError(f"model.tower {spec}: {local} is not a model folder (a folder with config.json and "
                          "weights, or a Hugging Face hub id)")
-    where = str(local) if local.is_dir() else source
+    return str(local) if local.is_dir() else source
+
+
+def _load_hf_clip(spec: str, source: str) -> tuple[ImageTower, TowerTextEncoder]:
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    where = _hf_source(spec, source)
     try:
         clip = CLIPModel.from_pretrained(where)
         tokenizer = AutoTokenizer.from_pretrained(where)
@@ -196,15 +210,21 @@ class _OpenCLIPTextTower(nn.Module):
         return self.clip.encode_text(text)
 
 
-def _open_clip_names(source: str) -> tuple[str, str | None]:
-    """open_clip's ``(model_name, pretrained)`` for the part of a spec after ``open_clip:``."""
+def _open_clip_names(spec: str, source: str) -> tuple[str, str | None]:
+    """open_clip's ``(model_name, pretrained)`` for the part of a spec after ``open_clip:``; TowerError
+    for a folder or weights file that is not there."""
     local = Path(source).expanduser()
     if local.is_dir():
         return f"local-dir:{local.resolve()}", None
     if source.startswith(("hf-hub:", "local-dir:")):
         return source, None
     name, _, pretrained = source.partition(":")
-    return name, pretrained or None
+    if "/" in name or "\\" in name:
+        raise TowerError(f"model.tower {spec}: {name} is not a folder (an open_clip model folder holds "
+                         "open_clip_config.json and weights)")
+    if pretrained and ("/" in pretrained or Path(pretrained).suffix) and not Path(pretrained).expanduser().is_file():
+        raise TowerError(f"model.tower {spec}: weights file {pretrained} not found")
+    return name, (str(Path(pretrained).expanduser()) if pretrained and Path(pretrained).suffix else pretrained or None)
 
 
 def _split_open_clip_visual(spec: str, visual: nn.Module) -> tuple[nn.Module, nn.Module, int, int]:
@@ -231,7 +251,7 @@ def _split_open_clip_visual(spec: str, visual: nn.Module) -> tuple[nn.Module, nn
 def _load_open_clip(spec: str, source: str) -> tuple[ImageTower, TowerTextEncoder]:
     import open_clip
 
-    name, pretrained = _open_clip_names(source)
+    name, pretrained = _open_clip_names(spec, source)
     try:
         clip = open_clip.create_model(name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(name)

@@ -38,7 +38,7 @@ from .evaluate import store_split
 from .extract import resolve_device
 from .losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from .model import HLSSModel
-from .towers import Tower, load_tower
+from .towers import Tower, check_tower_source, load_tower
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
@@ -272,6 +272,8 @@ def _prepare_run(run: RunFolder, config: TrainConfig | None, resume: bool,
         old = None  # a start without a checkpoint whose config no longer reads: replaced by the new one
     cfg = (config or old or TrainConfig()) if resume else (config or TrainConfig())
     resolve_device(cfg.device)  # an unusable device fails here, before the folder is touched
+    if cfg.model.tower:
+        check_tower_source(cfg.model.tower)  # and so does a tower folder or weights file that is not there
     restarted = None
     if rank == 0:
         restarted = _restart(run, old, cfg)

@@ -239,6 +239,10 @@ def test_tower_none_is_the_timm_backbone_and_a_missing_tower_says_what_to_do(tmp
         load_tower("clip:nobody/no-such-clip")
     with pytest.raises(TowerError, match=r"cannot load open_clip model 'RN50' with pretrained 'no-such-tag'"):
         load_tower("open_clip:RN50:no-such-tag")
+    with pytest.raises(TowerError, match=r"weights file .*absent.pt not found"):
+        load_tower(f"open_clip:RN50:{tmp_path / 'absent.pt'}")
+    with pytest.raises(TowerError, match=r"is not a folder \(an open_clip model folder holds open_clip_config.json"):
+        load_tower(f"open_clip:{tmp_path / 'absent'}")
 
 
 def test_hlss_train_with_a_tower_that_is_not_there_is_a_usage_error_and_leaves_the_store(train_store, tmp_path):
@@ -255,7 +259,7 @@ def test_hlss_train_with_a_tower_that_is_not_there_is_a_usage_error_and_leaves_t
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"model.tower clip:{tmp_path / 'no-such-folder'}: " in proc.stderr and "is not a model folder" in proc.stderr
     assert_unchanged(before, snapshot(train_store))
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r").exists()  # refused before the run folder is touched
 
 
 def test_the_clip_example_config_reads():
