@@ -29,13 +29,11 @@ from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
 from .checks import check_device_name, check_weights_file
+from .model import HEAD_INITS
 from .settings import METHODS
 from .towers import check_tower_spec
 
 __all__ = ["SamplerConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "ConfigError", "METHODS"]
-
-
-HEAD_INITS = ("centered", "raw", "orthogonal", "whitened")  # model.head_init (see hlss_model.model)
 
 
 class ConfigError(ValueError):

@@ -52,13 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HEAD_INITS
-
 if TYPE_CHECKING:
     from .towers import ImageTower
 
 __all__ = ["HLSSModel", "create_backbone", "HEAD_INITS", "HEAD_OUTPUTS", "head_rows", "effective_rank"]
 
+HEAD_INITS = ("centered", "raw", "orthogonal", "whitened")  # model.head_init
 HEAD_OUTPUTS = 128  # outputs per level of the orthogonal and whitened heads (at least)
 
 
