@@ -11,9 +11,9 @@ by the same CLIP's text tower, which stays frozen; so a text direction means som
   fed with ``interpolate_pos_encoding``.
 * ``open_clip:<name>[:<pretrained tag or local file>]``, ``open_clip:<local folder>`` (a folder with
   ``open_clip_config.json`` and weights, open_clip's ``local-dir:`` schema) or
-  ``open_clip:hf-hub:<org/repo>``: an open-clip-torch model (e.g. ``RN50:openai``, the paper's, or
-  ``hf-hub:wisdomik/QuiltNet-B-32``). ``encode_image`` is split into features and projection:
-  ViT: pooled token before ``proj`` / ``proj``; ModifiedResNet (RN*): attention-pooled map before
+  ``open_clip:hf-hub:<org/repo>``: an open-clip-torch model (e.g. ``RN50-quickgelu:cc12m``, the
+  reference code's weights file, ``RN50-quickgelu:openai`` or ``hf-hub:wisdomik/QuiltNet-B-32``).
+  ``encode_image`` is split into features and projection: ViT: pooled token before ``proj`` / ``proj``; ModifiedResNet (RN*): attention-pooled map before
   ``attnpool.c_proj`` / ``c_proj``. So ``projection(features)`` equals ``encode_image`` exactly. Views
   must have the tower's image size (its position embeddings are fixed).
 
