@@ -13,8 +13,8 @@ by the same CLIP's text tower, which stays frozen; so a text direction means som
   ``open_clip_config.json`` and weights, open_clip's ``local-dir:`` schema) or
   ``open_clip:hf-hub:<org/repo>``: an open-clip-torch model (e.g. ``RN50-quickgelu:cc12m``, the
   reference code's weights file, ``RN50-quickgelu:openai`` or ``hf-hub:wisdomik/QuiltNet-B-32``).
-  ``encode_image`` is split into features and projection: ViT: pooled token before ``proj`` / ``proj``; ModifiedResNet (RN*): attention-pooled map before
-  ``attnpool.c_proj`` / ``c_proj``. So ``projection(features)`` equals ``encode_image`` exactly. Views
+  ``encode_image`` is split into features and projection: ViT: pooled token before ``proj`` /
+  ``proj``; ModifiedResNet (RN*): attention-pooled map before ``attnpool.c_proj`` / ``c_proj``. So ``projection(features)`` equals ``encode_image`` exactly. Views
   must have the tower's image size (its position embeddings are fixed).
 
 The image tower trains with HLSS or HiDisc; the text tower embeds the attribute sentences once, frozen
