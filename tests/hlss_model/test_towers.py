@@ -103,7 +103,8 @@ def test_an_optimiser_step_trains_the_image_tower_and_leaves_the_text_tower(towe
     loss.backward()
     opt.step()
     assert all(torch.equal(text_before[k], v) for k, v in tower.text.model.state_dict().items())
-    changed = [k for k, v in model.backbone.state_dict().items() if v.is_floating_point() and not torch.equal(image_before[k], v)]
+    changed = [k for k, v in model.backbone.state_dict().items()
+               if v.is_floating_point() and not torch.equal(image_before[k], v)]
     assert len(changed) > len(image_before) // 2
 
 
