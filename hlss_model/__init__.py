@@ -3,7 +3,7 @@ its evaluation (kNN), feature extraction and attribute maps: everything that use
 
 Imports ``pipeline`` only (never ``flows`` or ``hlss``; tests/hlss/test_structure.py checks it). One
 module per job: ``augment`` (H&E view augmentations), ``text`` (attribute descriptions and the
-frozen text encoder), ``data`` (patient -> slide -> tile sampling from the store), ``model``
+frozen text encoder), ``towers`` (CLIP / open_clip vision-language towers), ``data`` (patient -> slide -> tile sampling from the store), ``model``
 (timm backbone, projection, per-level text heads), ``losses`` (SupCon, HiDisc, HVC, alignment),
 ``config`` (typed training configuration), ``train`` (the training loop, checkpoints, DDP; the
 function is ``hlss_model.train.train``, also ``hlss.train``), ``runs`` (a trained run as an

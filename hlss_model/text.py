@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -440,21 +440,52 @@ class TextEncoder:
         batch_size = max(1, int(batch_size))
         out = []
         for start in range(0, len(order), batch_size):
-            batch = [sentences[i] for i in order[start:start + batch_size]]
-            tok = self.tokenizer(batch, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            ids = tok["input_ids"].to(self.device)
-            mask = tok["attention_mask"].to(self.device)
-            if self.is_clip:
-                emb = self.model(input_ids=ids, attention_mask=mask).text_embeds
-            else:
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                m = mask.unsqueeze(-1).to(hidden.dtype)
-                emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+            emb = self._embed([sentences[i] for i in order[start:start + batch_size]])
             out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
         emb = torch.empty(len(sentences), self.dim, dtype=torch.float32)
         emb[torch.tensor(order)] = torch.cat(out)
         return emb
+
+    def _embed(self, batch: list[str]) -> torch.Tensor:
+        """``(n, D)`` unnormalised embeddings of one batch of sentences."""
+        tok = self.tokenizer(batch, padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device)
+        if self.is_clip:
+            return self.model(input_ids=ids, attention_mask=mask).text_embeds
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+class TowerTextEncoder(TextEncoder):
+    """The frozen text tower of a vision-language model loaded with its image tower (:mod:`hlss_model.towers`).
+
+    ``tower(**tokenize(batch))`` gives ``(n, D)`` joint-space text embeddings; ``encode`` normalises
+    them as :class:`TextEncoder` does. Every parameter is frozen (``requires_grad`` False, eval mode).
+    ``identity`` is the tower spec: :func:`attribute_embeddings` is called with ``use_cache=False`` for
+    towers, the model being loaded anyway.
+    """
+
+    def __init__(self, spec: str, tower: torch.nn.Module,
+                 tokenize: Callable[[list[str]], dict[str, torch.Tensor]], dim: int) -> None:
+        self.name = spec
+        self.device = torch.device("cpu")
+        self.model = tower.eval().requires_grad_(False)
+        self.tokenize = tokenize
+        self.is_clip = True
+        self._dim = int(dim)
+
+    @property
+    def identity(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"TowerTextEncoder({self.name!r}, dim={self.dim})"
+
+    def _embed(self, batch: list[str]) -> torch.Tensor:
+        return self.model(**self.tokenize(batch))
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,6 +643,7 @@ __all__ = [
     "load_attributes",
     "TextEncoder",
     "TextEncoderLoadError",
+    "TowerTextEncoder",
     "encoder_identity",
     "default_cache_dir",
     "cache_key",

@@ -31,12 +31,14 @@ from pipeline.files import atomic_write, remove_owned, utc_now
 from pipeline.run_folder import MODEL, OPTIMIZER, RunFolder
 from pipeline.store import SlideStore
 
+from .augment import AugmentParams
 from .config import ConfigError, TrainConfig
 from .data import CohortIndex, make_loader
 from .evaluate import store_split
 from .extract import resolve_device
 from .losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from .model import HLSSModel
+from .towers import Tower, check_tower_source, load_tower
 
 __all__ = ["train", "TrainResult", "lr_factor"]
 
@@ -92,17 +94,22 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(_GatherLayer.apply(t.contiguous()), dim=0)
 
 
-def _text_side(cfg: TrainConfig, run: RunFolder) -> tuple[dict[str, torch.Tensor] | None, dict]:
+def _text_side(cfg: TrainConfig, run: RunFolder, tower: Tower | None) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """The attribute embeddings (written to the run) and what run.json says of them; a tower's own
+    frozen text tower embeds them when the run has one."""
     if not cfg.uses_text:
         return None, {}
-    from .text import TextEncoder, attribute_embeddings, load_attributes
+    from .text import attribute_embeddings, load_attributes
 
     attrs = load_attributes(cfg.model.attributes)
-    emb = attribute_embeddings(attrs, cfg.model.text_encoder)
+    if tower is not None:
+        emb = attribute_embeddings(attrs, encoder=tower.text, use_cache=False)
+    else:
+        emb = attribute_embeddings(attrs, cfg.model.text_encoder)
     save_file({k: v.contiguous() for k, v in emb.items()}, str(run.attributes))
     names = {level: list(attrs.names(level)) for level in emb}
     return emb, {"attributes": names, "attributes_hash": attrs.content_hash(),
-                 "text_encoder": cfg.model.text_encoder}
+                 "text_encoder": cfg.model.tower or cfg.model.text_encoder}
 
 
 def _build_loss(cfg: TrainConfig) -> torch.nn.Module:
@@ -139,16 +146,25 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     index = CohortIndex.from_store(reader, tile_filter=cfg.tile_filter)
     split = store_split(reader, cfg.seed)
     train_index = index.subset([p for p, s in split.items() if s == "train"])
+    tower = None
+    if cfg.model.tower:  # built under the seed, as runs.load_run_model rebuilds it (embedding text draws nothing)
+        torch.manual_seed(cfg.seed)
+        tower = load_tower(cfg.model.tower, text=cfg.uses_text and rank == 0)
+    augment = tower.image.augment_params(cfg.augment) if tower else cfg.augment
     # rank 0 embeds the attribute text and writes it to the run; then every rank reads that file,
     # so all build their heads in the same order
-    attributes, text_meta = _text_side(cfg, run) if rank == 0 else (None, {})
+    attributes, text_meta = _text_side(cfg, run, tower) if rank == 0 else (None, {})
     if world > 1 and cfg.uses_text:
         dist.barrier()
         attributes = load_file(str(run.attributes))
-    embed_dim = next(iter(attributes.values())).shape[1] if attributes else cfg.model.proj_dim
+    embed_dim = next(iter(attributes.values())).shape[1] if attributes else \
+        tower.image.embed_dim if tower else cfg.model.proj_dim
 
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone (see runs.load_run_model)
-    model = HLSSModel(cfg.model.backbone, embed_dim, attributes, cfg.model.weights, cfg.model.head_init).to(device)
+    if tower is None:
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone (see runs.load_run_model)
+    model = HLSSModel(cfg.model.backbone, embed_dim, attributes, cfg.model.weights, cfg.model.head_init,
+                      tower=tower.image if tower else None).to(device)
+    del tower  # the text tower's work is done (the run keeps the embeddings it made)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     targets = {k: v.to(device) for k, v in (attributes or {}).items()}
@@ -161,12 +177,12 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     if start:
         _load_checkpoint(run, start, model, optimizer, scheduler)
     elif rank == 0:
-        _write_run_meta(run, cfg, store, model, split, index, text_meta)
+        _write_run_meta(run, cfg, augment, store, model, split, index, text_meta)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     loss_fn = _build_loss(cfg).to(device)
     sc = cfg.sampler
-    loader = make_loader(train_index, sc.slides_per_patient, sc.tiles_per_slide, sc.views_per_tile, cfg.augment,
+    loader = make_loader(train_index, sc.slides_per_patient, sc.tiles_per_slide, sc.views_per_tile, augment,
                          sc.batch_size, seed=cfg.seed, balanced=sc.balanced, start_step=start,
                          num_workers=sc.num_workers, rank=rank, world_size=world,
                          pin_memory=device.type == "cuda")
@@ -256,6 +272,8 @@ def _prepare_run(run: RunFolder, config: TrainConfig | None, resume: bool,
         old = None  # a start without a checkpoint whose config no longer reads: replaced by the new one
     cfg = (config or old or TrainConfig()) if resume else (config or TrainConfig())
     resolve_device(cfg.device)  # an unusable device fails here, before the folder is touched
+    if cfg.model.tower:
+        check_tower_source(cfg.model.tower)  # and so does a tower folder or weights file that is not there
     restarted = None
     if rank == 0:
         restarted = _restart(run, old, cfg)
@@ -287,16 +305,18 @@ def _changes(old: TrainConfig, new: TrainConfig) -> str:
     return ", ".join(diff) if diff else "same config"
 
 
-def _write_run_meta(run: RunFolder, cfg: TrainConfig, store: str | Path, model: HLSSModel, split: dict[str, str],
-                    index: CohortIndex, text_meta: dict) -> None:
+def _write_run_meta(run: RunFolder, cfg: TrainConfig, augment: AugmentParams, store: str | Path, model: HLSSModel,
+                    split: dict[str, str], index: CohortIndex, text_meta: dict) -> None:
+    """run.json; ``augment`` is what the views were made with (a tower's normalisation, if any)."""
     run.write_meta({
         "method": cfg.method,
         "backbone": cfg.model.backbone,
+        "tower": cfg.model.tower,
         "feature_dim": model.feature_dim,
         "embed_dim": model.embed_dim,
-        "image_size": cfg.augment.out_size,
-        "mean": list(cfg.augment.mean),
-        "std": list(cfg.augment.std),
+        "image_size": augment.out_size,
+        "mean": list(augment.mean),
+        "std": list(augment.std),
         "seed": cfg.seed,
         "weights": cfg.model.weights,
         "head_init": cfg.model.head_init,
