@@ -162,8 +162,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
              "pooled", 1536, 1130.0, "Prov-GigaPath hub page: 1.13B params (tile encoder); TRIDENT README: 1536-d",
              224, IMAGENET_MEAN, IMAGENET_STD, 0.5, "Apache-2.0", True, "prov-gigapath/prov-gigapath",
              "pytorch_model.bin"),
-    ZooEntry("phikon-v2", "ViT-L/14 (DINOv2, transformers)", "dinov2", "Dinov2Config ViT-L/14",
-             {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14,
+    # the model card: "Pretrained vision backbone (ViT-L/16 via DINOv2)"
+    ZooEntry("phikon-v2", "ViT-L/16 (DINOv2, transformers)", "dinov2", "Dinov2Config ViT-L/16",
+             {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16,
               "image_size": 224, "mlp_ratio": 4, "layerscale_value": 1e-5, "use_swiglu_ffn": False},
              "cls", 1024, 303.0, "Phikon-v2 paper (arXiv 2409.09173): ViT-L, 300M params; TRIDENT README: 1024-d",
              224, IMAGENET_MEAN, IMAGENET_STD, 0.5, "owkin non-commercial", False, "owkin/phikon-v2",
