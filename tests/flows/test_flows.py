@@ -494,12 +494,15 @@ def test_hlss_run_uses_a_temporary_local_server(tmp_path, train_yaml):
     cfg = tmp_path / "flows.yaml"
     cfg.write_text(yaml.safe_dump({"tiling": TILING, "training": {"config": str(train_yaml)},
                                    "evaluation": {"k": 5}, "extraction": {"name": "demo"}}))
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # as a user runs it: no API, and no telemetry settings of ours (hlss run turns telemetry off itself)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     cmd = [sys.executable, "-m", "hlss", "run", "--config", str(cfg), "--source", str(manifest),
            "--store", str(tmp_path / "store"), "--run-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "# tile-and-train: 4 tiled, 0 unchanged, 0 failed" in proc.stdout
+    assert "telemetry" not in proc.stderr.lower() and "Traceback" not in proc.stderr
     assert "| patient |" in proc.stdout  # the kNN table
     assert "knn-demo" in SlideStore(tmp_path / "store").evaluations()
     no_store = cmd[:cmd.index("--store")] + cmd[cmd.index("--store") + 2:]  # --run-dir has a default, --store none
