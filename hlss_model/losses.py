@@ -303,9 +303,10 @@ class HLSSLoss(nn.Module):
     """HLSS objective: L = L_HVC + alignment_weight * L_HA [+ visual_weight * L_HiDisc(z)].
 
     The last term is off by default (the paper's objective). With it, the hierarchical contrast is
-    also applied to z itself, as in HiDisc: on our synthetic cohorts HVC alone, acting through the
-    small attribute spaces of the heads (7-14 outputs), taught the backbone much less than HiDisc
-    did, and adding the visual term recovered part of the gap (see benchmarks/README.md).
+    also applied to z itself, as in HiDisc. It was added when the heads had one row per attribute
+    (7-14 outputs): HVC alone, acting through those small spaces, taught the backbone much less than
+    HiDisc did. With the 128-output heads (``head_init: whitened``, see :mod:`hlss_model.model`) HVC
+    alone reached HiDisc's level; benchmarks/README.md has the measurements.
     """
 
     def __init__(self, hvc: HVCLoss, alignment: AlignmentLoss, alignment_weight: float = 1.0,
