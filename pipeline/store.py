@@ -1027,8 +1027,12 @@ class SlideStore:
         return self.array(patient_id, slide_id, name)[...]
 
     def tiles(self, patient_id: str, slide_id: str) -> CheckedArray:
-        """``(N, T, T, 3) uint8`` tiles (lazy: index it to read)."""
-        return self.array(patient_id, slide_id, L.TILES)
+        """``(N, T, T, 3) uint8`` tiles (lazy: index it to read; first-axis reads by byte ranges, see
+        :mod:`pipeline.tile_reader`)."""
+        from .tile_reader import TileArray  # it builds on CheckedArray
+
+        checked = self.array(patient_id, slide_id, L.TILES)
+        return TileArray(checked.array, self, patient_id, slide_id, L.TILES)
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N, 2) int64`` level-0 (x, y) of each tile's top-left corner."""
