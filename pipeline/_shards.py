@@ -33,13 +33,17 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
+import imagecodecs
 import numpy as np
 import zarr
-from zarr.codecs import ShardingCodec
+from zarr.codecs import Crc32cCodec, ShardingCodec
 from zarr.core.array_spec import ArrayConfig, ArraySpec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.dtype import UInt64
 from zarr.core.sync import sync
+
+from .codecs import JpegCodec
 
 __all__ = ["EMPTY", "ShardLayout", "codec_pool", "write_shard"]
 
@@ -125,6 +129,27 @@ class ShardLayout:
         for c in reversed(self._codec.codecs):
             data = c._decode_sync(data, spec)
         return data.as_numpy_array().reshape(spec.shape[1:])
+
+    def decode_tile_into(self, raw: bytes | memoryview, out: np.ndarray) -> None:
+        """:meth:`decode_tile` straight into ``out`` (``tile_shape[1:]``): for ``hlss.jpeg`` + crc32c
+        the checksum is checked and libjpeg-turbo decodes into ``out`` (no copy); else a copy."""
+        if not self._jpeg_crc:
+            out[...] = self.decode_tile(raw)
+            return
+        view = memoryview(raw)
+        if google_crc32c.value(bytes(view[:-4])) != int.from_bytes(view[-4:], "little"):  # it takes no views
+            raise ValueError("Stored and computed checksum do not match (crc32c of a tile chunk)")
+        imagecodecs.jpeg8_decode(view[:-4], out=out.reshape(self._image_shape))
+
+    @property
+    def _jpeg_crc(self) -> bool:
+        codecs = self._codec.codecs
+        return (len(codecs) == 2 and isinstance(codecs[0], JpegCodec) and isinstance(codecs[1], Crc32cCodec)
+                and self.tile_shape[-1] == 3)
+
+    @property
+    def _image_shape(self) -> tuple[int, ...]:
+        return self.tile_shape[1:]
 
     def encode_index(self, lengths: list[int]) -> bytes:
         """The encoded index of a shard whose chunks, in order, are ``lengths`` bytes long."""

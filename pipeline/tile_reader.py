@@ -76,12 +76,27 @@ class TileReader:
         self._dtype = array.dtype
         store = array.store_path.store
         self._folder = Path(str(store.root)) / array.store_path.path if isinstance(store, LocalStore) else None
+        self._paths: dict[str, str] = {}  # shard key -> its file
 
     def __getstate__(self) -> dict[str, Any]:
         return {"array": self.array, "gap": self.gap}  # indexes are read again where it is unpickled
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["array"], state["gap"])
+
+    def tile(self, row: int) -> np.ndarray:
+        """One tile ``tile_shape[1:]`` (``row`` in ``0 .. N-1``): one index lookup, one read, one decode."""
+        layout = self.layout
+        shard = row // layout.shard_tiles
+        if shard not in self._indexes:
+            self._load_indexes([shard])
+        start, length = (int(v) for v in self._indexes[shard][row - shard * layout.shard_tiles])
+        if start == EMPTY:
+            raise MissingChunk(f"tile {row} is not stored in shard {shard}")
+        raw = self._read_ranges([(layout.shard_key(shard), start, start + length)])[0]
+        out = np.empty(layout.tile_shape[1:], dtype=self._dtype)
+        layout.decode_tile_into(raw, out)
+        return out
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Tiles ``rows`` (int indices along the first axis, any order, repeats allowed), in that order.
@@ -94,13 +109,20 @@ class TileReader:
         out = np.empty((len(rows), *layout.tile_shape[1:]), dtype=self._dtype)
         if not len(rows):
             return out
-        wanted = np.unique(rows)
+        if len(rows) == 1:  # the common single-tile read: no sorting
+            wanted, first, where = rows, np.zeros(1, np.int64), np.zeros(1, np.int64)
+        else:
+            wanted, first, where = np.unique(rows, return_index=True, return_inverse=True)
         raws = self._chunks(wanted)
         pool = _pool() if len(wanted) > 1 else None
-        tiles = list(pool.map(layout.decode_tile, raws)) if pool is not None else [layout.decode_tile(r) for r in raws]
-        where = np.searchsorted(wanted, rows)
-        for k, pos in enumerate(where):
-            out[k] = tiles[pos]
+        targets = [out[k] for k in first]  # each wanted tile decoded once, into its first place
+        if pool is not None:
+            list(pool.map(layout.decode_tile_into, raws, targets))
+        else:
+            for raw, target in zip(raws, targets):
+                layout.decode_tile_into(raw, target)
+        repeats = np.flatnonzero(np.arange(len(rows)) != first[where])
+        out[repeats] = out[first[where[repeats]]]
         return out
 
     # -- bytes ------------------------------------------------------------------------------------
@@ -140,14 +162,20 @@ class TileReader:
     def _read_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         """``[start, end)`` of each ``(key, start, end)`` (keys relative to the array)."""
         if self._folder is not None:
-            return [_pread(self._folder / key, start, end - start) for key, start, end in ranges]
+            return [_pread(self._path(key), start, end - start) for key, start, end in ranges]
         requests = [(self._key(key), RangeByteRequest(start, end)) for key, start, end in ranges]
         return self._remote(requests)
 
     def _read_suffixes(self, keys: list[str], size: int) -> list[bytes]:
         if self._folder is not None:
-            return [_pread(self._folder / key, -size, size) for key in keys]
+            return [_pread(self._path(key), -size, size) for key in keys]
         return self._remote([(self._key(key), SuffixByteRequest(size)) for key in keys])
+
+    def _path(self, key: str) -> str:
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = str(self._folder / key)
+        return path
 
     def _key(self, key: str) -> str:
         return f"{self.array.store_path.path}/{key}".lstrip("/")
@@ -162,7 +190,7 @@ class TileReader:
         return [buf.to_bytes() for buf in got]
 
 
-def _pread(path: Path, start: int, length: int) -> bytes:
+def _pread(path: str, start: int, length: int) -> bytes:
     """``length`` bytes of ``path`` from ``start`` (negative: from the end)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -208,13 +236,17 @@ class TileArray(CheckedArray):
         return super().__getattr__(attr)
 
     def __getitem__(self, selection: Any) -> Any:
+        n = self.array.shape[0]
+        if isinstance(selection, (int, np.integer)) and -n <= int(selection) < n and self._reader.layout is not None:
+            try:
+                return self._reader.tile(int(selection) % n)
+            except Exception:  # missing or damaged: zarr reads it again and names the damage
+                return super().__getitem__(selection)
         rows = self._rows(selection)
         if rows is None:
             return super().__getitem__(selection)
         out = self._fast(rows)
-        if out is None:
-            return super().__getitem__(selection)
-        return out[0] if isinstance(selection, (int, np.integer)) else out
+        return super().__getitem__(selection) if out is None else out
 
     def get_orthogonal_selection(self, selection: Any, *args: Any, **kwargs: Any) -> Any:
         first = selection[0] if isinstance(selection, tuple) and len(selection) == 1 else None
@@ -226,10 +258,8 @@ class TileArray(CheckedArray):
         return out
 
     def _rows(self, selection: Any) -> np.ndarray | None:
-        """The first-axis rows of ``tiles[i]`` or ``tiles[a:b]``; None for any other selection."""
+        """The first-axis rows of ``tiles[a:b]``; None for any other selection."""
         n = self.array.shape[0]
-        if isinstance(selection, (int, np.integer)) and -n <= int(selection) < n:
-            return np.array([int(selection) % n])
         if isinstance(selection, slice) and selection.step in (None, 1):
             return np.arange(n)[selection]
         return None

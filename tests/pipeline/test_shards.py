@@ -189,3 +189,16 @@ def test_object_store_gets_one_object_per_shard(tmp_path, slide_spec, s3_endpoin
         if p.is_file():
             assert fs.cat_file(f"{remote}/{p.relative_to(_tiles_dir(local)).as_posix()}") == p.read_bytes()
 
+
+
+def test_the_published_layout_reads_the_tiles(tmp_path, slide_spec):
+    """docs/hlss-jpeg.md's stand-alone reader (no zarr) gives zarr's pixels for every tile."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "hlss-jpeg.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    space: dict = {}
+    exec(code, space)
+    store = tmp_path / "store.zarr"
+    _tile(slide_spec, store)
+    tiles = zarr.open_group(store, mode="r")["patients/P1/slides/S1/tiles"]
+    for i in range(tiles.shape[0]):
+        np.testing.assert_array_equal(space["read_tile"](str(_tiles_dir(store)), i, tiles.shards[0]), tiles[i])

@@ -55,6 +55,10 @@ def _selections(n: int) -> list:
 
 def _check_all(tiles: TileArray) -> None:
     ref = tiles.array[...]
+    rows = np.random.default_rng(1).integers(0, ref.shape[0], 50)
+    np.testing.assert_array_equal(tiles._reader.read(rows), ref[rows])  # the reader itself, no fallback
+    for i in (0, 16, ref.shape[0] - 1):
+        np.testing.assert_array_equal(tiles._reader.tile(i), ref[i])
     for sel in _selections(ref.shape[0]):
         if isinstance(sel, tuple):
             got = tiles.get_orthogonal_selection((sel[1],))
