@@ -108,7 +108,7 @@ def tile_slide(
     ``overlap``: read the next tiles in a thread while the current shard is encoded and written
     (the runner turns it on for workers with more than one thread).
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     budget = TimeBudget(spec.path, params.slide_timeout_s)
     result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed")
     staged: StagedSlide | None = None
@@ -140,6 +140,7 @@ def tile_slide(
         result.error = scrub(result.error)  # it is stored and printed: never a credential
     if result.status == "complete":
         attrs["timings"]["total_s"] = round(result.seconds, 3)
+        attrs["timings"]["cpu_s"] = round(time.process_time() - cpu0, 3)  # all threads of the worker
         staged.group.update_attributes(attrs)
         writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
         return result
