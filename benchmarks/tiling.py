@@ -235,6 +235,7 @@ def main() -> None:
     if args.hs2p:
         raw_cpu = raw_read_rate(slide, coords, level, size, args.reader, args.raw_limit, cpu=True)
         rows += hs2p_rows(slide, n1 / inside, n1 / inside_cpu, raw_cpu, OUT / "one.zarr")
+        rows += source_rows(slide, params)
     if not args.no_scaling:
         rows += scaling_rows(slide, params, args.copies)
     rows += [("bytes per stored tile", f"{bpt:.0f}"), ("raw bytes per tile", f"{params.tile_size ** 2 * 3}")]
@@ -325,6 +326,39 @@ def hs2p_rows(slide: Path, ours: float, ours_cpu: float, raw_cpu: float, store: 
         ("ours / hs2p arrays only, CPU", f"{ours_cpu / arrays_cpu:.2f}"),
         ("ours / codec ceiling, CPU (moonshot >= 0.9)", f"{ours_cpu / ceiling:.2f}"),
     ]
+
+
+def source_rows(slide_path: Path, params: TilingParams) -> list[tuple[str, str]]:
+    """Per CPU second: the tiler's source reads alone (``iter_tile_blocks`` through the reader), and a
+    bare tifffile + imagecodecs decode of each JPEG tile of the slide that a kept tile touches, once
+    (what reading the TIFF directly, as hs2p does, would cost at least). Level-0 reads only."""
+    import tifffile
+
+    from pipeline.tiles import iter_tile_blocks
+
+    with open_slide(slide_path, params.reader) as slide:
+        plan = plan_slide(slide, params)
+        coords = plan.grid.coords[plan.tissue_idx]
+        c = time.process_time()
+        n = sum(len(tiles) for _, tiles in iter_tile_blocks(slide, coords, plan.reads))
+        ours = n / (time.process_time() - c)
+    if plan.level != 0:
+        return [("per CPU second: our source reads alone", f"{ours:.0f}")]
+    with tifffile.TiffFile(slide_path) as tif:
+        page = tif.pages[0]
+        tw, th, T = page.tilewidth, page.tilelength, plan.reads.tile_size
+        across = -(-page.imagewidth // tw)
+        need = sorted({ty * across + tx for x, y in coords.tolist()
+                       for ty in range(y // th, (y + T - 1) // th + 1) for tx in range(x // tw, (x + T - 1) // tw + 1)})
+        decode, tables, fh = page.decode, page.jpegtables, tif.filehandle  # (first use reads tags: seeks)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        c = time.process_time()
+        for i in need:
+            fh.seek(offsets[i])
+            decode(fh.read(counts[i]), i, jpegtables=tables)
+        direct = n / (time.process_time() - c)
+    return [("per CPU second: our source reads alone (tiles)", f"{ours:.0f}"),
+            (f"per CPU second: tifffile decode of the {len(need)} JPEG tiles touched", f"{direct:.0f}")]
 
 
 def scaling_rows(slide: Path, params: TilingParams, n_copies: int) -> list[tuple[str, str]]:
