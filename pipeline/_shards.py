@@ -28,6 +28,7 @@ shard is ONE write (one file, or one PUT on an object store).
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ EMPTY = 2**64 - 1
 """Offset and length of a chunk that is not in its shard."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # not slots: functools.cached_property needs __dict__
 class ShardLayout:
     """How one sharded array lays out a shard (see the module docstring).
 
@@ -139,17 +140,13 @@ class ShardLayout:
         view = memoryview(raw)
         if google_crc32c.value(bytes(view[:-4])) != int.from_bytes(view[-4:], "little"):  # it takes no views
             raise ValueError("Stored and computed checksum do not match (crc32c of a tile chunk)")
-        imagecodecs.jpeg8_decode(view[:-4], out=out.reshape(self._image_shape))
+        imagecodecs.jpeg8_decode(view[:-4], out=out)
 
-    @property
+    @functools.cached_property
     def _jpeg_crc(self) -> bool:
         codecs = self._codec.codecs
         return (len(codecs) == 2 and isinstance(codecs[0], JpegCodec) and isinstance(codecs[1], Crc32cCodec)
                 and self.tile_shape[-1] == 3)
-
-    @property
-    def _image_shape(self) -> tuple[int, ...]:
-        return self.tile_shape[1:]
 
     def encode_index(self, lengths: list[int]) -> bytes:
         """The encoded index of a shard whose chunks, in order, are ``lengths`` bytes long."""
