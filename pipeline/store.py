@@ -68,6 +68,7 @@ from .files import atomic_write_bytes, remove_owned, utc_now
 from .ids import sanitize_id, validate_id
 from .layout import READABLE_SCHEMAS, SCHEMA_VERSION, STAGING
 from .location import ObjectLocation, StoreError, is_remote, local_path
+from .tile_reader import TileArray
 
 log = logging.getLogger(__name__)
 
@@ -1026,13 +1027,10 @@ class SlideStore:
     def _read(self, patient_id: str, slide_id: str, name: str) -> np.ndarray:
         return self.array(patient_id, slide_id, name)[...]
 
-    def tiles(self, patient_id: str, slide_id: str) -> CheckedArray:
+    def tiles(self, patient_id: str, slide_id: str) -> TileArray:
         """``(N, T, T, 3) uint8`` tiles (lazy: index it to read; first-axis reads by byte ranges, see
         :mod:`pipeline.tile_reader`)."""
-        from .tile_reader import TileArray  # it builds on CheckedArray
-
-        checked = self.array(patient_id, slide_id, L.TILES)
-        return TileArray(checked.array, self, patient_id, slide_id, L.TILES)
+        return TileArray(self.array(patient_id, slide_id, L.TILES))
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N, 2) int64`` level-0 (x, y) of each tile's top-left corner."""

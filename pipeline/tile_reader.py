@@ -9,8 +9,8 @@ an object store: ranged GETs, issued together through fsspec's ``cat_ranges``), 
 through the array's own codecs (crc32c checked first, then ``hlss.jpeg`` or Blosc) in a pool of
 threads. Single tiles, runs and random batches all take this path.
 
-:class:`TileArray` is what :meth:`pipeline.store.SlideStore.tiles` returns: a
-:class:`~pipeline.store.CheckedArray` whose first-axis reads (``tiles[i]``, ``tiles[a:b]``,
+:class:`TileArray` is what :meth:`pipeline.store.SlideStore.tiles` returns: the slide's
+:class:`~pipeline.store.CheckedArray`, wrapped so that its first-axis reads (``tiles[i]``, ``tiles[a:b]``,
 ``tiles.get_orthogonal_selection((rows,))``) use the reader. Anything it does not handle (other
 selections, arrays that are not sharded as the tiler shards them, schema-1 stores' missing chunks)
 and anything that goes wrong (a damaged shard) is read again through zarr, so results and
@@ -33,7 +33,6 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ._shards import EMPTY, ShardLayout
-from .store import CheckedArray
 
 __all__ = ["TileReader", "TileArray", "MissingChunk"]
 
@@ -222,53 +221,56 @@ def _coalesce(spans: list[tuple[int, int, int]], gap: int) -> list[tuple[int, in
     return groups
 
 
-class TileArray(CheckedArray):
-    """The tiles of a committed slide: a :class:`~pipeline.store.CheckedArray` whose first-axis reads
-    go through a :class:`TileReader` (zarr for the rest, and for whatever the reader cannot read)."""
+class TileArray:
+    """The tiles of a committed slide: ``checked``, the slide's :class:`~pipeline.store.CheckedArray`,
+    whose first-axis reads go through a :class:`TileReader` (the checked zarr read for the rest, and
+    for whatever the reader cannot read). Every other attribute (``shape``, ``attrs``, ``array``,
+    ``path``...) is the checked array's."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._reader = TileReader(self.array)
+    def __init__(self, checked: Any) -> None:
+        self.checked = checked
+        self._reader = TileReader(checked.array)
 
     def __getattr__(self, attr: str) -> Any:
-        if attr == "_reader":
+        if attr.startswith("__") or attr in ("checked", "_reader"):  # e.g. while unpickling
             raise AttributeError(attr)
-        return super().__getattr__(attr)
+        return getattr(self.checked, attr)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.checked.__array__(dtype, copy)
+
+    def __repr__(self) -> str:
+        return f"TileArray({self.checked.array!r})"
 
     def __getitem__(self, selection: Any) -> Any:
-        n = self.array.shape[0]
+        n = self.checked.array.shape[0]
         if isinstance(selection, (int, np.integer)) and -n <= int(selection) < n and self._reader.layout is not None:
             try:
                 return self._reader.tile(int(selection) % n)
             except Exception:  # missing or damaged: zarr reads it again and names the damage
-                return super().__getitem__(selection)
+                return self.checked[selection]
         rows = self._rows(selection)
-        if rows is None:
-            return super().__getitem__(selection)
-        out = self._fast(rows)
-        return super().__getitem__(selection) if out is None else out
+        out = None if rows is None else self._fast(rows)
+        return self.checked[selection] if out is None else out
 
     def get_orthogonal_selection(self, selection: Any, *args: Any, **kwargs: Any) -> Any:
         first = selection[0] if isinstance(selection, tuple) and len(selection) == 1 else None
         out = None
         if first is not None and not args and not kwargs and np.asarray(first).dtype.kind in "iu":
             out = self._fast(np.asarray(first))
-        if out is None:
-            return self._read(self.array.get_orthogonal_selection, selection, *args, **kwargs)
-        return out
+        return self.checked.get_orthogonal_selection(selection, *args, **kwargs) if out is None else out
 
     def _rows(self, selection: Any) -> np.ndarray | None:
         """The first-axis rows of ``tiles[a:b]``; None for any other selection."""
-        n = self.array.shape[0]
         if isinstance(selection, slice) and selection.step in (None, 1):
-            return np.arange(n)[selection]
+            return np.arange(self.checked.array.shape[0])[selection]
         return None
 
     def _fast(self, rows: np.ndarray) -> np.ndarray | None:
         """The tiles of ``rows`` by byte ranges; None when zarr must read them (see the module docstring)."""
         if self._reader.layout is None or rows.ndim != 1:
             return None
-        n = self.array.shape[0]
+        n = self.checked.array.shape[0]
         if len(rows) and (rows.min() < -n or rows.max() >= n):
             return None  # zarr raises the IndexError
         try:

@@ -15,7 +15,7 @@ from pipeline import tile_reader
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
 from pipeline.runner import tile_cohort
-from pipeline.store import SlideStore, StoreDamageError, create_array
+from pipeline.store import CheckedArray, SlideStore, StoreDamageError, create_array
 from pipeline.tile_reader import TileArray, TileReader
 from store_snapshot import assert_unchanged, snapshot
 
@@ -131,7 +131,7 @@ def test_unsharded_arrays_and_missing_chunks_read_through_zarr(tmp_path):
     holey[2] = 0
     old[...] = holey
     for arr, want in ((plain, data), (old, holey)):
-        tiles = TileArray(arr, None, "P", "S", "tiles")
+        tiles = TileArray(CheckedArray(arr, None, "P", "S", "tiles"))
         np.testing.assert_array_equal(tiles[0:5], want)
         np.testing.assert_array_equal(tiles.get_orthogonal_selection((np.array([4, 2]),)), want[[4, 2]])
     assert TileReader(plain).layout is None
