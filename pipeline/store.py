@@ -68,7 +68,6 @@ from .files import atomic_write_bytes, remove_owned, utc_now
 from .ids import sanitize_id, validate_id
 from .layout import READABLE_SCHEMAS, SCHEMA_VERSION, STAGING
 from .location import ObjectLocation, StoreError, is_remote, local_path
-from .tile_reader import TileArray
 
 log = logging.getLogger(__name__)
 
@@ -1027,9 +1026,11 @@ class SlideStore:
     def _read(self, patient_id: str, slide_id: str, name: str) -> np.ndarray:
         return self.array(patient_id, slide_id, name)[...]
 
-    def tiles(self, patient_id: str, slide_id: str) -> TileArray:
-        """``(N, T, T, 3) uint8`` tiles (lazy: index it to read; first-axis reads by byte ranges, see
-        :mod:`pipeline.tile_reader`)."""
+    def tiles(self, patient_id: str, slide_id: str):
+        """``(N, T, T, 3) uint8`` tiles, a :class:`pipeline.tile_reader.TileArray` (lazy: index it to
+        read; first-axis reads by byte ranges)."""
+        from .tile_reader import TileArray
+
         return TileArray(self.array(patient_id, slide_id, L.TILES))
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
