@@ -1031,9 +1031,12 @@ class SlideStore:
     def _read(self, patient_id: str, slide_id: str, name: str) -> np.ndarray:
         return self.array(patient_id, slide_id, name)[...]
 
-    def tiles(self, patient_id: str, slide_id: str) -> CheckedArray:
-        """``(N, T, T, 3) uint8`` tiles (lazy: index it to read)."""
-        return self.array(patient_id, slide_id, L.TILES)
+    def tiles(self, patient_id: str, slide_id: str):
+        """``(N, T, T, 3) uint8`` tiles, a :class:`pipeline.tile_reader.TileArray` (lazy: index it to
+        read; first-axis reads by byte ranges)."""
+        from .tile_reader import TileArray
+
+        return TileArray(self.array(patient_id, slide_id, L.TILES))
 
     def coords(self, patient_id: str, slide_id: str) -> np.ndarray:
         """``(N, 2) int64`` level-0 (x, y) of each tile's top-left corner."""

@@ -27,6 +27,7 @@ from .location import scrub
 from .reader import MppInfo, SlideError, SlideReader, TimeBudget, open_slide, read_thumbnail, resolve_mpp
 from .source import same_source, source_info
 from . import layout as L
+from ._shards import ShardLayout, codec_pool, write_shard
 from .store import StagedSlide, StoreWriter, create_array
 from .tiles import ReadPlan, iter_tile_blocks, plan_reads
 from .tissue import TissueMask, detect_tissue
@@ -107,7 +108,7 @@ def tile_slide(
     ``overlap``: read the next tiles in a thread while the current shard is encoded and written
     (the runner turns it on for workers with more than one thread).
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     budget = TimeBudget(spec.path, params.slide_timeout_s)
     result = SlideResult(spec.patient_id, spec.slide_id, str(spec.path), "failed")
     staged: StagedSlide | None = None
@@ -139,6 +140,7 @@ def tile_slide(
         result.error = scrub(result.error)  # it is stored and printed: never a credential
     if result.status == "complete":
         attrs["timings"]["total_s"] = round(result.seconds, 3)
+        attrs["timings"]["cpu_s"] = round(time.process_time() - cpu0, 3)  # all threads of the worker
         staged.group.update_attributes(attrs)
         writer.commit(staged, spec.patient_id, spec.slide_id, _patient_attrs(spec))
         return result
@@ -399,7 +401,8 @@ def _shards(slide, coords, plan, shard: int,
 def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress, overlap: bool,
                 qc: dict[str, np.ndarray] | None = None, ink_hues=None, dark_value: float = 0.25,
                 budget: TimeBudget | None = None) -> None:
-    """Write every tile of ``plan`` into ``tiles``, one whole shard per write; with ``qc``
+    """Write every tile of ``plan`` into ``tiles``, one whole shard per write (as one object, see
+    :mod:`pipeline._shards`; through zarr for a layout it does not handle); with ``qc``
     (``{name: (N,) float32}`` for :data:`~pipeline.qc.QC_FIELDS`), fill it with each tile's QC measures.
 
     The measures are taken as the tiles are gathered (see :func:`_shards`): with ``overlap``, in the
@@ -413,14 +416,23 @@ def _pump_tiles(slide, coords, plan, tiles: zarr.Array, shard: int, progress, ov
         progress(0)
     measure = (lambda b: tile_measures(b, ink_hues, dark_value)) if qc is not None else None
     batches = _shards(slide, coords, plan, shard, measure, budget)
-    for batch, measures in _prefetch(batches) if overlap else batches:
-        if qc is not None:
-            for k, v in measures.items():
-                qc[k][written : written + len(batch)] = v
-        tiles[written : written + len(batch)] = batch
-        written += len(batch)
-        if progress is not None:
-            progress(len(batch))
+    layout = ShardLayout.of(tiles)
+    pool = codec_pool() if layout is not None else None
+    try:
+        for batch, measures in _prefetch(batches) if overlap else batches:
+            if qc is not None:
+                for k, v in measures.items():
+                    qc[k][written : written + len(batch)] = v
+            if layout is not None:  # one object per shard, chunks encoded in threads, same bytes as zarr's
+                write_shard(layout, written // shard, batch, pool)
+            else:
+                tiles[written : written + len(batch)] = batch
+            written += len(batch)
+            if progress is not None:
+                progress(len(batch))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     if written != tiles.shape[0]:
         raise RuntimeError(f"wrote {written} tiles, expected {tiles.shape[0]}")
 
