@@ -163,12 +163,12 @@ class TileReader:
         if self._folder is not None:
             return [_pread(self._path(key), start, end - start) for key, start, end in ranges]
         requests = [(self._key(key), RangeByteRequest(start, end)) for key, start, end in ranges]
-        return self._remote(requests)
+        return self._store_get(requests)
 
     def _read_suffixes(self, keys: list[str], size: int) -> list[bytes]:
         if self._folder is not None:
             return [_pread(self._path(key), -size, size) for key in keys]
-        return self._remote([(self._key(key), SuffixByteRequest(size)) for key in keys])
+        return self._store_get([(self._key(key), SuffixByteRequest(size)) for key in keys])
 
     def _path(self, key: str) -> str:
         path = self._paths.get(key)
@@ -179,7 +179,7 @@ class TileReader:
     def _key(self, key: str) -> str:
         return f"{self.array.store_path.path}/{key}".lstrip("/")
 
-    def _remote(self, requests: list) -> list[bytes]:
+    def _store_get(self, requests: list) -> list[bytes]:
         """Ranged reads of an object store, issued together (fsspec ``cat_ranges`` for S3 and the like)."""
         store = self.array.store_path.store
         got = sync(store.get_partial_values(default_buffer_prototype(), requests))

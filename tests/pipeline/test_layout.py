@@ -104,8 +104,9 @@ def test_reader_and_layout_agree_on_required_arrays(tiled):
 
 # modules that may know whether a store is local or remote: the store itself and where the
 # location kinds are defined; flows/settings.py checks that a *local* store path is writable before
-# any store is opened (a pre-flight check on a path, not store behaviour)
-_MAY_BRANCH = {"pipeline/store.py", "pipeline/location.py", "flows/settings.py"}
+# any store is opened (a pre-flight check on a path, not store behaviour); the store's tile reader
+# reads a local folder's shards with pread and anything else through zarr's store (the same bytes)
+_MAY_BRANCH = {"pipeline/store.py", "pipeline/location.py", "flows/settings.py", "pipeline/tile_reader.py"}
 
 
 def _remote_branches(path: Path) -> list[str]:

@@ -95,8 +95,8 @@ def test_object_store_reads_by_ranged_gets(tmp_path, slide, s3_endpoint, monkeyp
     tiles = _only(_store(slide, url))
     _check_all(tiles)
     calls = []
-    real = TileReader._remote
-    monkeypatch.setattr(TileReader, "_remote", lambda self, req: calls.append(req) or real(self, req))
+    real = TileReader._store_get
+    monkeypatch.setattr(TileReader, "_store_get", lambda self, req: calls.append(req) or real(self, req))
     fresh = _only(SlideStore(url))
     fresh.get_orthogonal_selection((np.array([1, 2, 3, 20]),))
     assert [len(c) for c in calls] == [2, 2]  # two index suffixes, then one range per shard
