@@ -150,11 +150,30 @@ class SlideReader:
 
 
 class TiffSlideReader(SlideReader):
+    """tiffslide's metadata; pixels of the levels :mod:`pipeline._tiff_direct` can read straight from
+    the TIFF's tile table (tiled pages: SVS, generic and OME TIFF) come from there, 2-3x less CPU
+    than tiffslide's zarr view for the same pixels; other levels through tiffslide."""
+
     backend = "tiffslide"
 
+    def __init__(self, path: Path, handle) -> None:
+        from ._tiff_direct import DirectLevels
+
+        super().__init__(path, handle)
+        self._direct = DirectLevels(path, handle)
+
     def read_region(self, location, level, size):
-        arr = self._h.read_region(location, level, size, as_array=True)
-        return np.ascontiguousarray(arr[..., :3])
+        direct = self._direct.get(level) if 0 <= level < self.level_count else None
+        if direct is None:
+            arr = self._h.read_region(location, level, size, as_array=True)
+            return np.ascontiguousarray(arr[..., :3])
+        # tiffslide's own mapping of a level-0 location to level px (truncation), so both paths agree
+        ds = self.level_downsamples[level]
+        return direct.read(int(location[0] / ds), int(location[1] / ds), int(size[0]), int(size[1]))
+
+    def close(self) -> None:
+        self._direct.close()
+        super().close()
 
 
 class OpenSlideReader(SlideReader):
