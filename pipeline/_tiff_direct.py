@@ -82,7 +82,7 @@ def direct_level(fd: int, tiffslide_handle, level: int) -> DirectLevel | None:
 
     Taken: one tiled page per level, RGB(A) ``uint8`` samples stored contiguously (axes ``YXS``),
     no series composition (Leica SCN), not NDPI (whose levels are single JPEGs mapped onto virtual
-    tiles), and a compression whose first non-empty tile tifffile decodes here to the tile's shape.
+    tiles), and a compression whose first non-empty tile tifffile decodes here.
     """
     props = tiffslide_handle.properties
     tif = tiffslide_handle.ts_tifffile
@@ -102,8 +102,8 @@ def direct_level(fd: int, tiffslide_handle, level: int) -> DirectLevel | None:
     reader = DirectLevel(fd, page)
     try:
         probe = next((i for i, c in enumerate(reader._counts) if c > 0 and reader._offsets[i] > 0), None)
-        if probe is not None and reader._tile(probe).shape[2] != page.samplesperpixel:
-            return None
+        if probe is not None:
+            reader._tile(probe)
     except Exception:  # an unsupported codec, or a damaged first tile: tiffslide reports it as today
         return None
     return reader

@@ -12,11 +12,11 @@ import tifffile
 from pipeline import _tiff_direct
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
-from pipeline.reader import open_slide
+from pipeline.reader import SlideError, open_slide
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
 from pipeline.tiler import plan_slide
-from pipeline.tiles import iter_tile_blocks
+from pipeline.tiles import _read, iter_tile_blocks
 from tests.pipeline.test_formats import MPP, write_ome_pyramid
 
 
@@ -98,9 +98,6 @@ def test_a_corrupt_tile_fails_the_slide_with_its_name(real_slide, tmp_path):
         offset, count = tif.pages[0].dataoffsets[9], tif.pages[0].databytecounts[9]
     data[offset:offset + count] = b"\x00" * count
     path.write_bytes(bytes(data))
-    from pipeline.reader import SlideError
-    from pipeline.tiles import _read
-
     with open_slide(path, "tiffslide") as slide:
         with pytest.raises(SlideError, match="bad.svs.*cannot decode level 0"):
             _read(slide, 0, 0, 0, slide.dimensions[0], slide.dimensions[1])
