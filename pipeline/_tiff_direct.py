@@ -43,17 +43,25 @@ class DirectLevel:
         if page.jpegheader is not None:
             self._args["jpegheader"] = page.jpegheader
 
-    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def read(self, x: int, y: int, w: int, h: int, parts: np.ndarray | None = None) -> np.ndarray:
         """``(h, w, 3) uint8`` RGB of the rectangle at level px ``(x, y)``; outside the level (and in
-        empty tiles) zeros, as tiffslide pads."""
+        empty tiles) zeros, as tiffslide pads.
+
+        ``parts`` ``(n, 4)`` int64 (x, y, w, h) level px: only the source tiles that meet one of these
+        rectangles are decoded; the rest of the rectangle is left zero (a block of kept tiles needs
+        only their pixels, not every source tile of its bounding box).
+        """
         out = np.zeros((h, w, 3), np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
         if x1 <= x0 or y1 <= y0:
             return out
         tw, th = self._tw, self._th
+        needed = self._needed(parts, (x0, y0, x1, y1))
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                if needed is not None and (ty, tx) not in needed:
+                    continue
                 tile = self._tile(ty * self._across + tx)
                 if tile is None:
                     continue
@@ -63,6 +71,21 @@ class DirectLevel:
                 out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[ay0 - ty * th : ay1 - ty * th,
                                                                  ax0 - tx * tw : ax1 - tx * tw, :3]
         return out
+
+    def _needed(self, parts: np.ndarray | None, clip: tuple[int, int, int, int]) -> set[tuple[int, int]] | None:
+        """(row, column) of the source tiles that ``parts`` meet inside ``clip`` (x0, y0, x1, y1), or
+        None for all."""
+        if parts is None:
+            return None
+        p = np.asarray(parts, np.int64).reshape(-1, 4)
+        px0, py0 = np.maximum(p[:, 0], clip[0]), np.maximum(p[:, 1], clip[1])
+        px1, py1 = np.minimum(p[:, 0] + p[:, 2], clip[2]), np.minimum(p[:, 1] + p[:, 3], clip[3])
+        keep = (px1 > px0) & (py1 > py0)
+        tiles: set[tuple[int, int]] = set()
+        for a, b, c, d in zip(px0[keep] // self._tw, py0[keep] // self._th,
+                              (px1[keep] - 1) // self._tw, (py1[keep] - 1) // self._th):
+            tiles.update((ty, tx) for ty in range(b, d + 1) for tx in range(a, c + 1))
+        return tiles
 
     def _tile(self, index: int) -> np.ndarray | None:
         """Tile ``index`` of the tile table as ``(th, tw, samples)``, or None for an empty (sparse) tile."""

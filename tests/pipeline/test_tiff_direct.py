@@ -26,7 +26,7 @@ def cmu_pixels(real_slide) -> np.ndarray:
 
 
 def _regions(w: int, h: int) -> list[tuple[int, int, int, int]]:
-    """(x, y, w, h) in level px: aligned to 256 px tiles, unaligned over 4 tiles, over the right and
+    """(x, y, w, h) in level px: at the origin, unaligned over 4+ source tiles, over the right and
     bottom edges (straddling the last tiles), over the top-left corner, wholly outside, one pixel."""
     return [(0, 0, 256, 256), (200, 130, 300, 250), (w - 150, h - 90, 400, 300), (-20, -7, 100, 60),
             (w + 5, 3, 40, 40), (w - 1, h - 1, 1, 1), (0, 0, w, h)]
@@ -103,10 +103,24 @@ def test_a_corrupt_tile_fails_the_slide_with_its_name(real_slide, tmp_path):
             _read(slide, 0, 0, 0, slide.dimensions[0], slide.dimensions[1])
 
 
-@pytest.mark.parametrize("target_mpp", [MPP, 1.0])
+def test_parts_decode_only_the_source_tiles_they_meet(real_slide):
+    """A block read with ``parts``: their pixels are tiffslide's; source tiles no part meets stay zero."""
+    with open_slide(real_slide, "tiffslide") as slide:
+        whole = slide._h.read_region((0, 0), 0, (960, 960), as_array=True)[..., :3]
+        # 240 px source tiles: the parts meet tiles (row, column) (0-1, 0-1) and (2, 2)
+        parts = np.array([[10, 20, 240, 240], [500, 490, 100, 50]])
+        ours = slide.read_level(0, 0, 0, 960, 960, parts)
+        for x, y, w, h in parts:
+            np.testing.assert_array_equal(ours[y:y + h, x:x + w], whole[y:y + h, x:x + w])
+        np.testing.assert_array_equal(ours[:480, :480], whole[:480, :480])  # whole tiles are decoded
+        np.testing.assert_array_equal(ours[480:720, 480:720], whole[480:720, 480:720])
+        assert not ours[:, 720:].any() and not ours[720:].any() and not ours[:480, 480:].any()
+
+
+@pytest.mark.parametrize("target_mpp", [MPP, 2 * MPP, 1.0])
 def test_whole_slide_tiling_gives_the_tiffslide_tiles(real_slide, tmp_path, monkeypatch, target_mpp):
     """Tiling the real slide (a subprocess, the direct path) stores the tiles the tiffslide path reads:
-    crops at the scan's resolution, and resampled tiles (reduce + Lanczos) at 1 µm/px."""
+    crops at the scan's resolution, 2x averages (no Lanczos) and resampled tiles (reduce + Lanczos)."""
     slides = tmp_path / "slides"
     slides.mkdir()
     (slides / "cmu.svs").symlink_to(real_slide)
