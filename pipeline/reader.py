@@ -156,7 +156,7 @@ class SlideReader:
 
 class TiffSlideReader(SlideReader):
     """tiffslide's metadata; pixels of the levels :mod:`pipeline._tiff_direct` can read straight from
-    the TIFF's tile table (tiled pages: SVS, generic and OME TIFF) come from there, 2-3x less CPU
+    the TIFF's tile table (tiled pages: SVS, generic and OME TIFF) come from there, half the CPU or less
     than tiffslide's zarr view for the same pixels; other levels through tiffslide."""
 
     backend = "tiffslide"
