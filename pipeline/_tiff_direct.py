@@ -30,7 +30,6 @@ class DirectLevel:
 
     def __init__(self, fd: int, page) -> None:
         self._fd = fd
-        self._page = page
         self._decode = page.decode  # resolves (and caches) the codec once
         self._offsets = np.asarray(page.dataoffsets, np.int64)
         self._counts = np.asarray(page.databytecounts, np.int64)
