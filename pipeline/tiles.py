@@ -99,7 +99,8 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
             ix = np.minimum(np.round(lx).astype(np.int64), lw - T)
             iy = np.minimum(np.round(ly).astype(np.int64), lh - T)
             x0, y0 = int(ix.min()), int(iy.min())
-            region = _read(slide, plan.level, x0, y0, int(ix.max()) + T - x0, int(iy.max()) + T - y0)
+            parts = np.stack([ix, iy, np.full_like(ix, T), np.full_like(iy, T)], axis=1)
+            region = _read(slide, plan.level, x0, y0, int(ix.max()) + T - x0, int(iy.max()) + T - y0, parts)
             for k, (x, y) in enumerate(zip(ix - x0, iy - y0)):
                 out[k] = region[y : y + T, x : x + T]
         else:
@@ -107,7 +108,8 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
             y0 = max(0, int(math.floor(ly.min())) - margin)
             x1 = min(lw, int(math.ceil(lx.max() + fw)) + margin)
             y1 = min(lh, int(math.ceil(ly.max() + fh)) + margin)
-            region = Image.fromarray(_read(slide, plan.level, x0, y0, x1 - x0, y1 - y0))
+            parts = _resample_parts(lx, ly, x0, y0, fw, fh, f, T, exact)
+            region = Image.fromarray(_read(slide, plan.level, x0, y0, x1 - x0, y1 - y0, parts))
             if f > 1:
                 region = region.reduce(f)
             rw, rh = region.size
@@ -122,10 +124,27 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
         yield idx, out
 
 
-def _read(slide: SlideReader, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-    """``read_level`` with an error that says where the slide could not be decoded."""
+def _resample_parts(lx: np.ndarray, ly: np.ndarray, x0: int, y0: int, fw: float, fh: float, f: int, T: int,
+                    exact: bool) -> np.ndarray:
+    """``(n, 4)`` int64 (x, y, w, h) level px each resampled tile's pixels come from: its footprint, and
+    around it the Lanczos support (3 px of the reduced image per unit of scale) plus one reduced pixel
+    for the f x f averaging grid; none where the average alone is the tile (see iter_tile_blocks)."""
+    scale = max(1.0, fw / f / T, fh / f / T)
+    pad = np.full(len(lx), (math.ceil(3 * scale) + 2) * f, np.int64)
+    if exact:
+        bx, by = (lx - x0) / f, (ly - y0) / f
+        aligned = (np.abs(bx - np.round(bx)) < 1e-6) & (np.abs(by - np.round(by)) < 1e-6)
+        pad[aligned] = 0
+    px, py = np.floor(lx).astype(np.int64) - pad, np.floor(ly).astype(np.int64) - pad
+    return np.stack([px, py, math.ceil(fw) + 1 + 2 * pad, math.ceil(fh) + 1 + 2 * pad], axis=1)
+
+
+def _read(slide: SlideReader, level: int, x: int, y: int, w: int, h: int,
+          parts: np.ndarray | None = None) -> np.ndarray:
+    """``read_level`` (only ``parts`` needed, see there) with an error that says where the slide could
+    not be decoded."""
     try:
-        return slide.read_level(level, x, y, w, h)
+        return slide.read_level(level, x, y, w, h, parts)
     except Exception as e:  # decoders raise many types; the slide, not the run, has failed
         raise SlideError(
             slide.path,

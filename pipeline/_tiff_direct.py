@@ -1,0 +1,151 @@
+"""Reading a tiled TIFF level straight from the file: one ``pread`` and one decode per source tile.
+
+tiffslide reads a region through a zarr view of the TIFF (tifffile's ``ZarrTiffStore``), whose
+per-chunk Python path costs more CPU than the JPEG decode itself (``benchmarks/README.md``, "Tile
+I/O at codec speed"). Here the level's tile table (``page.dataoffsets`` / ``databytecounts``) is
+read directly and each tile touched by a region is decoded once with tifffile's own decoder for the
+page (``page.decode``: imagecodecs, the page's ``JPEGTables``, its colorspace and YCbCr handling),
+with the arguments that store passes, so the pixels are the ones tiffslide returns.
+
+Only levels the view would read the same way take this path (:func:`direct_level`); any other is
+read through tiffslide.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+__all__ = ["DirectLevel", "DirectLevels", "direct_level"]
+
+
+class DirectLevel:
+    """One stored pyramid level (a tiled ``tifffile.TiffPage``) read by byte ranges.
+
+    Thread-safe: reads use ``os.pread`` on a descriptor of its own; tifffile's decode closure keeps
+    no state between calls.
+    """
+
+    def __init__(self, fd: int, page) -> None:
+        self._fd = fd
+        self._decode = page.decode  # resolves (and caches) the codec once
+        self._offsets = np.asarray(page.dataoffsets, np.int64)
+        self._counts = np.asarray(page.databytecounts, np.int64)
+        self.width, self.height = int(page.imagewidth), int(page.imagelength)
+        self._tw, self._th = int(page.tilewidth), int(page.tilelength)
+        self._across = -(-self.width // self._tw)
+        self._args = {"_fullsize": True}
+        if page.jpegtables is not None:
+            self._args["jpegtables"] = page.jpegtables
+        if page.jpegheader is not None:
+            self._args["jpegheader"] = page.jpegheader
+
+    def read(self, x: int, y: int, w: int, h: int, parts: np.ndarray | None = None) -> np.ndarray:
+        """``(h, w, 3) uint8`` RGB of the rectangle at level px ``(x, y)``; outside the level (and in
+        empty tiles) zeros, as tiffslide pads.
+
+        ``parts`` ``(n, 4)`` int64 (x, y, w, h) level px: only the source tiles that meet one of these
+        rectangles are decoded; the rest of the rectangle is left zero (a block of kept tiles needs
+        only their pixels, not every source tile of its bounding box).
+        """
+        out = np.zeros((h, w, 3), np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tw, th = self._tw, self._th
+        needed = self._needed(parts, (x0, y0, x1, y1))
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                if needed is not None and (ty, tx) not in needed:
+                    continue
+                tile = self._tile(ty * self._across + tx)
+                if tile is None:
+                    continue
+                # the part of this tile inside the rectangle, in level px
+                ax0, ay0 = max(x0, tx * tw), max(y0, ty * th)
+                ax1, ay1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
+                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[ay0 - ty * th : ay1 - ty * th,
+                                                                 ax0 - tx * tw : ax1 - tx * tw, :3]
+        return out
+
+    def _needed(self, parts: np.ndarray | None, clip: tuple[int, int, int, int]) -> set[tuple[int, int]] | None:
+        """(row, column) of the source tiles that ``parts`` meet inside ``clip`` (x0, y0, x1, y1), or
+        None for all."""
+        if parts is None:
+            return None
+        p = np.asarray(parts, np.int64).reshape(-1, 4)
+        px0, py0 = np.maximum(p[:, 0], clip[0]), np.maximum(p[:, 1], clip[1])
+        px1, py1 = np.minimum(p[:, 0] + p[:, 2], clip[2]), np.minimum(p[:, 1] + p[:, 3], clip[3])
+        keep = (px1 > px0) & (py1 > py0)
+        tiles: set[tuple[int, int]] = set()
+        for a, b, c, d in zip(px0[keep] // self._tw, py0[keep] // self._th,
+                              (px1[keep] - 1) // self._tw, (py1[keep] - 1) // self._th):
+            tiles.update((ty, tx) for ty in range(b, d + 1) for tx in range(a, c + 1))
+        return tiles
+
+    def _tile(self, index: int) -> np.ndarray | None:
+        """Tile ``index`` of the tile table as ``(th, tw, samples)``, or None for an empty (sparse) tile."""
+        count = int(self._counts[index])
+        if count == 0 or int(self._offsets[index]) == 0:
+            return None
+        data = os.pread(self._fd, count, int(self._offsets[index]))
+        if len(data) != count:
+            raise OSError(f"tile {index} ends past the end of the file ({len(data):,} of {count:,} bytes read)")
+        decoded = self._decode(data, index, **self._args)[0]
+        return decoded.reshape(self._th, self._tw, -1)
+
+
+def direct_level(fd: int, tiffslide_handle, level: int) -> DirectLevel | None:
+    """A :class:`DirectLevel` for ``level`` of a ``tiffslide.TiffSlide``, or None where its zarr view
+    would read the level differently or the decoder is missing, so tiffslide must read it.
+
+    Taken: one tiled page per level, RGB(A) ``uint8`` samples stored contiguously (axes ``YXS``),
+    no series composition (Leica SCN), not NDPI (whose levels are single JPEGs mapped onto virtual
+    tiles), and a compression whose first non-empty tile tifffile decodes here.
+    """
+    props = tiffslide_handle.properties
+    tif = tiffslide_handle.ts_tifffile
+    if props.get("tiffslide.series-axes") != "YXS" or getattr(tif, "is_ndpi", False):
+        return None
+    if tiffslide_handle.zarr_group.attrs.get("tiffslide.series-composition") is not None:
+        return None
+    series = tif.series[int(props.get("tiffslide.series-index", 0))]
+    lv = series.levels[level]
+    if len(lv.pages) != 1:
+        return None
+    page = lv.pages[0]
+    if (getattr(page, "keyframe", None) is not page or not page.is_tiled or page.planarconfig != 1
+            or page.dtype != np.uint8 or page.samplesperpixel not in (3, 4) or page.imagedepth != 1
+            or tuple(lv.shape) != (page.imagelength, page.imagewidth, page.samplesperpixel)):
+        return None
+    reader = DirectLevel(fd, page)
+    try:
+        probe = next((i for i, c in enumerate(reader._counts) if c > 0 and reader._offsets[i] > 0), None)
+        if probe is not None:
+            reader._tile(probe)
+    except Exception:  # an unsupported codec, or a damaged first tile: tiffslide reports it as today
+        return None
+    return reader
+
+
+class DirectLevels:
+    """The :class:`DirectLevel` of each level of a tiffslide handle, made on first use; None where
+    tiffslide must read. Owns the file descriptor (``close``)."""
+
+    def __init__(self, path: os.PathLike | str, tiffslide_handle) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._handle = tiffslide_handle
+        self._levels: dict[int, DirectLevel | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, level: int) -> DirectLevel | None:
+        with self._lock:
+            if level not in self._levels:
+                self._levels[level] = direct_level(self._fd, self._handle, level)
+            return self._levels[level]
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -1,0 +1,144 @@
+"""The direct TIFF read path (pipeline/_tiff_direct.py): the pixels tiffslide's ``read_region`` gives,
+for the real Aperio JPEG slide, a JPEG 2000 SVS and a pyramidal OME-TIFF, on aligned and unaligned
+regions, regions over the slide's edge and outside it; tiffslide still reads what the path does not
+take (stripped TIFF); whole-slide tiling gives the tiles of the tiffslide path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from pipeline import _tiff_direct
+from pipeline.codecs import TileCompression
+from pipeline.config import TilingParams
+from pipeline.reader import SlideError, open_slide
+from pipeline.runner import tile_cohort
+from pipeline.store import SlideStore
+from pipeline.tiler import plan_slide
+from pipeline.tiles import _read, iter_tile_blocks
+from tests.pipeline.test_formats import MPP, write_ome_pyramid
+
+
+@pytest.fixture(scope="module")
+def cmu_pixels(real_slide) -> np.ndarray:
+    return tifffile.imread(real_slide)[:2048, :2048]
+
+
+def _regions(w: int, h: int) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) in level px: at the origin, unaligned over 4+ source tiles, over the right and
+    bottom edges (straddling the last tiles), over the top-left corner, wholly outside, one pixel."""
+    return [(0, 0, 256, 256), (200, 130, 300, 250), (w - 150, h - 90, 400, 300), (-20, -7, 100, 60),
+            (w + 5, 3, 40, 40), (w - 1, h - 1, 1, 1), (0, 0, w, h)]
+
+
+def _assert_direct_equals_tiffslide(path) -> int:
+    """Every level of ``path`` is read by the direct path and gives tiffslide's pixels; levels checked."""
+    with open_slide(path, "tiffslide") as slide:
+        for level, (w, h) in enumerate(slide.level_dimensions):
+            assert slide._direct.get(level) is not None, f"level {level} fell back to tiffslide"
+            ds = slide.level_downsamples[level]
+            for x, y, rw, rh in _regions(w, h):
+                loc = (int(round(x * ds)), int(round(y * ds)))
+                ours = slide.read_region(loc, level, (rw, rh))
+                theirs = slide._h.read_region(loc, level, (rw, rh), as_array=True)[..., :3]
+                assert ours.shape == (rh, rw, 3) and ours.dtype == np.uint8
+                np.testing.assert_array_equal(ours, theirs, err_msg=f"level {level} region {(x, y, rw, rh)}")
+        return slide.level_count
+
+
+def test_real_aperio_jpeg_svs_reads_as_tiffslide(real_slide):
+    with tifffile.TiffFile(real_slide) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.compression == 7 and page.jpegtables is not None  # shared tables
+    _assert_direct_equals_tiffslide(real_slide)
+
+
+def test_jpeg2000_svs_reads_as_tiffslide(cmu_pixels, tmp_path):
+    path = tmp_path / "cmu-j2k.svs"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(cmu_pixels[:1000, :1300], tile=(256, 256), compression=33003, photometric="rgb", metadata=None,
+                  description=f"Aperio Image Library v12.0.15\n1300x1000 (256x256) J2K/KDU Q=70|AppMag = 20|MPP = {MPP}")
+    _assert_direct_equals_tiffslide(path)
+
+
+def test_ome_tiff_pyramid_reads_as_tiffslide(cmu_pixels, tmp_path):
+    path = tmp_path / "cmu.ome.tiff"
+    write_ome_pyramid(path, cmu_pixels[:1500, :1700], MPP)
+    assert _assert_direct_equals_tiffslide(path) == 3
+
+
+def test_stripped_tiff_falls_back_to_tiffslide(cmu_pixels, tmp_path):
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, cmu_pixels[:600, :700], photometric="rgb", rowsperstrip=64, metadata=None)
+    with open_slide(path, "tiffslide") as slide:
+        assert slide._direct.get(0) is None
+        np.testing.assert_array_equal(slide.read_region((650, 10), 0, (100, 80)),
+                                      slide._h.read_region((650, 10), 0, (100, 80), as_array=True)[..., :3])
+
+
+def test_a_sparse_tile_reads_as_tiffslide(cmu_pixels, tmp_path):
+    """A 0-byte tile (a sparse, blank tile) is zeros in both paths."""
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, cmu_pixels[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib",
+                     metadata=None)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["TileByteCounts"].overwrite((0,) + tuple(tif.pages[0].databytecounts[1:]))
+    with open_slide(path, "tiffslide") as slide:
+        assert slide._direct.get(0) is not None
+        ours = slide.read_region((100, 100), 0, (300, 300))
+        np.testing.assert_array_equal(ours, slide._h.read_region((100, 100), 0, (300, 300), as_array=True)[..., :3])
+        assert not ours[:150, :150].any() and ours[200:].any()
+
+
+def test_a_corrupt_tile_fails_the_slide_with_its_name(real_slide, tmp_path):
+    path = tmp_path / "bad.svs"
+    data = bytearray(real_slide.read_bytes())
+    with tifffile.TiffFile(real_slide) as tif:
+        offset, count = tif.pages[0].dataoffsets[9], tif.pages[0].databytecounts[9]
+    data[offset:offset + count] = b"\x00" * count
+    path.write_bytes(bytes(data))
+    with open_slide(path, "tiffslide") as slide:
+        with pytest.raises(SlideError, match="bad.svs.*cannot decode level 0"):
+            _read(slide, 0, 0, 0, slide.dimensions[0], slide.dimensions[1])
+
+
+def test_parts_decode_only_the_source_tiles_they_meet(real_slide):
+    """A block read with ``parts``: their pixels are tiffslide's; source tiles no part meets stay zero."""
+    with open_slide(real_slide, "tiffslide") as slide:
+        whole = slide._h.read_region((0, 0), 0, (960, 960), as_array=True)[..., :3]
+        # 240 px source tiles: the parts meet tiles (row, column) (0-1, 0-1) and (2, 2)
+        parts = np.array([[10, 20, 240, 240], [500, 490, 100, 50]])
+        ours = slide.read_level(0, 0, 0, 960, 960, parts)
+        for x, y, w, h in parts:
+            np.testing.assert_array_equal(ours[y:y + h, x:x + w], whole[y:y + h, x:x + w])
+        np.testing.assert_array_equal(ours[:480, :480], whole[:480, :480])  # whole tiles are decoded
+        np.testing.assert_array_equal(ours[480:720, 480:720], whole[480:720, 480:720])
+        assert not ours[:, 720:].any() and not ours[720:].any() and not ours[:480, 480:].any()
+
+
+@pytest.mark.parametrize("target_mpp", [MPP, 2 * MPP, 1.0])
+def test_whole_slide_tiling_gives_the_tiffslide_tiles(real_slide, tmp_path, monkeypatch, target_mpp):
+    """Tiling the real slide (a subprocess, the direct path) stores the tiles the tiffslide path reads:
+    crops at the scan's resolution, 2x averages (no Lanczos) and resampled tiles (reduce + Lanczos)."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "cmu.svs").symlink_to(real_slide)
+    params = TilingParams(target_mpp=target_mpp, tile_size=256, min_tissue=0.1, reader="tiffslide",
+                          compression=TileCompression(kind="none"))
+    report = tile_cohort(slides, tmp_path / "s.zarr", params)
+    assert report.exit_code == 0, report.table()
+    store = SlideStore(tmp_path / "s.zarr")
+    stored, coords = store.tiles("cmu", "cmu")[:], store.coords("cmu", "cmu")
+    assert len(stored) > 10
+
+    monkeypatch.setattr(_tiff_direct, "direct_level", lambda *a: None)  # every level through tiffslide
+    with open_slide(real_slide, "tiffslide") as slide:
+        assert slide._direct.get(0) is None
+        plan = plan_slide(slide, params)
+        assert plan.reads.resample == (target_mpp != MPP)
+        np.testing.assert_array_equal(plan.grid.coords[plan.keep], coords)
+        old = np.empty_like(stored)  # in tissue order; stored in read order (plan.keep)
+        for idx, tiles in iter_tile_blocks(slide, plan.grid.coords[plan.tissue_idx], plan.reads):
+            old[idx] = tiles
+    np.testing.assert_array_equal(stored, old[plan.reads.order])
