@@ -17,7 +17,9 @@ then HiDisc and HLSS from that tower with real, rotated and shuffled attribute t
    (``benchmarks/attributes_synthetic/``); HLSS with the same attribute embeddings turned by one
    random orthogonal D x D matrix before the heads and HA (same spectrum and mutual angles, no
    relation to the image tower: a benchmark-only patch of ``hlss_model.text.attribute_embeddings``);
-   HLSS with shuffled text (each level's sentence lists permuted across its attributes, a derangement).
+   HLSS with shuffled text (each level's sentences dealt out again across its attributes, so every
+   attribute embeds a mix of facts; ``hlss_permuted``, whole sentence lists permuted across
+   attributes, is kept to show that relabelling alone changes nothing: see :func:`permuted`).
    Evaluation as in ``hlss_vs_hidisc.py`` (kNN on features and z, linear probe on slide embeddings).
 
     python benchmarks/language_experiment.py                 # CPU-sized defaults
@@ -184,8 +186,13 @@ def write_attributes(folder: Path, levels: dict[str, list[dict]]) -> Path:
     return folder
 
 
-def shuffled(levels: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dict]]:
-    """The same names with each level's sentence lists permuted across its attributes (no list stays put)."""
+def permuted(levels: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dict]]:
+    """The same names with each level's sentence lists permuted across its attributes (no list stays put).
+
+    A degenerate control: the level's set of embeddings is unchanged, only relabelled, and HVC (cosine
+    similarities of head outputs) and HA (nearest attribute) do not see labels, so whitened heads are
+    the same up to a permutation of their outputs; runs differ only by floating-point order.
+    """
     rng = random.Random(seed)
     out = {}
     for level, attrs in levels.items():
@@ -193,6 +200,24 @@ def shuffled(levels: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dic
         while any(i == j for i, j in enumerate(order)):
             rng.shuffle(order)
         out[level] = [{"name": a["name"], "sentences": attrs[j]["sentences"]} for a, j in zip(attrs, order)]
+    return out
+
+
+def shuffled(levels: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dict]]:
+    """Each level's sentences pooled and dealt out again at random (same count per attribute), each
+    attribute getting sentences of as many different attributes as it can: the embeddings become
+    mixtures that describe no one rendered fact."""
+    rng = random.Random(seed)
+    out = {}
+    for level, attrs in levels.items():
+        pool = [(i, s) for i, a in enumerate(attrs) for s in a["sentences"]]
+        rng.shuffle(pool)
+        pool.sort(key=lambda item: item[0])  # grouped by source attribute, random within it
+        n = len(attrs)
+        dealt: list[list[str]] = [[] for _ in range(n)]
+        for k, (_, sentence) in enumerate(pool):  # round robin: attribute k mod n, sources spread out
+            dealt[(k + k // n) % n].append(sentence)
+        out[level] = [{"name": a["name"], "sentences": dealt[i]} for i, a in enumerate(attrs)]
     return out
 
 
@@ -222,6 +247,7 @@ def main() -> None:
     ap.add_argument("--pretrain-slides", type=int, default=64, help="captioned synthetic slides (16 per class)")
     ap.add_argument("--pretrain-tiles", type=int, default=12, help="tiles per pretraining slide")
     ap.add_argument("--pretrain-lr", type=float, default=2e-3)
+    ap.add_argument("--reuse-tower", action="store_true", help="keep the tiny CLIP a previous run pretrained")
     ap.set_defaults(methods=["hidisc", "hlss", "hlss_rotated", "hlss_shuffled"], out_name="language_experiment",
                     image_size=32)
     for action in ap._actions:  # the methods of this experiment, not the benchmark's list
@@ -231,18 +257,24 @@ def main() -> None:
     t0 = time.perf_counter()
     bench.OUT.mkdir(exist_ok=True)
     folder = bench.OUT / "tiny_clip_synthetic"
-    check = pretrain_clip(folder, args.pretrain_steps, args.pretrain_batch, args.pretrain_slides,
-                          args.pretrain_tiles, args.pretrain_lr, check_slides=16)
+    if args.reuse_tower and (folder / "pretrain_check.json").is_file():
+        check = json.loads((folder / "pretrain_check.json").read_text())
+    else:
+        check = pretrain_clip(folder, args.pretrain_steps, args.pretrain_batch, args.pretrain_slides,
+                              args.pretrain_tiles, args.pretrain_lr, check_slides=16)
+        (folder / "pretrain_check.json").write_text(json.dumps(check))
     print("tiny CLIP:", json.dumps(check), flush=True)
     real = write_attributes(ATTRIBUTES / "real", synthetic_attributes())
     mixed = write_attributes(ATTRIBUTES / "shuffled", shuffled(synthetic_attributes()))
+    relabelled = write_attributes(ATTRIBUTES / "permuted", permuted(synthetic_attributes()))
     args.tower = f"clip:{folder}"
     store = args.store or bench.build_store(args.patients, args.classes, args.size, args.cohort_seed,
                                             args.slides_per_patient, args.tile_size, args.tile_mpp, args.held_out)
     methods = {"hidisc": {"method": "hidisc"},
                "hlss": {"method": "hlss", "model": {"attributes": str(real)}},
                "hlss_rotated": {"method": "hlss", "model": {"attributes": str(real)}},
-               "hlss_shuffled": {"method": "hlss", "model": {"attributes": str(mixed)}}}
+               "hlss_shuffled": {"method": "hlss", "model": {"attributes": str(mixed)}},
+               "hlss_permuted": {"method": "hlss", "model": {"attributes": str(relabelled)}}}
     methods = {m: methods[m] for m in args.methods}
     device = bench.machine()
     results: dict = {}
