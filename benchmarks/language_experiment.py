@@ -51,8 +51,9 @@ import hlss_vs_hidisc as bench  # noqa: E402  (this folder is on sys.path when r
 
 HERE = Path(__file__).resolve().parent
 ATTRIBUTES = HERE / "attributes_synthetic"
-PRETRAIN_SEED = 1_000_000  # renderer seeds from here on: not used by make_demo_cohort's slides (drawn < 2**31 by an rng, a
-# clash is possible but would only put a few pretraining tiles of the same process in both; the check tiles differ)
+# first renderer seed of the pretraining and check slides; make_demo_cohort draws its slides' seeds at
+# random in [0, 2**31), so one of its 48 slides sharing one of these ~160 seeds has odds of about 4e-6
+PRETRAIN_SEED = 1_000_000
 TILE, DOWNSAMPLE, SLIDE = 96, 2, 1280  # stored tile px, level-0 px per tile px, slide side px (as the benchmark)
 
 STRUCTURE = {  # class -> what the renderer draws (pipeline/synthetic.py: _gland_nuclei, _solid, _spindle, _pleomorphic)
@@ -287,7 +288,8 @@ def main() -> None:
         (bench.OUT / f"{args.out_name}.md").write_text(
             f"tiny CLIP ({folder.name}) at {args.image_size} px, {args.steps} steps of {args.batch_patients} "
             f"patients x {args.slides_per_patient} slides x 2 tiles x 2 views, lr {args.lr}; k = {args.k}; "
-            f"{device}; wall {wall} s\n\nTiny CLIP check: {json.dumps(check)}\n\n" + bench.markdown(results, args.seeds))
+            f"{device}; wall {wall} s\n\nTiny CLIP check: {json.dumps(check)}\n\n"
+            + bench.markdown(results, args.seeds))
 
     def prepare(method: str, seed: int):
         return rotated_attributes(seed) if method == "hlss_rotated" else contextlib.nullcontext()
