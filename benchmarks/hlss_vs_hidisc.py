@@ -16,7 +16,7 @@ Protocol (the same for every method and seed):
 Prints a markdown table (mean ± sd over seeds, then the per-seed values) and writes it with the raw
 figures to ``benchmarks/output/hlss_vs_hidisc.{md,json}`` (``--out-name`` changes the stem).
 
-    python benchmarks/hlss_vs_hidisc.py                          # CPU-sized synthetic defaults
+    python benchmarks/hlss_vs_hidisc.py                          # synthetic defaults: ~14 min, loaded 2-core CPU
     python benchmarks/hlss_vs_hidisc.py --seeds 0 1 2 3 4 --steps 400
     python benchmarks/hlss_vs_hidisc.py --store tcga.zarr --tower clip:vinid/plip --image-size 224 \\
         --steps 2000 --eval-every 1000 --batch-patients 32 --device cuda --precision bf16

@@ -22,7 +22,7 @@ then HiDisc and HLSS from that tower with real, rotated and shuffled attribute t
    attributes, is kept to show that relabelling alone changes nothing: see :func:`permuted`).
    Evaluation as in ``hlss_vs_hidisc.py`` (kNN on features and z, linear probe on slide embeddings).
 
-    python benchmarks/language_experiment.py                 # CPU-sized defaults
+    python benchmarks/language_experiment.py                 # defaults: ~17 min, loaded 2-core CPU
     python benchmarks/language_experiment.py --seeds 0 1 2 3 4 --steps 240 --pretrain-steps 1000
 """
 
