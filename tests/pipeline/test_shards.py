@@ -3,6 +3,8 @@ and ``hlss verify``, on a folder and on an object store (moto S3 on loopback); d
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +62,9 @@ def test_shards_are_the_bytes_zarr_writes(tmp_path, compression):
     tiles = _tiles(n)
     layout = ShardLayout.of(ours)
     assert layout is not None and layout.n_shards == 3 and layout.tiles_in(2) == 4
-    with _shards.codec_pool() as pool:
+    # threads explicitly: codec_pool() follows zarr's global threading.max_workers, which tests that
+    # tile in this process (tile_one, as a worker does) may have set to 1 (then it is None: inline)
+    with ThreadPoolExecutor(2, thread_name_prefix="tile-codec") as pool:
         for s in range(layout.n_shards):
             write_shard(layout, s, tiles[s * shard : (s + 1) * shard], pool)
     for s in range(3):
