@@ -102,7 +102,8 @@ class Browser:
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         self.send("Page.enable", session=session)
         self.send("Page.navigate", {"url": url}, session=session)
-        self.wait_event("Page.loadEventFired", session)
+        # a Prefect UI page on a busy 2-core machine can take longer than a reply's 30 s to load
+        self.wait_event("Page.loadEventFired", session, timeout=120)
         return session
 
     def evaluate(self, session: str, expression: str):

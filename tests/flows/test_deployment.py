@@ -168,7 +168,7 @@ def test_deployment_run_end_to_end(tmp_path, tiny_text_model):
             _wait("the report link in the Prefect UI", lambda: browser.evaluate(session, _REPORT_LINK), 60)
             browser.evaluate(session, "(() => { const a = [...document.links].find(a => a.href.includes('/report/'));"
                                       " a.removeAttribute('target'); a.click(); return true; })()")
-            browser.wait_event("Page.loadEventFired", session)
+            browser.wait_event("Page.loadEventFired", session, timeout=120)
             report_page = browser.evaluate(session, _REPORT_PAGE)
         finally:
             browser.close()
