@@ -73,12 +73,15 @@ def sample_rows(n: int, limit: int | None, seed: int = EVALUATION.seed) -> np.nd
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for but absent is an error."""
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for but absent (or an
+    index beyond the visible devices) is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
