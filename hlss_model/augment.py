@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["AugmentParams", "HEAugment", "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["AugmentParams", "HEAugment", "ViewDraw", "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -223,7 +223,11 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2:] == (size, size):
         return x
     batch = x if x.ndim == 4 else x[None]
-    out = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if batch.device.type == "cpu":
+        out = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    else:  # CUDA has no uint8 kernel for this: float, rounded back to uint8 as the CPU's does
+        out = F.interpolate(batch.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out if x.ndim == 4 else out[0]
 
 
@@ -271,27 +275,12 @@ def _rotate_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
     return (rot @ x.reshape(3, -1)).reshape(x.shape).clamp_(0.0, 1.0)
 
 
-def _color_jitter(
-    x: torch.Tensor,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
-    g: torch.Generator | None,
-) -> torch.Tensor:
-    """torchvision's ColorJitter (but hue via :func:`_rotate_hue`) with factors and order drawn
-    from ``g``; zero-strength ops are skipped."""
-    ops = (
-        (TF.adjust_brightness, brightness, 1.0),
-        (TF.adjust_contrast, contrast, 1.0),
-        (TF.adjust_saturation, saturation, 1.0),
-        (_rotate_hue, hue, 0.0),
-    )
-    factors = [_uniform(g, centre - strength, centre + strength) for _, strength, centre in ops]
-    for i in torch.randperm(len(ops), generator=g).tolist():
-        op, strength, _ = ops[i]
-        if strength > 0:
-            x = op(x, factors[i])
+def _color_jitter(x: torch.Tensor, factors: Sequence[float], order: Sequence[int]) -> torch.Tensor:
+    """torchvision's ColorJitter (but hue via :func:`_rotate_hue`): brightness, contrast, saturation
+    factors and hue turns ``factors``, applied in ``order`` (indices into them)."""
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, _rotate_hue)
+    for i in order:
+        x = ops[i](x, factors[i])
     return x
 
 
@@ -311,12 +300,12 @@ def _hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     return od.neg_().exp_().clamp_(0.0, 1.0)
 
 
-def _hed_jitter(x: torch.Tensor, sigma: float, bias: float, g: torch.Generator | None) -> torch.Tensor:
-    """Per-stain scale 1 + N(0, sigma) and shift N(0, bias) OD (Tellez et al. 2018, whose skimage
-    still returned plain OD)."""
-    scale = 1.0 + sigma * torch.randn(3, 1, 1, generator=g)
-    shift = bias * torch.randn(3, 1, 1, generator=g)
-    return _hed_to_rgb(torch.addcmul(shift, _rgb_to_hed(x), scale))
+def _hed_jitter(x: torch.Tensor, scale: Sequence[float], shift: Sequence[float]) -> torch.Tensor:
+    """Per-stain OD scale and shift (Tellez et al. 2018, whose skimage still returned plain OD);
+    :meth:`HEAugment.draw` draws ``scale`` as 1 + N(0, hed_sigma) and ``shift`` as N(0, hed_bias)."""
+    scale_t = torch.tensor(scale, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    shift_t = torch.tensor(shift, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return _hed_to_rgb(torch.addcmul(shift_t, _rgb_to_hed(x), scale_t))
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -336,21 +325,63 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
-def _gaussian_noise(x: torch.Tensor, std: float, g: torch.Generator | None) -> torch.Tensor:
-    return x.add(torch.randn(x.shape, generator=g), alpha=std).clamp_(0.0, 1.0)
+def _noise_field(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+    """N(0, 1) of ``shape`` from a generator of ``device`` seeded with ``seed`` (CPU and CUDA draw
+    different fields from one seed: the same distribution)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=device)
 
 
-def _erase(x: torch.Tensor, scale: tuple[float, float], g: torch.Generator | None) -> torch.Tensor:
-    """Zero a random rectangle of ``x`` in place (``x`` is normalised, so 0 is the mean colour).
-    The box is clamped to the image rather than redrawn, so ``p_erase`` is exactly the erase rate."""
-    height, width = x.shape[-2:]
+def _gaussian_noise(x: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    return x.add(_noise_field(x.shape, seed, x.device), alpha=std).clamp_(0.0, 1.0)
+
+
+def _erase_box(height: int, width: int, scale: tuple[float, float],
+               g: torch.Generator | None) -> tuple[int, int, int, int]:
+    """The rectangle ``(top, left, h, w)`` random erasing fills. Clamped to the image rather than
+    redrawn, so ``p_erase`` is exactly the erase rate."""
     area = height * width * _uniform(g, *scale)
     aspect = math.exp(_uniform(g, *_ERASE_LOG_RATIO))
     h = min(max(round(math.sqrt(area * aspect)), 1), height)
     w = min(max(round(math.sqrt(area / aspect)), 1), width)
-    top, left = _randint(g, 0, height - h + 1), _randint(g, 0, width - w + 1)
+    return _randint(g, 0, height - h + 1), _randint(g, 0, width - w + 1), h, w
+
+
+def _erase(x: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """Zero the rectangle ``box`` of ``x`` in place (``x`` is normalised, so 0 is the mean colour)."""
+    top, left, h, w = box
     x[..., top : top + h, left : left + w] = 0.0
     return x
+
+
+@dataclass(frozen=True)
+class ViewDraw:
+    """Every random choice behind one training view, as :meth:`HEAugment.draw` makes them; applying
+    a draw (:meth:`HEAugment.apply`, :meth:`HEAugment.apply_batch`) is deterministic.
+
+    crop:   ``(top, left, h, w)`` in tile px, or None (the whole tile is resized).
+    hflip, vflip, rot90: flips, then ``rot90`` quarter turns (0-3).
+    jitter: brightness, contrast, saturation factors and hue turns, applied in ``jitter_order``
+            (indices into those four); None: no colour jitter.
+    hed:    per-stain OD scale and shift, ``((H, E, DAB), (H, E, DAB))``; None: no stain jitter.
+    blur:   Gaussian sigma in px, or None.
+    noise:  ``(std, seed)`` of the additive N(0, std) field, or None.
+    erase:  ``(top, left, h, w)`` in output px, or None.
+    """
+
+    crop: tuple[int, int, int, int] | None
+    hflip: bool
+    vflip: bool
+    rot90: int
+    jitter: tuple[float, float, float, float] | None
+    jitter_order: tuple[int, ...]
+    hed: tuple[tuple[float, ...], tuple[float, ...]] | None
+    blur: float | None
+    noise: tuple[float, int] | None
+    erase: tuple[int, int, int, int] | None
+
+
+_JITTER_CENTRES = (1.0, 1.0, 1.0, 0.0)
 
 
 class HEAugment:
@@ -361,6 +392,12 @@ class HEAugment:
     probability: random resized crop (else resize), h/v flips, rot90, colour jitter, HED jitter,
     blur, noise, normalisation, random erasing. With every probability 0 the result equals
     :class:`EvalTransform` of the tile. Picklable, so it can be handed to DataLoader workers.
+
+    A view is :meth:`draw` (all random choices, from the generator alone; no pixel is read) then
+    :meth:`apply`. :meth:`apply_batch` applies many draws at once on the tiles' device (a GPU
+    decoding the stored JPEG bytes itself): the same operations, so on one device it gives
+    :meth:`apply`'s views (to float rounding), and on another the same views except for the
+    noise field, which each device's generator draws from the view's noise seed.
     """
 
     def __init__(self, params: AugmentParams) -> None:
@@ -373,32 +410,185 @@ class HEAugment:
     def __call__(
         self, tile: np.ndarray | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        p, g = self.params, generator
         x = _as_uint8_tensor(tile, (3,)).permute(2, 0, 1)  # (3, H, W) view
-        if _coin(g, p.p_crop):
-            top, left, h, w = _crop_box(x.shape[1], x.shape[2], p.crop_scale, p.crop_ratio, g)
-            x = x[:, top : top + h, left : left + w]
-        # geometry on uint8 (a quarter of the bytes); it commutes with the conversion to float
-        x = _resize(x, p.out_size)
-        if _coin(g, p.p_flip):
-            x = x.flip(-1)
-        if _coin(g, p.p_flip):
-            x = x.flip(-2)
-        if _coin(g, p.p_rot90):
-            x = torch.rot90(x, _randint(g, 1, 4), dims=(-2, -1))
-        x = _to_unit_float(x)
+        return self.apply(x, self.draw(x.shape[1], x.shape[2], generator))
+
+    def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> ViewDraw:
+        """The random choices for one view of a ``height x width`` px tile."""
+        p, g = self.params, generator
+        crop = _crop_box(height, width, p.crop_scale, p.crop_ratio, g) if _coin(g, p.p_crop) else None
+        hflip, vflip = _coin(g, p.p_flip), _coin(g, p.p_flip)
+        rot90 = _randint(g, 1, 4) if _coin(g, p.p_rot90) else 0
+        jitter, order = None, ()
         if _coin(g, p.p_color_jitter):
-            x = _color_jitter(x, p.brightness, p.contrast, p.saturation, p.hue, g)
+            strengths = (p.brightness, p.contrast, p.saturation, p.hue)
+            jitter = tuple(_uniform(g, c - s, c + s) for c, s in zip(_JITTER_CENTRES, strengths))
+            order = tuple(i for i in torch.randperm(4, generator=g).tolist() if strengths[i] > 0)
+        hed = None
         if _coin(g, p.p_hed_jitter):
-            x = _hed_jitter(x, p.hed_sigma, p.hed_bias, g)
-        if _coin(g, p.p_blur):
-            x = _gaussian_blur(x, _uniform(g, *p.blur_sigma))
+            scale = (1.0 + p.hed_sigma * torch.randn(3, generator=g)).tolist()
+            hed = (tuple(scale), tuple((p.hed_bias * torch.randn(3, generator=g)).tolist()))
+        blur = _uniform(g, *p.blur_sigma) if _coin(g, p.p_blur) else None
+        noise = None
         if _coin(g, p.p_noise):
-            x = _gaussian_noise(x, _uniform(g, *p.noise_std), g)
-        x = torch.addcmul(self._offset, x, self._scale)
-        if _coin(g, p.p_erase):
-            x = _erase(x, p.erase_scale, g)
+            noise = (_uniform(g, *p.noise_std), int(torch.randint(2**62, (1,), generator=g).item()))
+        erase = _erase_box(p.out_size, p.out_size, p.erase_scale, g) if _coin(g, p.p_erase) else None
+        return ViewDraw(crop, hflip, vflip, rot90, jitter, order, hed, blur, noise, erase)  # type: ignore[arg-type]
+
+    def apply(self, x: torch.Tensor, d: ViewDraw) -> torch.Tensor:
+        """The view ``d`` of the uint8 ``(3, H, W)`` tile ``x``: float32 ``(3, out_size, out_size)``."""
+        x = self._geometry(x, d)
+        x = _to_unit_float(x)
+        if d.jitter is not None:
+            x = _color_jitter(x, d.jitter, d.jitter_order)
+        if d.hed is not None:
+            x = _hed_jitter(x, *d.hed)
+        if d.blur is not None:
+            x = _gaussian_blur(x, d.blur)
+        if d.noise is not None:
+            x = _gaussian_noise(x, *d.noise)
+        x = torch.addcmul(self._offset.to(x.device), x, self._scale.to(x.device))
+        if d.erase is not None:
+            x = _erase(x, d.erase)
         return x
+
+    def _geometry(self, x: torch.Tensor, d: ViewDraw) -> torch.Tensor:
+        # on uint8 (a quarter of the bytes); it commutes with the conversion to float
+        if d.crop is not None:
+            top, left, h, w = d.crop
+            x = x[:, top : top + h, left : left + w]
+        x = _resize(x, self.params.out_size)
+        if d.hflip:
+            x = x.flip(-1)
+        if d.vflip:
+            x = x.flip(-2)
+        if d.rot90:
+            x = torch.rot90(x, d.rot90, dims=(-2, -1))
+        return x
+
+    def apply_batch(self, tiles: torch.Tensor | Sequence[torch.Tensor], draws: Sequence[ViewDraw],
+                    tile_of_view: Sequence[int] | None = None) -> torch.Tensor:
+        """The views ``draws`` of uint8 tiles ``(M, 3, H, W)`` (or a list of ``(3, H, W)``), all on one
+        device, as float32 ``(N, 3, out_size, out_size)`` there; view ``i`` is of tile
+        ``tile_of_view[i]`` (default ``i``).
+
+        Crops and resizes go view by view (each crop has its own size); everything after is done
+        for all views that take a step at once, with per-view factors."""
+        n = len(draws)
+        which = range(n) if tile_of_view is None else tile_of_view
+        size = self.params.out_size
+        if n == 0:
+            device = tiles[0].device if len(tiles) else torch.device("cpu")
+            return torch.empty((0, 3, size, size), device=device)
+        views = [self._geometry(tiles[t], d) for t, d in zip(which, draws)]
+        x = torch.stack(views).to(torch.float32).div_(255.0)
+        dev = x.device
+
+        def rows(pick) -> torch.Tensor:
+            return torch.tensor([i for i, d in enumerate(draws) if pick(d)], dtype=torch.long, device=dev)
+
+        jittered = [i for i, d in enumerate(draws) if d.jitter is not None]
+        if jittered:
+            factors = torch.tensor([d.jitter for d in draws if d.jitter is not None], device=dev)
+            # the k-th op of each view, in that view's order; views sharing an op at step k go together
+            for step in range(4):
+                for op in range(4):
+                    sel = [j for j, i in enumerate(jittered)
+                           if len(draws[i].jitter_order) > step and draws[i].jitter_order[step] == op]
+                    if sel:
+                        at = torch.tensor(sel, device=dev)
+                        idx = torch.tensor(jittered, device=dev)[at]
+                        x[idx] = _BATCH_JITTER[op](x[idx], factors[at, op])
+        idx = rows(lambda d: d.hed is not None)
+        if len(idx):
+            hed = torch.tensor([d.hed for d in draws if d.hed is not None], device=dev)  # (k, 2, 3)
+            x[idx] = _hed_jitter_batch(x[idx], hed[:, 0], hed[:, 1])
+        idx = rows(lambda d: d.blur is not None)
+        if len(idx):
+            x[idx] = _gaussian_blur_batch(x[idx], [d.blur for d in draws if d.blur is not None])
+        for i, d in enumerate(draws):
+            if d.noise is not None:
+                x[i] = _gaussian_noise(x[i], *d.noise)
+        x = torch.addcmul(self._offset.to(dev), x, self._scale.to(dev))
+        idx = rows(lambda d: d.erase is not None)
+        if len(idx):
+            boxes = torch.tensor([d.erase for d in draws if d.erase is not None], device=dev)
+            x[idx] = x[idx].masked_fill_(_box_masks(boxes, size)[:, None], 0.0)
+        return x
+
+
+# -- batched forms of the photometric steps: (k, 3, H, W) float32, per-view factors (k,) ----------
+
+
+def _per_view(f: torch.Tensor) -> torch.Tensor:
+    return f.to(torch.float32).view(-1, 1, 1, 1)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=-3)  # torchvision's weights
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
+
+
+def _blend_batch(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    r = _per_view(ratio)
+    return (x * r).add_(other * (1.0 - r)).clamp_(0.0, 1.0)
+
+
+def _brightness_batch(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * _per_view(f)).clamp_(0.0, 1.0)
+
+
+def _contrast_batch(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend_batch(x, _grey(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+
+
+def _saturation_batch(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend_batch(x, _grey(x), f)
+
+
+def _hue_batch(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    angle = (2.0 * math.pi) * turns.to(torch.float32).view(-1, 1, 1)
+    cross, outer = _GREY_AXIS_CROSS.to(x.device), _GREY_AXIS_OUTER.to(x.device)
+    rot = torch.cos(angle) * torch.eye(3, device=x.device) + torch.sin(angle) * cross + (1.0 - torch.cos(angle)) * outer
+    return torch.bmm(rot, x.reshape(len(x), 3, -1)).reshape(x.shape).clamp_(0.0, 1.0)
+
+
+_BATCH_JITTER = (_brightness_batch, _contrast_batch, _saturation_batch, _hue_batch)
+
+
+def _hed_jitter_batch(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`_hed_jitter` of each view with its own ``scale``, ``shift`` ``(k, 3)``."""
+    od = x.clamp(min=_RGB_FLOOR).log_().neg_().reshape(len(x), 3, -1)
+    hed = torch.matmul(_HED_FROM_OD.to(x.device), od)
+    hed = torch.addcmul(shift[..., None], hed, scale[..., None])
+    return torch.matmul(_OD_FROM_HED.to(x.device), hed).reshape(x.shape).neg_().exp_().clamp_(0.0, 1.0)
+
+
+def _gaussian_blur_batch(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """:func:`_gaussian_blur` of each view with its own sigma: one depthwise convolution per axis,
+    every view's kernel zero-padded to the widest (reflect padding by the widest half gives each
+    narrower kernel the same neighbours as its own padding would)."""
+    halves = [math.ceil(3 * s) for s in sigmas]
+    half = max(halves)
+    taps = torch.zeros(len(sigmas), 2 * half + 1, dtype=torch.float64)
+    for i, (s, h) in enumerate(zip(sigmas, halves)):
+        t = torch.exp(-0.5 * (torch.arange(-h, h + 1, dtype=torch.float64) / s) ** 2)
+        taps[i, half - h : half + h + 1] = t / t.sum()
+    k, c, height, width = x.shape
+    weight = taps.to(torch.float32).repeat_interleave(c, dim=0).to(x.device)  # (k*c, K)
+    padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, k * c, height + 2 * half, width + 2 * half)
+    rows = F.conv2d(padded, weight[:, None, None, :], groups=k * c)
+    out = F.conv2d(rows, weight[:, None, :, None], groups=k * c)
+    return out.reshape(k, c, height, width)
+
+
+def _box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """``(k, size, size)`` bool: inside each ``(top, left, h, w)`` box."""
+    r = torch.arange(size, device=boxes.device)
+    top, left, h, w = (boxes[:, i, None] for i in range(4))
+    inside_rows = (r >= top) & (r < top + h)
+    inside_cols = (r >= left) & (r < left + w)
+    return inside_rows[:, :, None] & inside_cols[:, None, :]
 
 
 class EvalTransform:

@@ -40,6 +40,9 @@ class ConfigError(ValueError):
     """A training configuration that cannot be used, with the key at fault."""
 
 
+VIEWS_ON = ("auto", "workers", "device")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How one batch is drawn: ``batch_size`` patients x S slides x T tiles x V views."""
@@ -52,6 +55,9 @@ class SamplerConfig:
     views_per_tile: int = 2
     balanced: bool = False  # draw classes uniformly, then a patient of the class
     num_workers: int = 2  # DataLoader worker processes reading the store
+    # where views are decoded and augmented: "workers" (CPU), "device" (the stored JPEG bytes go to
+    # the training device and are decoded and augmented there, batched), "auto" (device on CUDA)
+    views_on: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "slides_per_patient", "tiles_per_slide", "views_per_tile"):
@@ -61,6 +67,8 @@ class SamplerConfig:
             raise ConfigError("sampler: a patient item needs at least two images (S*T*V >= 2) for contrastive pairs")
         if self.num_workers < 0:
             raise ConfigError(f"sampler.num_workers must be >= 0, got {self.num_workers}")
+        if self.views_on not in VIEWS_ON:
+            raise ConfigError(f"sampler.views_on must be one of {', '.join(VIEWS_ON)}, got {self.views_on!r}")
 
 
 @dataclass(frozen=True)

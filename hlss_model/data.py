@@ -31,7 +31,7 @@ from pipeline.qc import TileFilter
 from pipeline import layout
 from pipeline.store import SlideStore, StoreDamageError, StoreError
 
-from .augment import AugmentParams, HEAugment
+from .augment import AugmentParams, HEAugment, ViewDraw
 
 __all__ = ["CohortIndex", "PatientDataset", "HierarchicalBatchSampler", "TrainingDataError", "make_loader",
            "collate_patients"]
@@ -182,11 +182,15 @@ class PatientDataset(Dataset):
 
     Returns a dict: ``images (S, T, V, 3, H, W) float32``, ``patient ()`` int64, ``slides (S,)``
     global slide numbers, ``tiles (S, T)`` tile keys unique across the cohort, ``label ()``.
+    With ``encoded=True`` no pixel is decoded: ``images`` gives way to ``encoded`` (the S*T tiles'
+    stored JPEG streams) and ``draws`` (the S*T*V views' random choices), see :meth:`_encoded`.
     """
 
-    def __init__(self, index: CohortIndex, slides: int, tiles: int, views: int, augment: AugmentParams) -> None:
+    def __init__(self, index: CohortIndex, slides: int, tiles: int, views: int, augment: AugmentParams,
+                 encoded: bool = False) -> None:
         self.index, self.slides, self.tiles, self.views = index, slides, tiles, views
         self.augment = HEAugment(augment)
+        self.encoded = encoded
         self._store: SlideStore | None = None
         self._arrays: dict[int, Any] = {}  # slide number -> its tiles array, opened once per process
         self._pid = -1
@@ -210,29 +214,50 @@ class PatientDataset(Dataset):
             arr = self._arrays[slide] = store.tiles(*self.index.slide_keys[slide])
         return arr
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         patient, item_seed = key
         rng = np.random.default_rng(item_seed)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         slides, rows = draw_patient(self.index, patient, self.slides, self.tiles, rng)
-        views = []
-        for g, slide_rows in zip(slides, rows):
-            order = np.argsort(slide_rows)
-            try:
-                block = self._tiles(int(g)).get_orthogonal_selection((slide_rows[order],))[np.argsort(order)]
-            except StoreDamageError as e:
-                raise TrainingDataError(f"{e}; training stopped: repair it (hlss verify --repair) or leave "
-                                        "the slide out") from None
-            for tile in block:
-                views.append(torch.stack([self.augment(tile, gen) for _ in range(self.views)]))
-        images = torch.stack(views).reshape(self.slides, self.tiles, self.views, *views[0].shape[1:])
-        return {
-            "images": images,
+        item: dict[str, Any] = {}
+        if self.encoded:
+            item["encoded"], item["draws"] = self._encoded(slides, rows, gen)
+        else:
+            views = []
+            for g, slide_rows in zip(slides, rows):
+                for tile in self._read(int(g), slide_rows):
+                    views.append(torch.stack([self.augment(tile, gen) for _ in range(self.views)]))
+            item["images"] = torch.stack(views).reshape(self.slides, self.tiles, self.views, *views[0].shape[1:])
+        return item | {
             "patient": torch.tensor(patient, dtype=torch.int64),
             "slides": torch.as_tensor(slides, dtype=torch.int64),
             "tiles": torch.as_tensor(slides[:, None] * (1 << 32) + rows, dtype=torch.int64),
             "label": torch.tensor(self.index.labels[patient], dtype=torch.int64),
         }
+
+    def _read(self, slide: int, rows: np.ndarray) -> np.ndarray:
+        """Tiles ``rows`` of global slide ``slide``, ``(n, T, T, 3) uint8`` in that order."""
+        order = np.argsort(rows)
+        try:
+            return self._tiles(slide).get_orthogonal_selection((rows[order],))[np.argsort(order)]
+        except StoreDamageError as e:
+            raise TrainingDataError(f"{e}; training stopped: repair it (hlss verify --repair) or leave "
+                                    "the slide out") from None
+
+    def _encoded(self, slides: np.ndarray, rows: np.ndarray,
+                 gen: torch.Generator) -> tuple[list[bytes | np.ndarray], list[ViewDraw]]:
+        """Per tile (slide-major) its stored JPEG stream, or its pixels ``(T, T, 3) uint8`` where the
+        slide is not stored as JPEG; per view (tile-major) its :class:`ViewDraw`, drawn as the
+        decoded path draws them, so both paths make the same views."""
+        tiles: list[bytes | np.ndarray] = []
+        draws = []
+        for g, slide_rows in zip(slides, rows):
+            arr = self._tiles(int(g))
+            jpeg = arr.jpeg_bytes(slide_rows) if hasattr(arr, "jpeg_bytes") else None
+            tiles.extend(jpeg if jpeg is not None else list(self._read(int(g), slide_rows)))
+            height, width = arr.shape[1:3]
+            draws.extend(self.augment.draw(height, width, gen) for _ in range(len(slide_rows) * self.views))
+        return tiles, draws
 
 
 class HierarchicalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -289,24 +314,33 @@ class HierarchicalBatchSampler(Sampler[list[tuple[int, int]]]):
         return 2**31 - 1
 
 
-def collate_patients(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate_patients(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack patient items: ``images [B, S, T, V, 3, H, W]``, ``patient [B]``, ``slides [B, S]``,
-    ``tiles [B, S, T]``, ``label [B]``."""
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    ``tiles [B, S, T]``, ``label [B]``; items made with ``encoded=True`` carry instead ``encoded``
+    (B*S*T tiles, batch-major) and ``draws`` (B*S*T*V views) as flat lists, for
+    :class:`~hlss_model.device_views.DeviceViews`."""
+    return {k: [x for it in items for x in it[k]] if k in _LISTS else torch.stack([it[k] for it in items])
+            for k in items[0]}
+
+
+_LISTS = ("encoded", "draws")
 
 
 def make_loader(index: CohortIndex, slides: int, tiles: int, views: int, augment: AugmentParams, batch_size: int,
                 seed: int = 0, balanced: bool = False, start_step: int = 0, num_workers: int = 2,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """An endless DataLoader of hierarchical batches starting at ``start_step``."""
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False, encoded: bool = False) -> DataLoader:
+    """An endless DataLoader of hierarchical batches starting at ``start_step``.
+
+    ``encoded``: the workers only read each tile's stored bytes and draw its views' random choices;
+    :class:`~hlss_model.device_views.DeviceViews` decodes and augments them on the training device."""
     sampler = HierarchicalBatchSampler(index.labels, batch_size, seed, balanced, start_step, rank, world_size)
     return DataLoader(
-        PatientDataset(index, slides, tiles, views, augment),
+        PatientDataset(index, slides, tiles, views, augment, encoded=encoded),
         batch_sampler=sampler,
         collate_fn=collate_patients,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and not encoded,
         multiprocessing_context="spawn" if num_workers > 0 else None,
     )

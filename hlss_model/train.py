@@ -34,6 +34,7 @@ from pipeline.store import SlideStore
 from .augment import AugmentParams
 from .config import ConfigError, TrainConfig
 from .data import CohortIndex, make_loader
+from .device_views import DeviceViews, views_on
 from .evaluate import store_split
 from .extract import resolve_device
 from .losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
@@ -182,10 +183,13 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
         if world > 1 else model
     loss_fn = _build_loss(cfg).to(device)
     sc = cfg.sampler
+    on_device = views_on(sc.views_on, device) == "device"
     loader = make_loader(train_index, sc.slides_per_patient, sc.tiles_per_slide, sc.views_per_tile, augment,
                          sc.batch_size, seed=cfg.seed, balanced=sc.balanced, start_step=start,
                          num_workers=sc.num_workers, rank=rank, world_size=world,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", encoded=on_device)
+    device_views = DeviceViews(augment, device, sc.slides_per_patient, sc.tiles_per_slide, sc.views_per_tile) \
+        if on_device else None
     amp = _autocast_dtype(cfg.precision, device)
     bar = None
     if progress and rank == 0:
@@ -197,7 +201,7 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     for batch in loader:
         if step >= cfg.steps:
             break
-        images = batch["images"].to(device, non_blocking=True)
+        images = device_views(batch) if device_views else batch["images"].to(device, non_blocking=True)
         B, S, T, V = images.shape[:4]
         flat = images.flatten(0, 3)
         if cfg.channels_last:

@@ -134,16 +134,21 @@ class ShardLayout:
     def decode_tile_into(self, raw: bytes | memoryview, out: np.ndarray) -> None:
         """:meth:`decode_tile` straight into ``out`` (``tile_shape[1:]``): for ``hlss.jpeg`` + crc32c
         the checksum is checked and libjpeg-turbo decodes into ``out`` (no copy); else a copy."""
-        if not self._jpeg_crc:
+        if not self.is_jpeg_rgb:
             out[...] = self.decode_tile(raw)
             return
-        view = memoryview(raw)
-        if google_crc32c.value(bytes(view[:-4])) != int.from_bytes(view[-4:], "little"):  # it takes no views
+        imagecodecs.jpeg8_decode(self.jpeg_payload(raw), out=out)
+
+    def jpeg_payload(self, raw: bytes | memoryview) -> bytes:
+        """The JPEG stream of one stored ``hlss.jpeg`` + crc32c chunk, its checksum checked."""
+        payload = bytes(memoryview(raw)[:-4])  # google_crc32c takes no views
+        if google_crc32c.value(payload) != int.from_bytes(memoryview(raw)[-4:], "little"):
             raise ValueError("Stored and computed checksum do not match (crc32c of a tile chunk)")
-        imagecodecs.jpeg8_decode(view[:-4], out=out)
+        return payload
 
     @functools.cached_property
-    def _jpeg_crc(self) -> bool:
+    def is_jpeg_rgb(self) -> bool:
+        """Chunks are ``hlss.jpeg`` RGB tiles followed by their crc32c (the tiler's lossy layout)."""
         codecs = self._codec.codecs
         return (len(codecs) == 2 and isinstance(codecs[0], JpegCodec) and isinstance(codecs[1], Crc32cCodec)
                 and self.tile_shape[-1] == 3)

@@ -124,6 +124,17 @@ class TileReader:
         out[repeats] = out[first[where[repeats]]]
         return out
 
+    def jpeg_bytes(self, rows: np.ndarray) -> list[bytes] | None:
+        """The stored JPEG stream of each of ``rows`` (any order, repeats allowed), checksum checked
+        and stripped, for a decoder elsewhere (e.g. on a GPU); None when the array's chunks are not
+        ``hlss.jpeg`` RGB tiles. Raises as :meth:`read` does."""
+        if not self.layout.is_jpeg_rgb:
+            return None
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        wanted, where = np.unique(rows, return_inverse=True)
+        payloads = [self.layout.jpeg_payload(raw) for raw in self._chunks(wanted)]
+        return [payloads[k] for k in where.tolist()]
+
     # -- bytes ------------------------------------------------------------------------------------
     def _chunks(self, rows: np.ndarray) -> list[memoryview]:
         """The stored bytes of each chunk of ``rows`` (sorted, unique), read as few ranges as possible."""
@@ -265,6 +276,17 @@ class TileArray:
         if isinstance(selection, slice) and selection.step in (None, 1):
             return np.arange(self.checked.array.shape[0])[selection]
         return None
+
+    def jpeg_bytes(self, rows: np.ndarray) -> list[bytes] | None:
+        """The stored JPEG stream of each tile of ``rows`` (see :meth:`TileReader.jpeg_bytes`); None
+        when the tiles are not stored as ``hlss.jpeg`` or cannot be read this way (read them as
+        arrays then: zarr names any damage)."""
+        if self._reader.layout is None:
+            return None
+        try:
+            return self._reader.jpeg_bytes(np.asarray(rows) % max(self.checked.array.shape[0], 1))
+        except Exception:
+            return None
 
     def _fast(self, rows: np.ndarray) -> np.ndarray | None:
         """The tiles of ``rows`` by byte ranges; None when zarr must read them (see the module docstring)."""
