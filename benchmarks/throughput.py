@@ -14,7 +14,9 @@ steps excluded, the median of ``--repeats`` repeats run round-robin (a, b, c, a,
   (c) an HLSS step: backbone + projection + 3 text heads + HLSSLoss, attribute embeddings from the
       text encoder computed once beforehand (not timed);
   the ratios (b)/(a) and (c)/(a) (median of the per-repeat ratios), then (unless ``--loader-steps 0``)
-  the HLSS step fed by the real DataLoader (``make_loader``, spawned workers) and the DataLoader alone.
+  the HLSS step fed by the real loader (``make_loader``) and the loader alone, for each way of
+  making the views (``--loaders``): in worker processes or threads, or on the device from the
+  stored JPEG bytes (:class:`hlss_model.device_views.DeviceViews`: nvJPEG and batched augmentation).
 A step is what ``hlss_model.train`` does: flatten [B, S, T, V, 3, H, W] to N images, channels-last,
 bf16 autocast on CUDA (fp32 on CPU), loss on the reshaped float32 z / heads, one sync per step.
 
@@ -42,6 +44,7 @@ import torch
 
 from hlss_model.augment import AugmentParams
 from hlss_model.data import CohortIndex, HierarchicalBatchSampler, PatientDataset, collate_patients, make_loader
+from hlss_model.device_views import DeviceViews
 from hlss_model.losses import AlignmentLoss, HiDiscLoss, HLSSLoss, HVCLoss
 from hlss_model.model import HLSSModel, create_backbone
 from pipeline.config import TilingParams
@@ -226,36 +229,56 @@ def training_rows(index: CohortIndex, args, device: torch.device, amp: bool) -> 
     return rows
 
 
+LOADERS = {  # name: (views made on the device, worker kind)
+    "views in worker processes": (False, "process"),
+    "views in worker threads": (False, "thread"),
+    "views on the device, bytes read by worker processes": (True, "process"),
+    "views on the device, bytes read by worker threads": (True, "thread"),
+}
+
+
 def loader_rows(index: CohortIndex, args, augment: AugmentParams, device: torch.device, trainer: Trainer,
                 n: int, in_memory: float) -> list[tuple[str, str]]:
-    """The HLSS step fed by the real DataLoader, then the DataLoader alone (same iterator)."""
-    loader = make_loader(index, args.slides, args.tiles, args.views, augment, args.batch_patients, seed=1,
-                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    it = iter(loader)
-    t = time.perf_counter()
-    trainer.step(next(it))  # worker start-up
-    startup = time.perf_counter() - t
-    for _ in range(args.warmup):
-        trainer.step(next(it))
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(args.loader_steps):
-        trainer.step(next(it))
-    sync(device)
-    with_loader = args.loader_steps * n / (time.perf_counter() - t)
-    for _ in range(max(1, args.workers) * 2):  # drain what the workers prefetched while we trained
-        next(it)
-    t = time.perf_counter()
-    for _ in range(args.loader_steps):
-        next(it)
-    alone = args.loader_steps * n / (time.perf_counter() - t)
-    del it, loader
-    return [
-        (f"(c) HLSS step with the DataLoader, {args.workers} workers (images/s)", f"{with_loader:.1f}"),
-        ("  ratio to (c) in memory", f"{with_loader / in_memory:.2f}"),
-        (f"DataLoader alone, {args.workers} workers (images/s)", f"{alone:.1f}"),
-        ("  first step incl. worker start-up (s)", f"{startup:.1f}"),
-    ]
+    """The HLSS step fed by the real loader, each way of making views (``--loaders``), then the
+    loader alone (same iterator)."""
+    rows = []
+    for name in args.loaders:
+        encoded, kind = LOADERS[name]
+        loader = make_loader(index, args.slides, args.tiles, args.views, augment, args.batch_patients, seed=1,
+                             num_workers=args.workers, pin_memory=device.type == "cuda", encoded=encoded,
+                             worker_kind=kind)
+        views = DeviceViews(augment, device, args.slides, args.tiles, args.views) if encoded else None
+
+        def fed(batch: dict) -> dict:
+            return {**batch, "images": views(batch)} if views else batch
+
+        it = iter(loader)
+        t = time.perf_counter()
+        trainer.step(fed(next(it)))  # worker start-up
+        startup = time.perf_counter() - t
+        for _ in range(args.warmup):
+            trainer.step(fed(next(it)))
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(args.loader_steps):
+            trainer.step(fed(next(it)))
+        sync(device)
+        with_loader = args.loader_steps * n / (time.perf_counter() - t)
+        for _ in range(max(1, args.workers) * 2):  # drain what the workers prefetched while we trained
+            next(it)
+        t = time.perf_counter()
+        for _ in range(args.loader_steps):
+            fed(next(it))
+        sync(device)
+        alone = args.loader_steps * n / (time.perf_counter() - t)
+        del it, loader
+        rows += [
+            (f"(c) HLSS step fed by the loader: {name}, {args.workers} workers (images/s)", f"{with_loader:.1f}"),
+            ("  ratio to (c) in memory (goal >= 0.9)", f"{with_loader / in_memory:.2f}"),
+            ("  the loader alone (images/s)", f"{alone:.1f}"),
+            ("  first step incl. worker start-up (s)", f"{startup:.1f}"),
+        ]
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,6 +395,9 @@ def main() -> None:
                     help="DataLoader workers for the DataLoader rows")
     ap.add_argument("--loader-steps", type=int, default=20 if cuda else 3,
                     help="timed steps with the real DataLoader (0 skips those rows)")
+    ap.add_argument("--loaders", nargs="+", choices=list(LOADERS), metavar="LOADER",
+                    default=list(LOADERS) if cuda else list(LOADERS)[:2],
+                    help=f"loader rows to run, of: {'; '.join(LOADERS)} (default: all on CUDA, the first two on CPU)")
     ap.add_argument("--extract-batch", type=int, default=256 if cuda else 64, help="tiles per forward pass")
     ap.add_argument("--extract-repeats", type=int, default=3 if cuda else 2, help="repeats (median reported)")
     ap.add_argument("--no-two-encoders", dest="two_encoders", action="store_false",

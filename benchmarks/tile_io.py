@@ -12,7 +12,12 @@ threads, zarr's event loop included: steadier than wall time on a shared machine
   (one object per shard) against zarr's ``array[a:b] = tiles``;
 - reading: random single tiles, runs of ``--run`` consecutive tiles and random batches of ``--run``
   tiles, through :class:`pipeline.tile_reader.TileArray` (what ``SlideStore.tiles`` gives) and
-  through plain zarr, each as a ratio to the bare decode.
+  through plain zarr, each as a ratio to the bare decode;
+- the training loader (unless ``--no-loader``): views per second of ``make_loader`` with one worker
+  process (the default augmentation, ``--views`` views of each tile) against a bare loop in one
+  thread that decodes each stored tile (imagecodecs) and makes the same number of views of it with
+  :class:`hlss_model.augment.HEAugment` (the bare decode-plus-augment rate); rates per wall second
+  and per CPU second of the worker (or of this process, for the bare loop).
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ def main() -> None:
     ap.add_argument("--singles", type=int, default=600, help="random single-tile reads per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="threads of the worker (1 = one core)")
+    ap.add_argument("--no-loader", dest="loader", action="store_false", help="skip the training-loader rows")
+    ap.add_argument("--views", type=int, default=2, help="training views per tile (loader rows)")
+    ap.add_argument("--loader-tiles", type=int, default=400, help="tiles per round in the loader rows")
     args = ap.parse_args()
     limit_worker_threads(args.threads)
 
@@ -108,20 +116,27 @@ def main() -> None:
             imagecodecs.jpeg8_encode(t, level=codec.quality, subsampling=codec.subsampling) if jpeg else \
                 layout.encode_tile(t)
 
+    def each(fn: Callable[[object], object], items) -> Callable[[], None]:
+        """Read every item in turn, keeping none (as a consumer of batches does)."""
+        def run() -> None:
+            for item in items:
+                fn(item)
+        return run
+
     cases: dict[str, tuple[int, Callable[[], object]]] = {
         "bare decode, every tile": (n, decode_all),
         "bare encode, every tile": (n, encode_all),
         "write shards: ours (one object each)": (n, lambda: rewrite(True)),
         "write shards: zarr": (n, lambda: rewrite(False)),
-        "random single tiles: ours": (len(singles), lambda: [tiles[int(i)] for i in singles]),
-        "random single tiles: zarr": (len(singles), lambda: [tiles.array[int(i)] for i in singles]),
-        f"runs of {args.run}: ours": (len(runs) * args.run, lambda: [tiles[int(a):int(a) + args.run] for a in runs]),
+        "random single tiles: ours": (len(singles), each(lambda i: tiles[int(i)], singles)),
+        "random single tiles: zarr": (len(singles), each(lambda i: tiles.array[int(i)], singles)),
+        f"runs of {args.run}: ours": (len(runs) * args.run, each(lambda a: tiles[int(a):int(a) + args.run], runs)),
         f"runs of {args.run}: zarr": (len(runs) * args.run,
-                                       lambda: [tiles.array[int(a):int(a) + args.run] for a in runs]),
+                                       each(lambda a: tiles.array[int(a):int(a) + args.run], runs)),
         f"random batches of {args.run}: ours": (sum(map(len, batches)),
-                                                 lambda: [tiles.get_orthogonal_selection((b,)) for b in batches]),
+                                                 each(lambda b: tiles.get_orthogonal_selection((b,)), batches)),
         f"random batches of {args.run}: zarr": (sum(map(len, batches[:3])),  # slow: 3 batches only
-                                                 lambda: [tiles.array.get_orthogonal_selection((b,)) for b in batches[:3]]),
+                                                 each(lambda b: tiles.array.get_orthogonal_selection((b,)), batches[:3])),
     }
     for name, (k, fn) in cases.items():  # warm: indexes cached, files in the page cache
         fn()
@@ -138,6 +153,58 @@ def main() -> None:
         ratio = "" if name.startswith("bare") else f"{cpu[name] / ref:.2f}x {what}"
         print(f"{name:<40}{cpu[name]:>10.0f}{ratio:>16}{wall[name]:>10.0f}")
     print(f"{'bare decode + encode (one tile each)':<40}{1 / (1 / dec + 1 / enc):>10.0f}")
+    if args.loader:
+        loader_rows(st, raws, jpeg, layout, args)
+
+
+def loader_rows(st: SlideStore, raws: list[bytes], jpeg: bool, layout: ShardLayout, args) -> None:
+    """The training DataLoader (one worker) against the bare decode-plus-augment loop (see the docstring)."""
+    import psutil
+    import torch
+
+    from hlss_model.augment import AugmentParams, HEAugment
+    from hlss_model.data import CohortIndex, make_loader
+
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    params, views = AugmentParams(), args.views
+    aug = HEAugment(params)
+    gen = torch.Generator().manual_seed(0)
+    sample = raws[: args.loader_tiles]
+
+    def bare() -> None:
+        for r in sample:
+            tile = imagecodecs.jpeg8_decode(r[:-4]) if jpeg else layout.decode_tile(r)
+            for _ in range(views):
+                aug(tile, gen)
+
+    bare()  # warm
+    bare_rates = [_rates(len(sample) * views, bare) for _ in range(args.rounds)]
+    index = CohortIndex.from_store(st.path)
+    tiles_per_item = 8
+    batches = max(1, len(sample) // tiles_per_item)
+    n = batches * tiles_per_item * views
+    b_cpu, b_wall = (statistics.median(r[k] for r in bare_rates) for k in (0, 1))
+    print(f"\ntraining views ({views} per tile, {params.out_size} px, default augmentation; medians of "
+          f"{args.rounds} rounds)")
+    print(f"{'':<40}{'per CPU s':>10}{'ratio':>16}{'wall':>10}{'ratio':>8}")
+    print(f"{'bare decode + augment, 1 thread':<40}{b_cpu:>10.0f}{'':>16}{b_wall:>10.0f}")
+    for kind in ("process", "thread"):
+        loader = make_loader(index, 1, tiles_per_item, views, params, batch_size=1, seed=0, num_workers=1,
+                             worker_kind=kind)
+        it = iter(loader)
+        for _ in range(3):  # worker start-up, warm caches
+            next(it)
+        worker = psutil.Process(it._workers[0].pid) if kind == "process" else psutil.Process()
+        rates = []
+        for _ in range(args.rounds):
+            c, t = sum(worker.cpu_times()[:2]), time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            rates.append((n / (sum(worker.cpu_times()[:2]) - c), n / (time.perf_counter() - t)))
+        del it, loader
+        l_cpu, l_wall = (statistics.median(r[k] for r in rates) for k in (0, 1))
+        name = "make_loader, 1 worker process" if kind == "process" else "make_loader, 1 thread (worker_kind: thread)"
+        print(f"{name:<40}{l_cpu:>10.0f}{f'{l_cpu / b_cpu:.2f}x bare':>16}{l_wall:>10.0f}{l_wall / b_wall:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -408,10 +408,12 @@ class HEAugment:
         return f"{type(self).__name__}({self.params!r})"
 
     def __call__(
-        self, tile: np.ndarray | torch.Tensor, generator: torch.Generator | None = None
+        self, tile: np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The view; ``out``: a float32 ``(3, out_size, out_size)`` tensor to write it into."""
         x = _as_uint8_tensor(tile, (3,)).permute(2, 0, 1)  # (3, H, W) view
-        return self.apply(x, self.draw(x.shape[1], x.shape[2], generator))
+        return self.apply(x, self.draw(x.shape[1], x.shape[2], generator), out)
 
     def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> ViewDraw:
         """The random choices for one view of a ``height x width`` px tile."""
@@ -435,8 +437,9 @@ class HEAugment:
         erase = _erase_box(p.out_size, p.out_size, p.erase_scale, g) if _coin(g, p.p_erase) else None
         return ViewDraw(crop, hflip, vflip, rot90, jitter, order, hed, blur, noise, erase)  # type: ignore[arg-type]
 
-    def apply(self, x: torch.Tensor, d: ViewDraw) -> torch.Tensor:
-        """The view ``d`` of the uint8 ``(3, H, W)`` tile ``x``: float32 ``(3, out_size, out_size)``."""
+    def apply(self, x: torch.Tensor, d: ViewDraw, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The view ``d`` of the uint8 ``(3, H, W)`` tile ``x``: float32 ``(3, out_size, out_size)``
+        (written into ``out`` when given)."""
         x = self._geometry(x, d)
         x = _to_unit_float(x)
         if d.jitter is not None:
@@ -447,7 +450,7 @@ class HEAugment:
             x = _gaussian_blur(x, d.blur)
         if d.noise is not None:
             x = _gaussian_noise(x, *d.noise)
-        x = torch.addcmul(self._offset.to(x.device), x, self._scale.to(x.device))
+        x = torch.addcmul(self._offset.to(x.device), x, self._scale.to(x.device), out=out)
         if d.erase is not None:
             x = _erase(x, d.erase)
         return x

@@ -41,6 +41,7 @@ class ConfigError(ValueError):
 
 
 VIEWS_ON = ("auto", "workers", "device")
+WORKER_KINDS = ("process", "thread")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class SamplerConfig:
     tiles_per_slide: int = 2
     views_per_tile: int = 2
     balanced: bool = False  # draw classes uniformly, then a patient of the class
-    num_workers: int = 2  # DataLoader worker processes reading the store
+    num_workers: int = 2  # loader workers reading the store (0: in the training process)
+    worker_kind: str = "process"  # workers are spawned processes, or threads of the training process
     # where views are decoded and augmented: "workers" (CPU), "device" (the stored JPEG bytes go to
     # the training device and are decoded and augmented there, batched), "auto" (device on CUDA)
     views_on: str = "auto"
@@ -67,6 +69,8 @@ class SamplerConfig:
             raise ConfigError("sampler: a patient item needs at least two images (S*T*V >= 2) for contrastive pairs")
         if self.num_workers < 0:
             raise ConfigError(f"sampler.num_workers must be >= 0, got {self.num_workers}")
+        if self.worker_kind not in WORKER_KINDS:
+            raise ConfigError(f"sampler.worker_kind must be one of {', '.join(WORKER_KINDS)}, got {self.worker_kind!r}")
         if self.views_on not in VIEWS_ON:
             raise ConfigError(f"sampler.views_on must be one of {', '.join(VIEWS_ON)}, got {self.views_on!r}")
 

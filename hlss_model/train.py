@@ -187,7 +187,7 @@ def train(store: str | Path, out: str | Path, config: TrainConfig | None = None,
     loader = make_loader(train_index, sc.slides_per_patient, sc.tiles_per_slide, sc.views_per_tile, augment,
                          sc.batch_size, seed=cfg.seed, balanced=sc.balanced, start_step=start,
                          num_workers=sc.num_workers, rank=rank, world_size=world,
-                         pin_memory=device.type == "cuda", encoded=on_device)
+                         pin_memory=device.type == "cuda", encoded=on_device, worker_kind=sc.worker_kind)
     device_views = DeviceViews(augment, device, sc.slides_per_patient, sc.tiles_per_slide, sc.views_per_tile) \
         if on_device else None
     amp = _autocast_dtype(cfg.precision, device)

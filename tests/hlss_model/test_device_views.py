@@ -136,3 +136,34 @@ def test_gpu_views_match_the_cpu_views(train_store):
     for i in torch.flatnonzero(noisy).tolist():
         std = batch["draws"][i].noise[0] / min(EVERY_STEP.std)
         assert diff[i].std() < 2 * 2**0.5 * std + 0.05
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_thread_workers_give_the_process_workers_batches(train_store, encoded):
+    from hlss_model.data import ThreadLoader, make_loader
+
+    index = CohortIndex.from_store(train_store)
+    params = AugmentParams(out_size=32)
+    got = {}
+    for kind in ("process", "thread"):
+        loader = make_loader(index, 2, 2, 2, params, batch_size=4, seed=5, start_step=3, num_workers=2,
+                             encoded=encoded, worker_kind=kind)
+        assert isinstance(loader, ThreadLoader) == (kind == "thread")
+        it = iter(loader)
+        got[kind] = [next(it) for _ in range(3)]
+        del it
+    for a, b in zip(got["process"], got["thread"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k == "encoded":
+                assert a[k] == b[k]
+            elif k == "draws":
+                assert a[k] == b[k]
+            else:
+                assert torch.equal(a[k], b[k]), k
+
+
+def test_worker_kind_setting():
+    assert SamplerConfig(worker_kind="thread").worker_kind == "thread"
+    with pytest.raises(ConfigError, match="sampler.worker_kind must be one of process, thread"):
+        SamplerConfig(worker_kind="fiber")
