@@ -38,21 +38,38 @@ def decode_tiles(encoded: Sequence[bytes | np.ndarray], device: torch.device) ->
     out: list[torch.Tensor | None] = [None] * len(encoded)
     jpeg = [i for i, e in enumerate(encoded) if isinstance(e, (bytes, bytearray, memoryview))]
     if jpeg and device.type == "cuda":
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        data = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpeg]
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
-            warnings.simplefilter("ignore", UserWarning)
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        for i, t in zip(jpeg, decoded):
+        for i, t in zip(jpeg, _nvjpeg([encoded[i] for i in jpeg], device)):
             out[i] = t
-    else:
-        for i in jpeg:
+    for i in jpeg:
+        if out[i] is None:
             out[i] = torch.from_numpy(imagecodecs.jpeg8_decode(encoded[i])).permute(2, 0, 1).to(device)
     for i, e in enumerate(encoded):
         if out[i] is None:
             out[i] = torch.from_numpy(np.ascontiguousarray(e)).permute(2, 0, 1).to(device, non_blocking=True)
     return out  # type: ignore[return-value]
+
+
+def _nvjpeg(streams: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """``streams`` decoded on the GPU in one call; Nones (the caller decodes on the CPU) where this
+    torchvision has no GPU decoder or nvJPEG refuses the batch, with a warning the first time."""
+    global _NVJPEG_FAILED
+    if _NVJPEG_FAILED:
+        return [None] * len(streams)
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
+            warnings.simplefilter("ignore", UserWarning)
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except (RuntimeError, ImportError) as e:
+        _NVJPEG_FAILED = True
+        warnings.warn(f"decoding tiles on {device} failed ({type(e).__name__}: {e}); decoding them on the CPU "
+                      "from now on (the views are still made on the device)", RuntimeWarning, stacklevel=3)
+        return [None] * len(streams)
+
+
+_NVJPEG_FAILED = False
 
 
 class DeviceViews:
