@@ -110,15 +110,17 @@ def test_views_on_setting():
         SamplerConfig(views_on="gpu")
 
 
-def test_training_on_device_views_follows_the_worker_views_losses(train_store, tiny_text_model, tmp_path):
+def test_training_on_device_views_or_thread_workers_follows_the_worker_views_losses(train_store, tiny_text_model,
+                                                                                   tmp_path):
     losses = {}
-    for where in ("workers", "device"):
-        cfg = tiny_config(tiny_text_model, steps=3, sampler={"views_on": where, "num_workers": 1})
-        train(train_store, tmp_path / where, cfg, progress=False)
-        lines = (tmp_path / where / "metrics.jsonl").read_text().splitlines()
-        losses[where] = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
-    assert len(losses["workers"]) == 3
-    np.testing.assert_allclose(losses["device"], losses["workers"], rtol=1e-4)
+    for where, kind in (("workers", "process"), ("device", "process"), ("workers", "thread")):
+        cfg = tiny_config(tiny_text_model, steps=3, sampler={"views_on": where, "num_workers": 1, "worker_kind": kind})
+        train(train_store, tmp_path / f"{where}-{kind}", cfg, progress=False)
+        lines = (tmp_path / f"{where}-{kind}" / "metrics.jsonl").read_text().splitlines()
+        losses[where, kind] = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    assert len(losses["workers", "process"]) == 3
+    np.testing.assert_allclose(losses["device", "process"], losses["workers", "process"], rtol=1e-4)
+    np.testing.assert_allclose(losses["workers", "thread"], losses["workers", "process"], rtol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
