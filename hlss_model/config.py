@@ -222,6 +222,9 @@ class TrainConfig:
         out["augment"] = self.augment.to_dict()
         if out["model"]["tower"] is None:  # absent = no tower: configs written before towers compare unchanged
             del out["model"]["tower"]
+        for key, default in (("views_on", "auto"), ("worker_kind", "process")):  # likewise: added by issue 15
+            if out["sampler"][key] == default:
+                del out["sampler"][key]
         return _plain(out)
 
     def replace(self, **changes: Any) -> "TrainConfig":
