@@ -26,8 +26,8 @@ consumers filter with a :class:`TileFilter`:
 H&E tiles with and without pen strokes; a step that is not a multiple of 8 does not sample the same
 place of every 8 x 8 JPEG block), the focus on every second pixel in each direction (half
 resolution: a quarter of the cost, still far apart for sharp and blurred tiles). They are measured
-on the tiles as read, before (lossy) encoding for the store, right after each few tiles are
-gathered (while they are in the CPU caches), in uint8 / int16 / float32 buffers each thread keeps
+on the tiles as read, before (lossy) encoding for the store, right after each block of tiles is
+read (while it is in the CPU caches), in uint8 / int16 / float32 buffers each thread keeps
 between calls: about 0.1-0.16 ms per 256 px tile on one core, 5-6 % of single-threaded tiling
 (``benchmarks/tile_qc_cost.py``).
 """
