@@ -28,8 +28,9 @@ place of every 8 x 8 JPEG block), the focus on every second pixel in each direct
 resolution: a quarter of the cost, still far apart for sharp and blurred tiles). They are measured
 on the tiles as read, before (lossy) encoding for the store, right after each block of tiles is
 read (while it is in the CPU caches), in uint8 / int16 / float32 buffers each thread keeps
-between calls: about 0.1-0.16 ms per 256 px tile on one core, 5-6 % of single-threaded tiling
-(``benchmarks/tile_qc_cost.py``).
+between calls: about 0.07-0.16 ms per 256 px tile on one core, 5-6 % of single-threaded tiling
+(``benchmarks/tile_qc_cost.py``), about 8 % since reading and writing tiles got cheaper
+(``benchmarks/README.md``, "Tile I/O at codec speed").
 """
 
 from __future__ import annotations
