@@ -71,6 +71,55 @@ class DirectLevel:
                                                                  ax0 - tx * tw : ax1 - tx * tw, :3]
         return out
 
+    def read_tiles(self, xs: np.ndarray, ys: np.ndarray, size: int, out: np.ndarray) -> None:
+        """Fill ``out`` ``(n, size, size, 3) uint8`` with the squares of ``size`` level px whose
+        top-left corners are ``(xs[k], ys[k])`` level px (``(n,)`` int); outside the level and in
+        empty tiles zeros, the pixels :meth:`read` gives for the same squares.
+
+        Each source tile a square meets is decoded once and its part of every square it meets is
+        copied straight into that square's slot: no region between them, no zero-filling of
+        pixels a source tile covers.
+        """
+        xs, ys = np.asarray(xs, np.int64), np.asarray(ys, np.int64)
+        # the part of each square inside the level, level px (empty for one wholly outside)
+        x0, y0 = np.maximum(xs, 0), np.maximum(ys, 0)
+        x1, y1 = np.minimum(xs + size, self.width), np.minimum(ys + size, self.height)
+        partial = (x0 != xs) | (y0 != ys) | (x1 != xs + size) | (y1 != ys + size)
+        out[partial] = 0  # rare: squares over the level's edge keep zeros where no source tile is
+        k, tx, ty = self._pairs(x0, y0, x1, y1)
+        tw, th = self._tw, self._th
+        # each (square, source tile) pair: their common rectangle, level px
+        ax0, ay0 = np.maximum(x0[k], tx * tw), np.maximum(y0[k], ty * th)
+        ax1, ay1 = np.minimum(x1[k], (tx + 1) * tw), np.minimum(y1[k], (ty + 1) * th)
+        # that rectangle's rows and columns in the square (q*) and in the source tile (s*)
+        qy0, qy1, qx0, qx1 = ay0 - ys[k], ay1 - ys[k], ax0 - xs[k], ax1 - xs[k]
+        sy0, sy1, sx0, sx1 = ay0 - ty * th, ay1 - ty * th, ax0 - tx * tw, ax1 - tx * tw
+        rows = zip((ty * self._across + tx).tolist(), k.tolist(), *(v.tolist() for v in
+                   (qy0, qy1, qx0, qx1, sy0, sy1, sx0, sx1)))
+        index, tile = -1, None
+        for src, sq, q0, q1, q2, q3, s0, s1, s2, s3 in rows:
+            if src != index:  # pairs come sorted by source tile: each is decoded once
+                index, tile = src, self._tile(src)
+            if tile is None:
+                out[sq, q0:q1, q2:q3] = 0
+            else:
+                out[sq, q0:q1, q2:q3] = tile[s0:s1, s2:s3, :3]
+
+    def _pairs(self, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray,
+               y1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (square, source tile) pair that meets, for squares clipped to the level
+        ``[x0, x1) x [y0, y1)`` level px ``(n,)``: ``(k, tx, ty)`` ``(m,)`` int64 (square index, source
+        tile column and row), sorted by source tile in row-major order (the file's usual order)."""
+        keep = np.flatnonzero((x1 > x0) & (y1 > y0))
+        c0, r0 = x0[keep] // self._tw, y0[keep] // self._th
+        nc, nr = (x1[keep] - 1) // self._tw - c0 + 1, (y1[keep] - 1) // self._th - r0 + 1
+        per = nc * nr  # source tiles each square meets
+        k = np.repeat(keep, per)
+        j = np.arange(len(k)) - np.repeat(np.cumsum(per) - per, per)  # pair's number within its square
+        tx, ty = np.repeat(c0, per) + j % np.repeat(nc, per), np.repeat(r0, per) + j // np.repeat(nc, per)
+        order = np.lexsort((k, tx, ty))
+        return k[order], tx[order], ty[order]
+
     def _needed(self, parts: np.ndarray | None, clip: tuple[int, int, int, int]) -> set[tuple[int, int]] | None:
         """(row, column) of the source tiles that ``parts`` meet inside ``clip`` (x0, y0, x1, y1), or
         None for all."""

@@ -26,10 +26,11 @@ consumers filter with a :class:`TileFilter`:
 H&E tiles with and without pen strokes; a step that is not a multiple of 8 does not sample the same
 place of every 8 x 8 JPEG block), the focus on every second pixel in each direction (half
 resolution: a quarter of the cost, still far apart for sharp and blurred tiles). They are measured
-on the tiles as read, before (lossy) encoding for the store, right after each few tiles are
-gathered (while they are in the CPU caches), in uint8 / int16 / float32 buffers each thread keeps
-between calls: about 0.1-0.16 ms per 256 px tile on one core, 5-6 % of single-threaded tiling
-(``benchmarks/tile_qc_cost.py``).
+on the tiles as read, before (lossy) encoding for the store, right after each block of tiles is
+read (while it is in the CPU caches), in uint8 / int16 / float32 buffers each thread keeps
+between calls: about 0.07-0.16 ms per 256 px tile on one core, 5-6 % of single-threaded tiling
+(``benchmarks/tile_qc_cost.py``), about 8 % since reading and writing tiles got cheaper
+(``benchmarks/README.md``, "Tile I/O at codec speed").
 """
 
 from __future__ import annotations
@@ -342,7 +343,6 @@ def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], c
     ``outline`` ``(h', w') bool`` (the outline pixels drawn).
     """
     from PIL import Image, ImageDraw, ImageFont
-    from skimage.segmentation import find_boundaries
 
     thumbnail = np.asarray(thumbnail, np.uint8)
     mask = np.asarray(mask, bool)
@@ -360,7 +360,7 @@ def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], c
     for r in rects.tolist():
         draw.rectangle(r, outline=TILE_RGB, width=1)
     pic = np.array(img)
-    outline = find_boundaries(dmask, mode="inner") if dmask.any() else np.zeros_like(dmask)
+    outline = inner_boundary(dmask)
     pic[outline] = OUTLINE_RGB
 
     font = ImageFont.load_default()
@@ -374,6 +374,16 @@ def render_qc(thumbnail: np.ndarray, mask: np.ndarray, scale: Sequence[float], c
         cd.text((4, dh + 4 + k * _LINE_PX), line, fill=(0, 0, 0), font=font)
     info = {"scale": [sx, sy], "size": [dw, dh], "caption_px": band, "rects": rects, "outline": outline}
     return np.asarray(canvas), info
+
+
+def inner_boundary(mask: np.ndarray) -> np.ndarray:
+    """``(h, w) bool``: the pixels of ``mask`` ``(h, w) bool`` with a 4-neighbour outside it; the
+    image's edge does not count as outside. The same as ``skimage.segmentation.find_boundaries(mask,
+    mode="inner")``, without importing skimage.segmentation (about 0.2 s in a fresh worker)."""
+    from scipy import ndimage
+
+    cross = ndimage.generate_binary_structure(2, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=1)
 
 
 def qc_caption(patient_id: str, slide_id: str, attrs: Mapping[str, Any], n_tiles: int, n_grid: int | None,

@@ -141,6 +141,16 @@ class SlideReader:
         loc = (x if level == 0 else math.ceil(x * ds), y if level == 0 else math.ceil(y * ds))
         return self.read_region(loc, level, (w, h))
 
+    def read_tiles(self, level: int, xs: np.ndarray, ys: np.ndarray, size: int, out: np.ndarray) -> None:
+        """Fill ``out`` ``(n, size, size, 3) uint8`` with the squares of ``size`` level px whose
+        top-left corners are ``(xs[k], ys[k])`` level px (``(n,)`` int): here one :meth:`read_level`
+        of their bounding box (decoding only what they need), cut into the squares."""
+        x0, y0 = int(xs.min()), int(ys.min())
+        parts = np.stack([xs, ys, np.full_like(xs, size), np.full_like(ys, size)], axis=1)
+        region = self.read_level(level, x0, y0, int(xs.max()) + size - x0, int(ys.max()) + size - y0, parts)
+        for k, (x, y) in enumerate(zip((xs - x0).tolist(), (ys - y0).tolist())):
+            out[k] = region[y : y + size, x : x + size]
+
     def close(self) -> None:
         self._h.close()
 
@@ -181,6 +191,12 @@ class TiffSlideReader(SlideReader):
         if direct is None:
             return super().read_level(level, x, y, w, h)
         return direct.read(x, y, w, h, parts)  # read_region's level px for these (see SlideReader.read_level)
+
+    def read_tiles(self, level, xs, ys, size, out):
+        direct = self._direct.get(level) if 0 <= level < self.level_count else None
+        if direct is None:
+            return super().read_tiles(level, xs, ys, size, out)
+        direct.read_tiles(xs, ys, size, out)  # the same pixels, without a region between
 
     def close(self) -> None:
         self._direct.close()

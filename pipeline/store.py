@@ -165,12 +165,11 @@ def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype:
         compressors = ()
     elif not isinstance(compressors, (list, tuple)):
         compressors = (compressors,)
-    arr = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or "auto", shards=shards,
-                             fill_value=fill_value, filters=filters, serializer=serializer,
-                             compressors=(*compressors, Crc32cCodec()), config={"write_empty_chunks": True})
-    if attrs:
-        arr.update_attributes(attrs)
-    return arr
+    # the attributes go into the array's first zarr.json: no second metadata write
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or "auto", shards=shards,
+                              fill_value=fill_value, filters=filters, serializer=serializer,
+                              compressors=(*compressors, Crc32cCodec()), config={"write_empty_chunks": True},
+                              attributes=attrs or None)
 
 
 def has_checksums(array: zarr.Array) -> bool:

@@ -1,11 +1,12 @@
 """Reading the tiles of a grid from a slide: the hot path.
 
 Tiles are read in blocks: the kept tiles of a block of neighbouring grid cells (at most ``block_px``
-level px on a side) are read with one region read and cut out of it, so every JPEG tile of the
-slide is decoded about once instead of up to four times by unaligned per-tile reads.
+level px on a side) are read together, so every JPEG tile of the slide is decoded about once
+instead of up to four times by unaligned per-tile reads.
 
 When the chosen level's resolution equals the target (the tile's far edge off by at most half a
-pixel) the tiles are plain crops. Otherwise each tile is resampled from its exact, sub-pixel footprint with a
+pixel) the tiles are plain crops, read with :meth:`~pipeline.reader.SlideReader.read_tiles` (on the
+direct TIFF path each decoded source tile is copied straight into the tiles it meets). Otherwise each tile is resampled from its exact, sub-pixel footprint with a
 Lanczos filter (antialiased when downsampling), so the tile covers exactly ``tile_size * target_mpp``
 µm whatever the scan resolution. Downsampling by f >= 2 first averages whole f x f pixel blocks of
 the block region (an area filter, PIL's ``reduce``), then applies Lanczos for the remaining
@@ -75,7 +76,7 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
     """Yield ``(indices, tiles)`` block by block, in ``plan.order``.
 
     ``indices`` (n,) int64 index into ``coords``; ``tiles`` is ``(n, T, T, 3) uint8``.
-    Memory: one block region and its tiles at a time. ``budget`` is checked before every block read.
+    Memory: one block's tiles (and, resampling, its region) at a time. ``budget`` is checked before every block read.
     """
     lsx, lsy = plan.level_scale
     fw, fh = plan.footprint
@@ -98,11 +99,7 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
         if not plan.resample:
             ix = np.minimum(np.round(lx).astype(np.int64), lw - T)
             iy = np.minimum(np.round(ly).astype(np.int64), lh - T)
-            x0, y0 = int(ix.min()), int(iy.min())
-            parts = np.stack([ix, iy, np.full_like(ix, T), np.full_like(iy, T)], axis=1)
-            region = _read(slide, plan.level, x0, y0, int(ix.max()) + T - x0, int(iy.max()) + T - y0, parts)
-            for k, (x, y) in enumerate(zip(ix - x0, iy - y0)):
-                out[k] = region[y : y + T, x : x + T]
+            _read_tiles(slide, plan.level, ix, iy, T, out)
         else:
             x0 = max(0, int(math.floor(lx.min())) - margin)
             y0 = max(0, int(math.floor(ly.min())) - margin)
@@ -150,4 +147,18 @@ def _read(slide: SlideReader, level: int, x: int, y: int, w: int, h: int,
             slide.path,
             f"cannot decode level {level} at ({x}, {y}) size {w}x{h} ({type(e).__name__}: {e}); "
             "the file may be truncated or corrupt",
+        ) from e
+
+
+def _read_tiles(slide: SlideReader, level: int, xs: np.ndarray, ys: np.ndarray, size: int, out: np.ndarray) -> None:
+    """``read_tiles`` (squares of ``size`` level px at ``(xs, ys)`` into ``out``) with an error that says
+    where the slide could not be decoded."""
+    try:
+        slide.read_tiles(level, xs, ys, size, out)
+    except Exception as e:  # decoders raise many types; the slide, not the run, has failed
+        x0, y0 = int(xs.min()), int(ys.min())
+        raise SlideError(
+            slide.path,
+            f"cannot decode level {level} at ({x0}, {y0}) size {int(xs.max()) + size - x0}x"
+            f"{int(ys.max()) + size - y0} ({type(e).__name__}: {e}); the file may be truncated or corrupt",
         ) from e

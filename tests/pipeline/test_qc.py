@@ -17,7 +17,8 @@ from hlss_model.config import ConfigError, TrainConfig
 from hlss_model.data import CohortIndex, draw_patient
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
-from pipeline.qc import OUTLINE_RGB, QC_FIELDS, TILE_RGB, TileFilter, export_qc, picture_size, render_qc, tile_measures
+from pipeline.qc import (OUTLINE_RGB, QC_FIELDS, TILE_RGB, TileFilter, export_qc, inner_boundary, picture_size,
+                        render_qc, tile_measures)
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore, StoreError
 
@@ -95,6 +96,26 @@ def _rect_outlines(rects: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         out[y0, x0:x1 + 1] = out[y1, x0:x1 + 1] = True
         out[y0:y1 + 1, x0] = out[y0:y1 + 1, x1] = True
     return out
+
+
+def _masks() -> list[np.ndarray]:
+    """Random masks (sparse to dense, smooth and speckled) and masks touching the image's edges."""
+    rng = np.random.default_rng(7)
+    masks = [rng.random((h, w)) < p for h, w, p in ((40, 60, 0.1), (33, 17, 0.5), (50, 50, 0.9), (1, 30, 0.5),
+                                                     (30, 1, 0.5))]
+    masks.append(np.kron(rng.random((12, 16)) < 0.5, np.ones((5, 5), bool)))  # blobs, many at the edges
+    full, empty, dot, frame = np.ones((20, 30), bool), np.zeros((20, 30), bool), np.zeros((9, 9), bool), np.ones((9, 9), bool)
+    dot[0, 4] = dot[4, 4] = dot[8, 8] = True
+    frame[2:-2, 2:-2] = False
+    edges = np.zeros((20, 30), bool)
+    edges[:, :6] = edges[-4:, :] = True  # a band down the left edge and one along the bottom
+    return masks + [full, empty, dot, frame, edges, np.ones((1, 1), bool)]
+
+
+def test_inner_boundary_is_skimage_find_boundaries_inner():
+    for mask in _masks():
+        np.testing.assert_array_equal(inner_boundary(mask), find_boundaries(mask, mode="inner"),
+                                      err_msg=f"{mask.shape} mask with {mask.sum()} pixels")
 
 
 def test_picture_size_shrinks_large_and_enlarges_small_thumbnails():

@@ -106,6 +106,26 @@ def test_write_shard_refuses_a_short_shard(tmp_path):
     ours, _ = _pair(tmp_path, "none", 20, 8)
     with pytest.raises(ValueError, match="shard 1 holds 8 tiles, got 3"):
         write_shard(ShardLayout.of(ours), 1, _tiles(3))
+    with pytest.raises(ValueError, match="shard 1 holds 8 tiles, got 7"):
+        write_shard(ShardLayout.of(ours), 1, [_tiles(3), _tiles(4)])
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_a_shard_from_block_pieces_is_the_shard_of_their_concatenation(tmp_path, compression):
+    """Pieces of blocks (views, as the tiler hands them over, one of a single tile, one empty) encode
+    to the bytes of the concatenated array, inline and in a pool, and write the same object."""
+    ours, _ = _pair(tmp_path, compression, 20, 8)
+    layout = ShardLayout.of(ours)
+    blocks = [_tiles(5, seed=2), _tiles(9, seed=3)]
+    pieces = [blocks[0][1:], blocks[1][:0], blocks[1][:1], blocks[1][4:7]]
+    whole = np.concatenate(pieces)
+    assert len(whole) == 8 and not any(p.flags.owndata for p in pieces)
+    expected = layout.encode_shard(whole)
+    assert layout.encode_shard(pieces) == expected
+    with ThreadPoolExecutor(2, thread_name_prefix="tile-codec") as pool:
+        assert layout.encode_shard(pieces, pool) == expected
+    write_shard(layout, 0, pieces)
+    assert (tmp_path / "ours" / layout.shard_key(0)).read_bytes() == expected
 
 
 # -- the tiler's store path ---------------------------------------------------------------------

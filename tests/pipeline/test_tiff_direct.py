@@ -12,7 +12,7 @@ import tifffile
 from pipeline import _tiff_direct
 from pipeline.codecs import TileCompression
 from pipeline.config import TilingParams
-from pipeline.reader import SlideError, open_slide
+from pipeline.reader import SlideError, SlideReader, open_slide
 from pipeline.runner import tile_cohort
 from pipeline.store import SlideStore
 from pipeline.tiler import plan_slide
@@ -115,6 +115,64 @@ def test_parts_decode_only_the_source_tiles_they_meet(real_slide):
         np.testing.assert_array_equal(ours[:480, :480], whole[:480, :480])  # whole tiles are decoded
         np.testing.assert_array_equal(ours[480:720, 480:720], whole[480:720, 480:720])
         assert not ours[:, 720:].any() and not ours[720:].any() and not ours[:480, 480:].any()
+
+
+def _squares(w: int, h: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners (level px) of squares of ``size``: aligned and not, at the right and bottom
+    edges (the tiler's last tiles), over the edges and corners, wholly outside, and one twice."""
+    pts = [(0, 0), (250, 130), (w - size, h - size), (w - size, 0), (0, h - size), (w - size // 2, 7),
+           (9, h - size // 3), (-20, -7), (w + 5, 3), (3, h + 40), (250, 130), (w - size - 1, h - size - 1)]
+    xs, ys = np.array(pts, np.int64).T
+    return xs, ys
+
+
+def _assert_read_tiles_is_region_and_cut(path, size: int) -> None:
+    """Every level of ``path``: the direct ``read_tiles`` gives the pixels of the region-and-cut read
+    (``SlideReader.read_tiles``) and of tiffslide, in an ``out`` full of garbage before."""
+    with open_slide(path, "tiffslide") as slide:
+        for level, (w, h) in enumerate(slide.level_dimensions):
+            assert slide._direct.get(level) is not None
+            xs, ys = _squares(w, h, size)
+            ours = np.full((len(xs), size, size, 3), 171, np.uint8)
+            slide.read_tiles(level, xs, ys, size, ours)
+            cut = np.full_like(ours, 29)
+            SlideReader.read_tiles(slide, level, xs, ys, size, cut)
+            np.testing.assert_array_equal(ours, cut, err_msg=f"level {level}")
+            ds = slide.level_downsamples[level]
+            for k, (x, y) in enumerate(zip(xs.tolist(), ys.tolist())):
+                theirs = slide._h.read_region((round(x * ds), round(y * ds)), level, (size, size), as_array=True)
+                np.testing.assert_array_equal(ours[k], theirs[..., :3], err_msg=f"level {level} square {(x, y)}")
+
+
+@pytest.mark.filterwarnings("ignore:location=.*out-of-bounds")
+def test_read_tiles_is_the_region_and_cut_read(real_slide, cmu_pixels, tmp_path):
+    """Squares straight from the decoded source tiles: the real SVS (240 px source tiles, squares of
+    256 and 100 px), and every level of an OME-TIFF pyramid."""
+    for size in (256, 100):
+        _assert_read_tiles_is_region_and_cut(real_slide, size)
+    path = tmp_path / "cmu.ome.tiff"
+    write_ome_pyramid(path, cmu_pixels[:1500, :1700], MPP)
+    _assert_read_tiles_is_region_and_cut(path, 224)
+
+
+def test_read_tiles_leaves_sparse_source_tiles_zero(cmu_pixels, tmp_path):
+    """A 0-byte source tile is zeros in every square it meets, as in the region read."""
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, cmu_pixels[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib",
+                     metadata=None)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["TileByteCounts"].overwrite((0,) + tuple(tif.pages[0].databytecounts[1:]))
+    with open_slide(path, "tiffslide") as slide:
+        xs, ys = np.array([0, 100, 200, 300, 256]), np.array([0, 100, 50, 300, 0])
+        ours = np.full((5, 256, 256, 3), 171, np.uint8)
+        slide.read_tiles(0, xs, ys, 256, ours)
+        cut = np.full_like(ours, 29)
+        SlideReader.read_tiles(slide, 0, xs, ys, 256, cut)
+        np.testing.assert_array_equal(ours, cut)
+        assert not ours[0].any() and not ours[1, :156, :156].any() and ours[1, 156:].any()
+        np.testing.assert_array_equal(ours[3, :212, :212], cmu_pixels[300:512, 300:512])  # lossless: the source
+        assert not ours[3, 212:].any() and not ours[3, :, 212:].any()  # outside the level
+        np.testing.assert_array_equal(ours[4], cmu_pixels[:256, 256:512])
 
 
 @pytest.mark.parametrize("target_mpp", [MPP, 2 * MPP, 1.0])
