@@ -207,7 +207,7 @@ class ShardLayout:
         ``hlss.jpeg`` + crc32c libjpeg-turbo's bytes and their CRC-32C, with the codec's own encoder
         call but without zarr's buffer wrapping (about 20 µs a tile) and the copy that appends the
         checksum."""
-        if not self._jpeg_crc:
+        if not self.is_jpeg_rgb:
             return (self.encode_tile(tile),)
         jpeg: JpegCodec = self._codec.codecs[0]
         if tile.dtype != np.uint8:  # as the codec itself refuses
