@@ -244,6 +244,15 @@ def main() -> None:
         print(f"{name:<52}{value:>12}")
 
 
+def _mean_slide_seconds(store: Path) -> float:
+    """Mean open-to-commit wall seconds of the store's slides, as their workers timed them (without
+    the workers' start-up and the cohort's tail, which a long cohort spreads thin)."""
+    from pipeline.store import SlideStore
+
+    seconds = [float(r.attrs["timings"]["total_s"]) for r in SlideStore(store).records("complete")]
+    return sum(seconds) / len(seconds)
+
+
 def _slide_seconds(store: Path) -> tuple[float, float]:
     """Open-to-commit wall and CPU seconds of the store's one slide, as its worker timed them."""
     from pipeline.store import SlideStore
@@ -376,12 +385,14 @@ def scaling_rows(slide: Path, params: TilingParams, n_copies: int) -> list[tuple
     wall_c1, nc, rss_c1, _ = run_pipeline(copies, OUT / "c1.zarr", params, workers=1, threads=1)
     wall_c2, _, rss2, _ = run_pipeline(copies, OUT / "c2.zarr", params, workers=2, threads=1)
     wall_c1t, _, rss_c1t, _ = run_pipeline(copies, OUT / "c1t.zarr", params, workers=1, threads=2)
+    per_slide1, per_slide2 = _mean_slide_seconds(OUT / "c1.zarr"), _mean_slide_seconds(OUT / "c2.zarr")
     return [
         (f"{n_copies} slides, 1 worker x 1 thread (tiles/s)", f"{nc / wall_c1:.0f}"),
         ("  CPU cores busy on average, 1 worker x 1 thread", f"{rss_c1.cores:.2f}"),
         (f"{n_copies} slides, 2 workers x 1 thread (tiles/s)", f"{nc / wall_c2:.0f}"),
         ("  CPU cores busy on average, 2 workers x 1 thread", f"{rss2.cores:.2f}"),
-        ("speed-up 1 -> 2 workers (goal >= 1.7)", f"{wall_c1 / wall_c2:.2f}"),
+        ("speed-up 1 -> 2 workers, cohort wall (goal >= 1.8)", f"{wall_c1 / wall_c2:.2f}"),
+        ("  steady state: 2 x slide open-to-commit s, 1 / 2 workers", f"{2 * per_slide1 / per_slide2:.2f}"),
         (f"{n_copies} slides, 1 worker x 2 threads, read-ahead (tiles/s)", f"{nc / wall_c1t:.0f}"),
         ("  CPU cores busy on average, 1 worker x 2 threads", f"{rss_c1t.cores:.2f}"),
         ("peak RSS of all processes, 2 workers (MiB)", f"{rss2.peak_total / 2**20:.0f}"),
