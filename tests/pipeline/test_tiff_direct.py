@@ -77,13 +77,18 @@ def test_stripped_tiff_falls_back_to_tiffslide(cmu_pixels, tmp_path):
                                       slide._h.read_region((650, 10), 0, (100, 80), as_array=True)[..., :3])
 
 
-def test_a_sparse_tile_reads_as_tiffslide(cmu_pixels, tmp_path):
-    """A 0-byte tile (a sparse, blank tile) is zeros in both paths."""
-    path = tmp_path / "sparse.tif"
-    tifffile.imwrite(path, cmu_pixels[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib",
+def _sparse_tiff(path, pixels: np.ndarray):
+    """A 512 x 512 px zlib TIFF of ``pixels`` in 256 px tiles whose first tile is stored as 0 bytes."""
+    tifffile.imwrite(path, pixels[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib",
                      metadata=None)
     with tifffile.TiffFile(path, mode="r+b") as tif:
         tif.pages[0].tags["TileByteCounts"].overwrite((0,) + tuple(tif.pages[0].databytecounts[1:]))
+    return path
+
+
+def test_a_sparse_tile_reads_as_tiffslide(cmu_pixels, tmp_path):
+    """A 0-byte tile (a sparse, blank tile) is zeros in both paths."""
+    path = _sparse_tiff(tmp_path / "sparse.tif", cmu_pixels)
     with open_slide(path, "tiffslide") as slide:
         assert slide._direct.get(0) is not None
         ours = slide.read_region((100, 100), 0, (300, 300))
@@ -157,11 +162,7 @@ def test_read_tiles_is_the_region_and_cut_read(real_slide, cmu_pixels, tmp_path)
 
 def test_read_tiles_leaves_sparse_source_tiles_zero(cmu_pixels, tmp_path):
     """A 0-byte source tile is zeros in every square it meets, as in the region read."""
-    path = tmp_path / "sparse.tif"
-    tifffile.imwrite(path, cmu_pixels[:512, :512], tile=(256, 256), photometric="rgb", compression="zlib",
-                     metadata=None)
-    with tifffile.TiffFile(path, mode="r+b") as tif:
-        tif.pages[0].tags["TileByteCounts"].overwrite((0,) + tuple(tif.pages[0].databytecounts[1:]))
+    path = _sparse_tiff(tmp_path / "sparse.tif", cmu_pixels)
     with open_slide(path, "tiffslide") as slide:
         xs, ys = np.array([0, 100, 200, 300, 256]), np.array([0, 100, 50, 300, 0])
         ours = np.full((5, 256, 256, 3), 171, np.uint8)
