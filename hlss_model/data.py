@@ -272,7 +272,7 @@ class PatientDataset(Dataset):
         draws = []
         for g, slide_rows in zip(slides, rows):
             arr = self._tiles(int(g))
-            jpeg = arr.jpeg_bytes(slide_rows) if hasattr(arr, "jpeg_bytes") else None
+            jpeg = arr.jpeg_bytes(slide_rows)
             tiles.extend(jpeg if jpeg is not None else list(self._read(int(g), slide_rows)))
             height, width = arr.shape[1:3]
             draws.extend(self.augment.draw(height, width, gen) for _ in range(len(slide_rows) * self.views))

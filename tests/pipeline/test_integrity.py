@@ -243,8 +243,10 @@ def test_a_damaged_shard_met_while_training_stops_with_a_named_error(store):
     for shard in (s for s in shards if s.is_file()):
         flip(shard, shard.stat().st_size - 2)  # the shard index: every tile of the shard is unreadable
     ds = PatientDataset(index, slides=1, tiles=2, views=1, augment=AugmentParams())
-    with pytest.raises(TrainingDataError) as err:
-        ds[(index.patient_ids.index(P1), 7)]
+    for encoded in (True, False):  # the stored bytes sent to the GPU are checked the same way
+        with pytest.raises(TrainingDataError) as err:
+            PatientDataset(index, slides=1, tiles=2, views=1, augment=AugmentParams(), encoded=encoded)[
+                (index.patient_ids.index(P1), 7)]
     assert f"patient {P1}, slide {S1}: array 'tiles' is damaged" in str(err.value)
     assert "training stopped" in str(err.value)
     assert ds[(index.patient_ids.index(P3), 7)]["images"].shape[:3] == (1, 2, 1)  # other patients still draw
