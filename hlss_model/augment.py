@@ -490,18 +490,13 @@ class HEAugment:
         def rows(pick) -> torch.Tensor:
             return torch.tensor([i for i, d in enumerate(draws) if pick(d)], dtype=torch.long, device=dev)
 
-        jittered = [i for i, d in enumerate(draws) if d.jitter is not None]
-        if jittered:
-            factors = torch.tensor([d.jitter for d in draws if d.jitter is not None], device=dev)
-            # the k-th op of each view, in that view's order; views sharing an op at step k go together
-            for step in range(4):
-                for op in range(4):
-                    sel = [j for j, i in enumerate(jittered)
-                           if len(draws[i].jitter_order) > step and draws[i].jitter_order[step] == op]
-                    if sel:
-                        at = torch.tensor(sel, device=dev)
-                        idx = torch.tensor(jittered, device=dev)[at]
-                        x[idx] = _BATCH_JITTER[op](x[idx], factors[at, op])
+        factors = torch.tensor([d.jitter or _JITTER_CENTRES for d in draws], device=dev)  # (n, 4)
+        # the k-th op of each jittered view, in that view's order: views sharing it at step k go together
+        for step in range(4):
+            for op in range(4):
+                idx = rows(lambda d: len(d.jitter_order) > step and d.jitter_order[step] == op)
+                if len(idx):
+                    x[idx] = _BATCH_JITTER[op](x[idx], factors[idx, op])
         idx = rows(lambda d: d.hed is not None)
         if len(idx):
             hed = torch.tensor([d.hed for d in draws if d.hed is not None], device=dev)  # (k, 2, 3)

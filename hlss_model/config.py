@@ -222,8 +222,9 @@ class TrainConfig:
         out["augment"] = self.augment.to_dict()
         if out["model"]["tower"] is None:  # absent = no tower: configs written before towers compare unchanged
             del out["model"]["tower"]
-        for key, default in (("views_on", "auto"), ("worker_kind", "process")):  # likewise: added by issue 15
-            if out["sampler"][key] == default:
+        defaults = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+        for key in ("views_on", "worker_kind"):  # likewise: added by issue 15, absent = the default
+            if out["sampler"][key] == defaults[key]:
                 del out["sampler"][key]
         return _plain(out)
 

@@ -221,10 +221,7 @@ class PatientDataset(Dataset):
         """The items of ``keys`` (what a DataLoader asks for a batch), their ``images`` slices of one
         batch tensor, in shared memory in a DataLoader worker: each view is written once, where
         :func:`collate_patients` hands it on without a copy."""
-        batch = None
-        if not self.encoded:
-            size = self.augment.params.out_size
-            batch = _empty((len(keys), self.slides, self.tiles, self.views, 3, size, size))
+        batch = None if self.encoded else self._views(len(keys))
         return [self._item(key, None if batch is None else batch[i]) for i, key in enumerate(keys)]
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
@@ -239,9 +236,7 @@ class PatientDataset(Dataset):
         if self.encoded:
             item["encoded"], item["draws"] = self._encoded(slides, rows, gen)
         else:
-            if images is None:
-                size = self.augment.params.out_size
-                images = torch.empty((self.slides, self.tiles, self.views, 3, size, size))
+            images = self._views() if images is None else images
             for s, (g, slide_rows) in enumerate(zip(slides, rows)):
                 for t, tile in enumerate(self._read(int(g), slide_rows)):
                     for v in range(self.views):
@@ -253,6 +248,11 @@ class PatientDataset(Dataset):
             "tiles": torch.as_tensor(slides[:, None] * (1 << 32) + rows, dtype=torch.int64),
             "label": torch.tensor(self.index.labels[patient], dtype=torch.int64),
         }
+
+    def _views(self, *lead: int) -> torch.Tensor:
+        """Room for the views of ``lead`` items: ``(*lead, S, T, V, 3, H, W) float32`` (see :func:`_empty`)."""
+        size = self.augment.params.out_size
+        return _empty((*lead, self.slides, self.tiles, self.views, 3, size, size))
 
     def _read(self, slide: int, rows: np.ndarray) -> np.ndarray:
         """Tiles ``rows`` of global slide ``slide``, ``(n, T, T, 3) uint8`` in that order."""
@@ -356,10 +356,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialised CPU tensor, in shared memory when made in a DataLoader worker (to reach the
     main process without a copy)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
     numel = int(np.prod(shape))
-    if numel == 0:
+    if torch.utils.data.get_worker_info() is None or numel == 0:
         return torch.empty(shape, dtype=dtype)
     storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # as torch's default collate does
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
@@ -390,7 +388,8 @@ class ThreadLoader:
                     pending.append(pool.submit(self._batch, keys))
                 while pending:
                     batch = pending.popleft().result()
-                    for keys in itertools.islice(batches, 1):
+                    keys = next(batches, None)
+                    if keys is not None:
                         pending.append(pool.submit(self._batch, keys))
                     yield batch
             finally:

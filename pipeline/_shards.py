@@ -209,11 +209,7 @@ class ShardLayout:
         checksum."""
         if not self.is_jpeg_rgb:
             return (self.encode_tile(tile),)
-        jpeg: JpegCodec = self._codec.codecs[0]
-        if tile.dtype != np.uint8:  # as the codec itself refuses
-            raise ValueError(f"hlss.jpeg encodes uint8 only, got {tile.dtype}")
-        data = imagecodecs.jpeg8_encode(np.ascontiguousarray(tile).reshape(self.tile_shape[1:]),
-                                        level=jpeg.quality, subsampling=jpeg.subsampling)
+        data = self._codec.codecs[0].encode_array(tile)
         return data, google_crc32c.value(data).to_bytes(4, "little")
 
 

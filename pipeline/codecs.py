@@ -143,17 +143,19 @@ class JpegCodec(ArrayBytesCodec):
         raise NotImplementedError  # variable size
 
     # -- encode / decode ----------------------------------------------------------------------
-    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        arr = chunk_array.as_numpy_array()
+    def encode_array(self, arr: np.ndarray) -> bytes:
+        """The JPEG stream of one chunk ``arr`` (uint8, see the module docstring for its shapes)."""
         if arr.dtype != np.uint8:
             raise ValueError(f"{JPEG_CODEC_NAME} encodes uint8 only, got {arr.dtype}")
         image = np.ascontiguousarray(arr).reshape(_image_shape(arr.shape))
-        encoded = imagecodecs.jpeg8_encode(
+        return imagecodecs.jpeg8_encode(
             image,
             level=self.quality,
             subsampling=self.subsampling if image.ndim == 3 else None,
         )
-        return chunk_spec.prototype.buffer.from_bytes(encoded)
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        return chunk_spec.prototype.buffer.from_bytes(self.encode_array(chunk_array.as_numpy_array()))
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         decoded = imagecodecs.jpeg8_decode(chunk_bytes.as_numpy_array())

@@ -177,8 +177,12 @@ class TiffSlideReader(SlideReader):
         super().__init__(path, handle)
         self._direct = DirectLevels(path, handle)
 
+    def _direct_level(self, level: int):
+        """The level's :class:`~pipeline._tiff_direct.DirectLevel`, or None where tiffslide reads it."""
+        return self._direct.get(level) if 0 <= level < self.level_count else None
+
     def read_region(self, location, level, size):
-        direct = self._direct.get(level) if 0 <= level < self.level_count else None
+        direct = self._direct_level(level)
         if direct is None:
             arr = self._h.read_region(location, level, size, as_array=True)
             return np.ascontiguousarray(arr[..., :3])
@@ -187,13 +191,13 @@ class TiffSlideReader(SlideReader):
         return direct.read(int(location[0] / ds), int(location[1] / ds), int(size[0]), int(size[1]))
 
     def read_level(self, level, x, y, w, h, parts=None):
-        direct = self._direct.get(level) if 0 <= level < self.level_count else None
+        direct = self._direct_level(level)
         if direct is None:
             return super().read_level(level, x, y, w, h)
         return direct.read(x, y, w, h, parts)  # read_region's level px for these (see SlideReader.read_level)
 
     def read_tiles(self, level, xs, ys, size, out):
-        direct = self._direct.get(level) if 0 <= level < self.level_count else None
+        direct = self._direct_level(level)
         if direct is None:
             return super().read_tiles(level, xs, ys, size, out)
         direct.read_tiles(xs, ys, size, out)  # the same pixels, without a region between

@@ -143,11 +143,7 @@ def _read(slide: SlideReader, level: int, x: int, y: int, w: int, h: int,
     try:
         return slide.read_level(level, x, y, w, h, parts)
     except Exception as e:  # decoders raise many types; the slide, not the run, has failed
-        raise SlideError(
-            slide.path,
-            f"cannot decode level {level} at ({x}, {y}) size {w}x{h} ({type(e).__name__}: {e}); "
-            "the file may be truncated or corrupt",
-        ) from e
+        raise _decode_error(slide, level, x, y, w, h, e) from e
 
 
 def _read_tiles(slide: SlideReader, level: int, xs: np.ndarray, ys: np.ndarray, size: int, out: np.ndarray) -> None:
@@ -157,8 +153,13 @@ def _read_tiles(slide: SlideReader, level: int, xs: np.ndarray, ys: np.ndarray, 
         slide.read_tiles(level, xs, ys, size, out)
     except Exception as e:  # decoders raise many types; the slide, not the run, has failed
         x0, y0 = int(xs.min()), int(ys.min())
-        raise SlideError(
-            slide.path,
-            f"cannot decode level {level} at ({x0}, {y0}) size {int(xs.max()) + size - x0}x"
-            f"{int(ys.max()) + size - y0} ({type(e).__name__}: {e}); the file may be truncated or corrupt",
-        ) from e
+        raise _decode_error(slide, level, x0, y0, int(xs.max()) + size - x0, int(ys.max()) + size - y0, e) from e
+
+
+def _decode_error(slide: SlideReader, level: int, x: int, y: int, w: int, h: int, e: Exception) -> SlideError:
+    """The slide failed to decode the rectangle ``(x, y, w, h)`` level px of ``level``."""
+    return SlideError(
+        slide.path,
+        f"cannot decode level {level} at ({x}, {y}) size {w}x{h} ({type(e).__name__}: {e}); "
+        "the file may be truncated or corrupt",
+    )
