@@ -309,7 +309,7 @@ def codec_ceiling(store: Path) -> float:
     rec = next(iter(st.records("complete")))
     tiles = st.tiles(rec.patient_id, rec.slide_id)
     codec = tiles.array.metadata.codecs[0].codecs[0]
-    raws = [bytes(r)[:-4] for r in tiles._reader._chunks(np.arange(tiles.shape[0]))]
+    raws = tiles.jpeg_bytes(np.arange(tiles.shape[0]))
     t = time.process_time()
     for r in raws:
         imagecodecs.jpeg8_encode(imagecodecs.jpeg8_decode(r), level=codec.quality, subsampling=codec.subsampling)
