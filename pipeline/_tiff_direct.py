@@ -7,6 +7,12 @@ read directly and each tile touched by a region is decoded once with tifffile's 
 page (``page.decode``: imagecodecs, the page's ``JPEGTables``, its colorspace and YCbCr handling),
 with the arguments that store passes, so the pixels are the ones tiffslide returns.
 
+Baseline 8-bit RGB/YCbCr JPEG tiles skip ``page.decode``'s wrapping and are decoded by the same
+imagecodecs call with the same arguments (tifffile's ``jpeg_decode_colorspace``), straight into a
+buffer: the tile's own slot of the output when a source tile is exactly one output tile, else a
+scratch buffer each thread reuses. A fresh output array per tile costs about a fifth of the decode
+(allocation, page faults and imagecodecs' zero fill; ``benchmarks/README.md``).
+
 Only levels the view would read the same way take this path (:func:`direct_level`); any other is
 read through tiffslide.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 
+import imagecodecs
 import numpy as np
 
 __all__ = ["DirectLevel", "DirectLevels", "direct_level"]
@@ -24,8 +31,8 @@ __all__ = ["DirectLevel", "DirectLevels", "direct_level"]
 class DirectLevel:
     """One stored pyramid level (a tiled ``tifffile.TiffPage``) read by byte ranges.
 
-    Thread-safe: reads use ``os.pread`` on a descriptor of its own; tifffile's decode closure keeps
-    no state between calls.
+    Thread-safe: reads use ``os.pread`` on a descriptor of its own, tifffile's decode closure keeps
+    no state between calls, and each thread decodes into a scratch tile of its own.
     """
 
     def __init__(self, fd: int, page) -> None:
@@ -41,6 +48,8 @@ class DirectLevel:
             self._args["jpegtables"] = page.jpegtables
         if page.jpegheader is not None:
             self._args["jpegheader"] = page.jpegheader
+        self._jpeg = _jpeg_args(page)
+        self._scratch = threading.local()
 
     def read(self, x: int, y: int, w: int, h: int, parts: np.ndarray | None = None) -> np.ndarray:
         """``(h, w, 3) uint8`` RGB of the rectangle at level px ``(x, y)``; outside the level (and in
@@ -96,10 +105,18 @@ class DirectLevel:
         sy0, sy1, sx0, sx1 = ay0 - ty * th, ay1 - ty * th, ax0 - tx * tw, ax1 - tx * tw
         rows = zip((ty * self._across + tx).tolist(), k.tolist(), *(v.tolist() for v in
                    (qy0, qy1, qx0, qx1, sy0, sy1, sx0, sx1)))
+        whole = (th, tw) == (size, size) and out.flags.c_contiguous
         index, tile = -1, None
         for src, sq, q0, q1, q2, q3, s0, s1, s2, s3 in rows:
             if src != index:  # pairs come sorted by source tile: each is decoded once
-                index, tile = src, self._tile(src)
+                index = src
+                if whole and q0 == s0 == 0 and q2 == s2 == 0 and q1 == s1 == size and q3 == s3 == size:
+                    slot = out[sq]  # this square is the source tile: decoded in place
+                    tile = self._tile(src, into=slot)
+                    if tile is slot:
+                        continue
+                else:
+                    tile = self._tile(src)
             if tile is None:
                 out[sq, q0:q1, q2:q3] = 0
             else:
@@ -135,16 +152,56 @@ class DirectLevel:
             tiles.update((ty, tx) for ty in range(b, d + 1) for tx in range(a, c + 1))
         return tiles
 
-    def _tile(self, index: int) -> np.ndarray | None:
-        """Tile ``index`` of the tile table as ``(th, tw, samples)``, or None for an empty (sparse) tile."""
+    def _tile(self, index: int, into: np.ndarray | None = None) -> np.ndarray | None:
+        """Tile ``index`` of the tile table as ``(th, tw, samples)``, or None for an empty (sparse) tile.
+
+        A JPEG tile is decoded into ``into`` (``(th, tw, 3) uint8``, C-contiguous) when given, else
+        into this thread's scratch buffer, which the next call overwrites: use the pixels before then.
+        """
+        data = self._bytes(index)
+        if data is None:
+            return None
+        if self._jpeg is not None:
+            buf = into if into is not None else self._buffer()
+            try:
+                return imagecodecs.jpeg8_decode(data, out=buf, **self._jpeg)
+            except Exception:  # another size or precision, or damage: tifffile's decoder says which
+                pass
+        decoded = self._decode(data, index, **self._args)[0]
+        return decoded.reshape(self._th, self._tw, -1)
+
+    def _bytes(self, index: int) -> bytes | None:
+        """The stored bytes of tile ``index``, or None for an empty (sparse) tile."""
         count = int(self._counts[index])
         if count == 0 or int(self._offsets[index]) == 0:
             return None
         data = os.pread(self._fd, count, int(self._offsets[index]))
         if len(data) != count:
             raise OSError(f"tile {index} ends past the end of the file ({len(data):,} of {count:,} bytes read)")
-        decoded = self._decode(data, index, **self._args)[0]
-        return decoded.reshape(self._th, self._tw, -1)
+        return data
+
+    def _buffer(self) -> np.ndarray:
+        """This thread's ``(th, tw, 3) uint8`` scratch tile."""
+        buf = getattr(self._scratch, "tile", None)
+        if buf is None:
+            buf = self._scratch.tile = np.empty((self._th, self._tw, 3), np.uint8)
+        return buf
+
+
+def _jpeg_args(page) -> dict | None:
+    """``imagecodecs.jpeg8_decode`` arguments that decode ``page``'s tiles as ``page.decode`` does, for
+    baseline 8-bit 3-sample JPEG (RGB or YCbCr, no JPEG header tag); None for any other page."""
+    try:
+        from tifffile.tifffile import jpeg_decode_colorspace
+    except ImportError:  # an older or newer tifffile: its own decoder only
+        return None
+    if (page.compression != 7 or page.bitspersample != 8 or page.samplesperpixel != 3 or page.extrasamples
+            or page.photometric not in (2, 6) or page.jpegheader is not None or page.planarconfig != 1):
+        return None
+    colorspace, outcolorspace = jpeg_decode_colorspace(page.photometric, page.planarconfig, page.extrasamples,
+                                                       page.is_jfif)
+    return {"tables": page.jpegtables, "colorspace": colorspace, "outcolorspace": outcolorspace,
+            "shape": (int(page.tilelength), int(page.tilewidth))}
 
 
 def direct_level(fd: int, tiffslide_handle, level: int) -> DirectLevel | None:
@@ -174,10 +231,22 @@ def direct_level(fd: int, tiffslide_handle, level: int) -> DirectLevel | None:
     try:
         probe = next((i for i, c in enumerate(reader._counts) if c > 0 and reader._offsets[i] > 0), None)
         if probe is not None:
-            reader._tile(probe)
+            jpeg, reader._jpeg = reader._jpeg, None
+            ref = reader._tile(probe)
+            if jpeg is not None and _same_pixels(reader._bytes(probe), jpeg, ref):
+                reader._jpeg = jpeg
     except Exception:  # an unsupported codec, or a damaged first tile: tiffslide reports it as today
         return None
     return reader
+
+
+def _same_pixels(data: bytes, jpeg: dict, ref: np.ndarray) -> bool:
+    """Whether the direct JPEG call decodes ``data`` to ``ref``, tifffile's pixels of it."""
+    try:
+        fast = imagecodecs.jpeg8_decode(data, out=np.empty(ref.shape, np.uint8), **jpeg)
+    except Exception:
+        return False
+    return fast.shape == ref.shape and np.array_equal(fast, ref)
 
 
 class DirectLevels:

@@ -28,7 +28,9 @@ can read the arrays without importing :mod:`pipeline` first.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -148,11 +150,13 @@ class JpegCodec(ArrayBytesCodec):
         if arr.dtype != np.uint8:
             raise ValueError(f"{JPEG_CODEC_NAME} encodes uint8 only, got {arr.dtype}")
         image = np.ascontiguousarray(arr).reshape(_image_shape(arr.shape))
-        return imagecodecs.jpeg8_encode(
+        encoded = imagecodecs.jpeg8_encode(
             image,
             level=self.quality,
             subsampling=self.subsampling if image.ndim == 3 else None,
+            out=_encode_buffer(image.nbytes),
         )
+        return bytes(encoded)
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         return chunk_spec.prototype.buffer.from_bytes(self.encode_array(chunk_array.as_numpy_array()))
@@ -171,6 +175,27 @@ class JpegCodec(ArrayBytesCodec):
         return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
 
+_scratch = threading.local()
+
+
+_SCRATCH_MAX = 4 << 20  # bytes: larger images (rare; not tiles) get a buffer of their own
+
+
+def _encode_buffer(nbytes: int) -> bytearray | None:
+    """This thread's output buffer for encoding ``nbytes`` of pixels: room for the image's own size
+    plus headers. libjpeg-turbo writes into it instead of a buffer it grows from 4 KiB by doubling
+    and copying, and imagecodecs then copies once more into new bytes (together about a fifth of a
+    256 px tile's encode). A stream that does not fit comes back in bytes of its own. None (let
+    libjpeg-turbo allocate) for images over ``_SCRATCH_MAX``."""
+    size = nbytes + 4096
+    if size > _SCRATCH_MAX:
+        return None
+    buf = getattr(_scratch, "out", None)
+    if buf is None or len(buf) < size:
+        buf = _scratch.out = bytearray(size)
+    return buf
+
+
 def _image_shape(chunk_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The 2-D (grayscale) or 3-D (RGB) image shape a chunk is encoded as."""
     if len(chunk_shape) < 2:
@@ -180,7 +205,7 @@ def _image_shape(chunk_shape: tuple[int, ...]) -> tuple[int, ...]:
     else:  # (..., H, W) grayscale
         *lead, h, w = chunk_shape
         c = 1
-    height = int(np.prod(lead, dtype=np.int64)) * h
+    height = math.prod(lead) * h
     if height > _JPEG_MAX_DIM or w > _JPEG_MAX_DIM:
         raise ValueError(
             f"{JPEG_CODEC_NAME}: chunk {chunk_shape} makes a {height}x{w} JPEG image, over the "

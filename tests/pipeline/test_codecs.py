@@ -142,6 +142,24 @@ def test_jpeg_quality_orders_size(tmp_path, smooth_tiles):
     assert sizes[0] < sizes[1]
 
 
+def test_encode_array_gives_libjpeg_turbos_own_bytes(natural_tiles):
+    """Encoding into the thread's reused buffer gives the bytes of a plain imagecodecs call, each
+    result its own (the next encode does not change it), also for a stream larger than the buffer
+    (random pixels at q100: bigger than the raw tile) and in several threads at once."""
+    import imagecodecs
+    from concurrent.futures import ThreadPoolExecutor
+
+    codec = JpegCodec(quality=100, subsampling="444")
+    noise = np.random.default_rng(0).integers(0, 256, (T, T, 3), dtype=np.uint8)
+    tiles = [*natural_tiles[:4], noise, natural_tiles[0]]
+    want = [imagecodecs.jpeg8_encode(t, level=100, subsampling="444") for t in tiles]
+    assert len(want[4]) > noise.nbytes + 4096  # does not fit the buffer
+    got = [codec.encode_array(t) for t in tiles]
+    assert all(isinstance(g, bytes) for g in got) and got == want
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(codec.encode_array, tiles * 8)) == want * 8
+
+
 def test_multi_tile_chunks_and_grayscale(tmp_path, smooth_tiles):
     # (4, T, T, 3) chunks are encoded as one (4T, T, 3) image; 2-D grayscale chunks also work
     group = zarr.open_group(str(tmp_path), mode="w")

@@ -176,6 +176,63 @@ def test_read_tiles_leaves_sparse_source_tiles_zero(cmu_pixels, tmp_path):
         np.testing.assert_array_equal(ours[4], cmu_pixels[:256, 256:512])
 
 
+def _jpeg_tiff(path, pixels: np.ndarray, tile: int = 256):
+    """A tiled JPEG TIFF (YCbCr 4:2:0, as scanners write) of ``pixels``, ``tile`` px source tiles."""
+    tifffile.imwrite(path, pixels, tile=(tile, tile), photometric="rgb", compression="jpeg", metadata=None)
+    return path
+
+
+def test_jpeg_tiles_take_the_direct_decode(real_slide, cmu_pixels, tmp_path):
+    """Baseline JPEG tiles (the real SVS's, with shared tables; YCbCr ones) are decoded by the direct
+    imagecodecs call, not tifffile's wrapper, and give tiffslide's pixels (checked above)."""
+    for path in (real_slide, _jpeg_tiff(tmp_path / "ycbcr.tif", cmu_pixels[:700, :900])):
+        with open_slide(path, "tiffslide") as slide:
+            assert slide._direct.get(0)._jpeg is not None, path
+    with open_slide(tmp_path / "ycbcr.tif", "tiffslide") as slide:
+        assert slide._direct.get(0)._jpeg["outcolorspace"] == 2  # YCbCr -> RGB, as tifffile asks
+
+
+@pytest.mark.filterwarnings("ignore:location=.*out-of-bounds")
+def test_squares_that_are_source_tiles_are_decoded_in_place(cmu_pixels, tmp_path, monkeypatch):
+    """256 px squares on a 256 px JPEG tile grid: each aligned square is decoded straight into its
+    slot of ``out``; aligned, unaligned and edge squares all give tiffslide's pixels."""
+    path = _jpeg_tiff(tmp_path / "aligned.tif", cmu_pixels[:1000, :1300])
+    _assert_read_tiles_is_region_and_cut(path, 256)
+    decoded_into = []
+    real = _tiff_direct.imagecodecs.jpeg8_decode
+
+    def spy(data, out=None, **kw):
+        decoded_into.append(out)
+        return real(data, out=out, **kw)
+
+    with open_slide(path, "tiffslide") as slide:
+        direct = slide._direct.get(0)
+        monkeypatch.setattr(_tiff_direct.imagecodecs, "jpeg8_decode", spy)
+        xs, ys = np.array([0, 256, 512, 100]), np.array([0, 0, 256, 40])
+        out = np.full((4, 256, 256, 3), 171, np.uint8)
+        slide.read_tiles(0, xs, ys, 256, out)
+        assert sum(o is not None and o.base is out for o in decoded_into) == 3  # the aligned ones
+        monkeypatch.undo()
+        for k in range(4):
+            theirs = slide._h.read_region((int(xs[k]), int(ys[k])), 0, (256, 256), as_array=True)[..., :3]
+            np.testing.assert_array_equal(out[k], theirs)
+        assert direct._jpeg is not None
+
+
+def test_a_direct_decode_that_disagrees_with_tifffile_is_not_used(cmu_pixels, tmp_path, monkeypatch):
+    """The first tile is decoded both ways when a level opens: arguments that would give other
+    pixels (here a wrong colour space) leave tifffile's decoder in charge."""
+    path = _jpeg_tiff(tmp_path / "ycbcr.tif", cmu_pixels[:600, :600])
+    real = _tiff_direct._jpeg_args
+    monkeypatch.setattr(_tiff_direct, "_jpeg_args", lambda page: {**real(page), "outcolorspace": None,
+                                                                   "colorspace": 2})
+    with open_slide(path, "tiffslide") as slide:
+        direct = slide._direct.get(0)
+        assert direct is not None and direct._jpeg is None
+        ours = slide.read_region((10, 20), 0, (400, 300))
+        np.testing.assert_array_equal(ours, slide._h.read_region((10, 20), 0, (400, 300), as_array=True)[..., :3])
+
+
 @pytest.mark.parametrize("target_mpp", [MPP, 2 * MPP, 1.0])
 def test_whole_slide_tiling_gives_the_tiffslide_tiles(real_slide, tmp_path, monkeypatch, target_mpp):
     """Tiling the real slide (a subprocess, the direct path) stores the tiles the tiffslide path reads:
