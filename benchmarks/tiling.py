@@ -35,6 +35,7 @@ from pipeline.config import TilingParams
 from pipeline.codecs import TileCompression
 from pipeline.reader import open_slide
 from pipeline.runner import tile_cohort
+from pipeline.store import SlideStore
 from pipeline.tiler import plan_slide
 
 OUT = Path(__file__).resolve().parent / "output"
@@ -242,7 +243,10 @@ def main() -> None:
         rows += source_rows(slide, params)
     if not args.no_scaling:
         rows += scaling_rows(slide, params, args.copies)
-    rows += [("bytes per stored tile", f"{bpt:.0f}"), ("raw bytes per tile", f"{params.tile_size ** 2 * 3}")]
+    stored = next(iter(SlideStore(OUT / "one.zarr").records("complete"))).attrs.get("stored_compression")
+    rows += [("tiles stored as (asked: " + params.compression.name + ")",
+              TileCompression.from_dict(stored).name if stored else "?"),
+             ("bytes per stored tile", f"{bpt:.0f}"), ("raw bytes per tile", f"{params.tile_size ** 2 * 3}")]
     print()
     for name, value in rows:
         print(f"{name:<52}{value:>12}")

@@ -61,7 +61,7 @@ class TilingSettings(_Model):
     min_tissue: float = Field(TilingParams.min_tissue, description="minimum tissue fraction of a kept tile")
     mask_mpp: float = Field(TilingParams.mask_mpp, description="µm per px of the tissue mask")
     reader: Literal[READERS] = TilingParams.reader
-    compression: str | None = Field(None, description="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
+    compression: str | None = Field(None, description="jpeg[:QUALITY[:auto|444|422|420]] | lossless[:CODEC LEVEL] | none")
     slide_timeout_s: float = Field(TilingParams.slide_timeout_s, ge=0,
                                    description="seconds a slide may take before it fails alone (0: no limit)")
 

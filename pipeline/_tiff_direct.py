@@ -25,7 +25,11 @@ import threading
 import imagecodecs
 import numpy as np
 
-__all__ = ["DirectLevel", "DirectLevels", "direct_level"]
+__all__ = ["DirectLevel", "DirectLevels", "direct_level", "jpeg_chroma"]
+
+# (luma horizontal, vertical sampling factor) in a 3-component YCbCr JPEG whose chroma are 1 x 1
+_CHROMA = {(1, 1): "444", (2, 1): "422", (2, 2): "420"}
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 class DirectLevel:
@@ -50,6 +54,8 @@ class DirectLevel:
             self._args["jpegheader"] = page.jpegheader
         self._jpeg = _jpeg_args(page)
         self._scratch = threading.local()
+        self._ycbcr = page.compression == 7 and page.photometric == 6
+        self.chroma: str | None = None  # set by direct_level from the level's first tile
 
     def read(self, x: int, y: int, w: int, h: int, parts: np.ndarray | None = None) -> np.ndarray:
         """``(h, w, 3) uint8`` RGB of the rectangle at level px ``(x, y)``; outside the level (and in
@@ -233,11 +239,41 @@ def direct_level(fd: int, tiffslide_handle, level: int) -> DirectLevel | None:
         if probe is not None:
             jpeg, reader._jpeg = reader._jpeg, None
             ref = reader._tile(probe)
-            if jpeg is not None and _same_pixels(reader._bytes(probe), jpeg, ref):
+            data = reader._bytes(probe)
+            if jpeg is not None and _same_pixels(data, jpeg, ref):
                 reader._jpeg = jpeg
+            if reader._ycbcr:
+                reader.chroma = jpeg_chroma(data)
     except Exception:  # an unsupported codec, or a damaged first tile: tiffslide reports it as today
         return None
     return reader
+
+
+def jpeg_chroma(data: bytes) -> str | None:
+    """The chroma subsampling (``"444"``, ``"422"``, ``"420"``) of a 3-component JPEG stream, read from
+    its frame header (SOF): luma sampling factors 1x1, 2x1 or 2x2 with both chroma 1x1; None for
+    any other layout or a stream without a frame header. The components are taken to be YCbCr
+    (the caller knows the colour space: a TIFF's photometric tag)."""
+    view = memoryview(data)
+    pos = 2 if view[:2] == b"\xff\xd8" else 0  # after SOI
+    while pos + 4 <= len(view):
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(view[pos + 2 : pos + 4], "big")
+        if marker in _SOF:
+            seg = view[pos + 4 : pos + 2 + length]
+            if len(seg) < 15 or seg[5] != 3:
+                return None
+            factors = [(seg[7 + 3 * c] >> 4, seg[7 + 3 * c] & 15) for c in range(3)]
+            return _CHROMA.get(factors[0]) if factors[1] == factors[2] == (1, 1) else None
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
 
 
 def _same_pixels(data: bytes, jpeg: dict, ref: np.ndarray) -> bool:

@@ -31,7 +31,7 @@ import asyncio
 import math
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import imagecodecs
@@ -234,7 +234,8 @@ _CNAMES: tuple[str, ...] = ("lz4", "zstd")
 _SHUFFLES: tuple[str, ...] = ("noshuffle", "shuffle", "bitshuffle")
 
 _FORMS = (
-    "'jpeg', 'jpeg:Q' (Q = quality 1..100), 'jpeg:Q:444' (or 422/420 chroma subsampling), "
+    "'jpeg', 'jpeg:Q' (Q = quality 1..100), 'jpeg:Q:auto' (the default chroma subsampling: the "
+    "source's where tiles are crops on its JPEG grid, else 444), 'jpeg:Q:444' (or 422/420), "
     "'lossless', 'lossless:lz4', 'lossless:zstd3' or 'lossless:zstd-3' (codec + optional Blosc level "
     "1..9), "
     "'lossless:zstd3:bitshuffle' (or noshuffle/shuffle), 'none'"
@@ -249,13 +250,25 @@ class TileCompression:
         ``"jpeg"``: :class:`JpegCodec` (lossy, per tile, ``quality`` and ``subsampling``);
         ``"lossless"``: :class:`zarr.codecs.BloscCodec` with ``cname``/``level``/``shuffle``;
         ``"none"``: raw bytes.
-    Parse CLI strings with :meth:`from_name`; :meth:`codecs_for` gives the ``create_array`` keywords.
+    Parse CLI strings with :meth:`from_name`; :meth:`for_source` settles ``"auto"`` for one slide;
+    :meth:`codecs_for` gives the ``create_array`` keywords.
+
+    ``subsampling`` ``"auto"`` (the default) stores a slide's tiles at its source's chroma
+    subsampling when they are plain crops on the source's JPEG coding-unit grid (a YCbCr 4:2:0
+    level read at its own resolution, tile corners on multiples of 16 px:
+    :func:`pipeline.tiles.source_chroma`), and at 4:4:4 otherwise (resampled tiles, RGB-JPEG, JPEG
+    2000 or uncompressed sources): the stored tiles never hold less colour resolution than the
+    source. On such a 4:2:0 source (``benchmarks/README.md``, "Chroma subsampling that follows the
+    source") 4:2:0 tiles are within 0.4-0.6 dB of 4:4:4 ones in every YCbCr channel against the
+    source pixels, 18 % smaller and a third cheaper to encode, since 4:4:4 would spend bits on the
+    decoder's chroma interpolation; off the grid they lose 4.7 dB of chroma, so auto keeps 4:4:4 there.
 
     Defaults (``benchmarks/compression.py``, 1000 real H&E tissue tiles of 256 px, 2-core VM):
     JPEG q90 with full-resolution colour (4:4:4) stores a tile in about 38 KB (5.2x smaller than
-    raw) at 40 dB PSNR, encoding in about 0.5 ms and decoding in about 0.6 ms. 4:2:0 is 1.5x
-    smaller and a little faster but, at 29.5 dB, loses stain colour detail (luma 48 dB, chroma
-    32 dB), which a training store should keep. Blosc on dense tissue saves only 7 to 16 % (lz4:
+    raw) at 40 dB PSNR, encoding in about 0.5 ms and decoding in about 0.6 ms. Forced 4:2:0 on
+    those tiles (an RGB-JPEG scan: full-resolution chroma) is 1.5x smaller and a little faster
+    but, at 29.5 dB, loses stain colour detail (luma 48 dB, chroma 32 dB), which a training store
+    should keep. Blosc on dense tissue saves only 7 to 16 % (lz4:
     0.1 ms per tile; zstd: 0.6 to 4 ms), so the lossless default is the cheap one, lz4 without
     shuffle (Blosc byte shuffle is a no-op on uint8, bit shuffle costs 2x for under 1 %).
     """
@@ -265,13 +278,14 @@ class TileCompression:
     level: int = 5
     cname: Cname = "lz4"
     shuffle: Shuffle = "noshuffle"
-    subsampling: Subsampling = "444"
+    subsampling: Subsampling | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"compression kind must be one of {_KINDS}, got {self.kind!r}")
         _parse_quality(self.quality)
-        _parse_subsampling(self.subsampling)
+        if self.subsampling != "auto":
+            _parse_subsampling(self.subsampling)
         if self.cname not in _CNAMES:
             raise ValueError(f"lossless codec must be one of {_CNAMES}, got {self.cname!r}")
         if isinstance(self.level, bool) or not isinstance(self.level, int) or not 0 <= self.level <= 9:
@@ -279,14 +293,24 @@ class TileCompression:
         if self.shuffle not in _SHUFFLES:
             raise ValueError(f"shuffle must be one of {_SHUFFLES}, got {self.shuffle!r}")
 
+    def for_source(self, chroma: str | None) -> TileCompression:
+        """This choice for a slide whose tiles are crops on the coding-unit grid of source JPEG tiles
+        with chroma subsampling ``chroma`` (None: not such crops, see
+        :func:`pipeline.tiles.source_chroma`): ``"auto"`` becomes ``chroma``, or ``"444"`` for None;
+        anything else is returned as it is."""
+        if self.kind != "jpeg" or self.subsampling != "auto":
+            return self
+        return replace(self, subsampling=_parse_subsampling(chroma) if chroma is not None else "444")
+
     # -- zarr ---------------------------------------------------------------------------------
     def codecs_for(self) -> dict[str, Any]:
         """Keyword arguments for ``group.create_array(...)`` (the inner-chunk codecs when
-        ``shards=`` is given): ``filters``, ``serializer`` and ``compressors``."""
+        ``shards=`` is given): ``filters``, ``serializer`` and ``compressors``. ``"auto"``
+        subsampling, not settled for a source (:meth:`for_source`), is 4:4:4."""
         if self.kind == "jpeg":
             return {
                 "filters": None,
-                "serializer": JpegCodec(quality=self.quality, subsampling=self.subsampling),
+                "serializer": JpegCodec(quality=self.quality, subsampling=self.for_source(None).subsampling),
                 "compressors": None,
             }
         if self.kind == "lossless":
@@ -335,7 +359,7 @@ class TileCompression:
 
     @classmethod
     def from_name(cls, name: str) -> TileCompression:
-        """Parse ``"jpeg"``, ``"jpeg:95"``, ``"jpeg:95:444"``, ``"lossless"``, ``"lossless:zstd5"``,
+        """Parse ``"jpeg"``, ``"jpeg:95"``, ``"jpeg:95:444"``, ``"jpeg:90:auto"``, ``"lossless"``, ``"lossless:zstd5"``,
         ``"lossless:lz4:noshuffle"``, ``"none"`` (case-insensitive)."""
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"empty compression name; expected one of {_FORMS}")
@@ -362,9 +386,9 @@ class TileCompression:
                     raise ValueError(f"JPEG quality must be in 1..100, got {quality} in {name!r}")
             if len(args) == 2:
                 subsampling = args[1].replace(":", "")
-                if subsampling not in _SUBSAMPLINGS:
+                if subsampling not in ("auto", *_SUBSAMPLINGS):
                     raise ValueError(
-                        f"JPEG subsampling must be one of {_SUBSAMPLINGS}, got {args[1]!r} in {name!r}"
+                        f"JPEG subsampling must be one of {('auto', *_SUBSAMPLINGS)}, got {args[1]!r} in {name!r}"
                     )
             return cls(kind="jpeg", quality=quality, subsampling=subsampling)  # type: ignore[arg-type]
         if kind == "lossless":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import ConfigDict
 
@@ -82,3 +82,13 @@ class TilingParams:
         """Hash of :meth:`output_params` (and a manifest mpp override), to tell when a slide must be redone."""
         doc = {**self.output_params(), "mpp_override": mpp_override}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def params_hashes(self, mpp_override: float | None = None) -> tuple[str, ...]:
+        """:meth:`params_hash`, then the hashes a stored slide may carry and still be current: with
+        ``"auto"`` JPEG chroma subsampling, also these parameters at 4:4:4 (the default before
+        ``"auto"``: such tiles keep at least the colour auto keeps, so a default change retiles nothing)."""
+        hashes = [self.params_hash(mpp_override)]
+        c = self.compression
+        if c.kind == "jpeg" and c.subsampling == "auto":
+            hashes.append(replace(self, compression=replace(c, subsampling="444")).params_hash(mpp_override))
+        return tuple(hashes)

@@ -11,8 +11,9 @@ the names defined here.
                                   fingerprint}, reader, vendor, dimensions, mpp0 [x, y], mpp_source,
                                   mpp_warning, target_mpp, tile_size, tile_um, footprint_px, level,
                                   downsample, level_mpp, resampled, tissue_params, min_tissue, mask_mpp,
-                                  compression, params_hash, grid_shape, n_grid, n_tiles, label, split,
-                                  timings
+                                  compression (as asked), stored_compression (what the tiles are:
+                                  "auto" chroma subsampling settled), params_hash, grid_shape, n_grid,
+                                  n_tiles, label, split, timings
           tiles       (N, T, T, 3) uint8   one tile per chunk, chunks grouped in shards
           coords      (N, 2) int64         level-0 (x, y) of each tile's top-left corner
           tissue      (N,) float32         tissue fraction of each tile

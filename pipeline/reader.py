@@ -151,6 +151,11 @@ class SlideReader:
         for k, (x, y) in enumerate(zip((xs - x0).tolist(), (ys - y0).tolist())):
             out[k] = region[y : y + size, x : x + size]
 
+    def level_chroma(self, level: int) -> str | None:
+        """The chroma subsampling (``"444"``, ``"422"``, ``"420"``) of ``level``'s stored YCbCr JPEG
+        tiles, or None where the level is not YCbCr JPEG or this backend cannot tell (here: never)."""
+        return None
+
     def close(self) -> None:
         self._h.close()
 
@@ -201,6 +206,10 @@ class TiffSlideReader(SlideReader):
         if direct is None:
             return super().read_tiles(level, xs, ys, size, out)
         direct.read_tiles(xs, ys, size, out)  # the same pixels, without a region between
+
+    def level_chroma(self, level):
+        direct = self._direct_level(level)
+        return direct.chroma if direct is not None else None  # from the frame header of its first tile
 
     def close(self) -> None:
         self._direct.close()

@@ -29,7 +29,7 @@ from .source import same_source, source_info
 from . import layout as L
 from ._shards import ShardLayout, codec_pool, write_shard
 from .store import StagedSlide, StoreWriter, create_array
-from .tiles import ReadPlan, iter_tile_blocks, plan_reads
+from .tiles import ReadPlan, iter_tile_blocks, plan_reads, source_chroma
 from .tissue import TissueMask, detect_tissue
 
 __all__ = ["SlideResult", "SlidePlan", "plan_slide", "tile_slide", "needs_tiling", "change_reason", "record_failure"]
@@ -89,7 +89,7 @@ def change_reason(writer: StoreWriter, spec: SlideSpec, params: TilingParams, *,
         return f"source size changed ({old.get('bytes')} -> {src['bytes']} bytes)"
     if not same_source(old, src):
         return "source content changed (fingerprint)"
-    if attrs.get(L.PARAMS_HASH) != params.params_hash(spec.mpp):
+    if attrs.get(L.PARAMS_HASH) not in params.params_hashes(spec.mpp):
         return "tiling parameters changed"
     return None
 
@@ -293,10 +293,12 @@ def _write_slide(
     _write_small(group, L.COORDS, grid.coords[order].astype(np.int64), {L.UNITS: L.spec(L.COORDS).unit})
     _write_small(group, L.TISSUE, p.fractions[order].astype(np.float32), {L.UNITS: L.spec(L.TISSUE).unit})
     shard = min(params.shard_tiles, n)
+    # "auto" chroma subsampling: the source's, where the tiles are crops on its JPEG grid
+    compression = params.compression.for_source(source_chroma(slide, grid.coords[p.tissue_idx], plan))
     # create_array writes every chunk: every tile holds tissue, and skipping zarr's per-chunk "is it
     # all fill value?" scan saves a third of the write time
     tiles = create_array(group, L.TILES, shape=(n, T, T, 3), dtype="uint8", chunks=(1, T, T, 3),
-                         shards=(shard, T, T, 3), fill_value=0, **params.compression.codecs_for())
+                         shards=(shard, T, T, 3), fill_value=0, **compression.codecs_for())
     qc = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
     _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap,
                 qc=qc, ink_hues=params.tissue.ink_hues, dark_value=params.tissue.dark_value, budget=budget)
@@ -331,6 +333,7 @@ def _write_slide(
         "mask_mpp": params.mask_mpp,
         "tissue_params": params.tissue.to_dict(),
         "compression": params.compression.to_dict(),
+        "stored_compression": compression.to_dict(),
         "params_hash": params.params_hash(spec.mpp),
         "grid_shape": list(grid.shape),
         "n_grid": int(len(grid.coords)),

@@ -12,6 +12,10 @@ Lanczos filter (antialiased when downsampling), so the tile covers exactly ``til
 the block region (an area filter, PIL's ``reduce``), then applies Lanczos for the remaining
 fraction: about half the cost of a full Lanczos at 2x. Where nothing remains (a 0.25 µm/px scan
 read for 0.5 µm/px tiles: f = 2 exactly, tiles on the block grid) the averaged pixels are the tile.
+
+:func:`source_chroma` tells the tiler when the tiles are crops on the source JPEG's coding-unit grid,
+so that ``"auto"`` chroma subsampling (:class:`pipeline.codecs.TileCompression`) can store them at
+the source's own subsampling.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from PIL import Image
 
 from .reader import SlideError, SlideReader, TimeBudget
 
-__all__ = ["ReadPlan", "plan_reads", "iter_tile_blocks"]
+__all__ = ["ReadPlan", "plan_reads", "iter_tile_blocks", "source_chroma"]
 
 _RESAMPLE_MARGIN = 3  # px around a resampled tile for the Lanczos support
+_MCU = {"444": (8, 8), "422": (16, 8), "420": (16, 16)}  # (w, h) px of a JPEG minimum coded unit
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,7 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
         ly = coords[idx, 1] / lsy
         out = np.empty((len(idx), T, T, 3), np.uint8)
         if not plan.resample:
-            ix = np.minimum(np.round(lx).astype(np.int64), lw - T)
-            iy = np.minimum(np.round(ly).astype(np.int64), lh - T)
+            ix, iy = _crop_origins(lx, ly, lw, lh, T)
             _read_tiles(slide, plan.level, ix, iy, T, out)
         else:
             x0 = max(0, int(math.floor(lx.min())) - margin)
@@ -119,6 +123,34 @@ def iter_tile_blocks(slide: SlideReader, coords: np.ndarray, plan: ReadPlan,
                 box = (bx, by, min(bx + fw / f, rw), min(by + fh / f, rh))
                 out[k] = np.asarray(region.resize((T, T), Image.Resampling.LANCZOS, box=tuple(map(float, box))))
         yield idx, out
+
+
+def source_chroma(slide: SlideReader, coords: np.ndarray, plan: ReadPlan) -> str | None:
+    """The chroma subsampling (``"420"``, ``"422"``, ``"444"``) of the source JPEG tiles that the
+    tiles of ``plan`` (level-0 ``coords`` (N, 2)) are cut from, when every tile is a plain crop whose
+    corners lie on the source's grid of JPEG coding units (16 level px for 4:2:0) and ``tile_size``
+    is a whole number of them: tiles stored at that subsampling then keep all the colour resolution
+    the source has, on the same 8 x 8 blocks. None when the tiles are resampled (a 0.25 µm/px scan
+    read for 0.5 µm/px tiles: its chroma is at the tiles' full resolution), lie off that grid, or
+    the level is not YCbCr JPEG (or its backend cannot tell)."""
+    if plan.resample or len(coords) == 0:
+        return None
+    chroma = slide.level_chroma(plan.level)
+    if chroma not in _MCU:
+        return None
+    mw, mh = _MCU[chroma]
+    lw, lh = slide.level_dimensions[plan.level]
+    T = plan.tile_size
+    ix, iy = _crop_origins(coords[:, 0] / plan.level_scale[0], coords[:, 1] / plan.level_scale[1], lw, lh, T)
+    if T % mw or T % mh or np.any(ix % mw) or np.any(iy % mh):
+        return None
+    return chroma
+
+
+def _crop_origins(lx: np.ndarray, ly: np.ndarray, lw: int, lh: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Level px of the top-left corners of ``T`` px crops at level px ``(lx, ly)``, kept inside the
+    ``lw x lh`` level."""
+    return (np.minimum(np.round(lx).astype(np.int64), lw - T), np.minimum(np.round(ly).astype(np.int64), lh - T))
 
 
 def _resample_parts(lx: np.ndarray, ly: np.ndarray, x0: int, y0: int, fw: float, fh: float, f: int, T: int,

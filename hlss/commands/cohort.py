@@ -46,7 +46,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="µm per px of the tissue mask, 0.5-64 (default %(default)s)")
     t.add_argument("--reader", choices=READERS, default=TilingParams.reader)
     t.add_argument("--compression", type=at.compression, default=None,
-                   help="jpeg[:QUALITY] | lossless[:CODEC LEVEL] | none")
+                   help="jpeg[:QUALITY[:auto|444|422|420]] | lossless[:CODEC LEVEL] | none (default jpeg:90:auto: the "
+                        "source's chroma subsampling where tiles are crops on its JPEG grid, else 4:4:4)")
     t.add_argument("--slide-timeout", type=at.float_in(0, 7 * 24 * 3600, " s"), metavar="SECONDS",
                    help="a slide still tiling after this many seconds fails alone and its worker is stopped "
                         "(default 1800; 0: no limit)")
