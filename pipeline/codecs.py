@@ -259,7 +259,7 @@ class TileCompression:
     :func:`pipeline.tiles.source_chroma`), and at 4:4:4 otherwise (resampled tiles, RGB-JPEG, JPEG
     2000 or uncompressed sources): the stored tiles never hold less colour resolution than the
     source. On such a 4:2:0 source (``benchmarks/README.md``, "Chroma subsampling that follows the
-    source") 4:2:0 tiles are within 0.4-0.6 dB of 4:4:4 ones in every YCbCr channel against the
+    source") 4:2:0 tiles are within 0.5-0.7 dB of 4:4:4 ones in every YCbCr channel against the
     source pixels, 18 % smaller and a third cheaper to encode, since 4:4:4 would spend bits on the
     decoder's chroma interpolation; off the grid they lose 4.7 dB of chroma, so auto keeps 4:4:4 there.
 

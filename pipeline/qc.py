@@ -114,7 +114,8 @@ class _FocusBuffers:
 
     def __init__(self, k: int, h: int, w: int) -> None:
         gh, gw = -(-h // _FOCUS_STEP), -(-w // _FOCUS_STEP)
-        self.green = np.empty((k, gh, gw), np.int16)  # half-resolution green
+        self.sample = np.empty((k, gh, gw), np.uint8)  # half-resolution green as read
+        self.green = np.empty((k, gh, gw), np.int16)  # the same, widened
         self.lap = np.empty((k, gh, gw), np.int16)  # the Laplacian; only its interior is meaningful
         self.flat = np.empty((k, max(gh - 2, 0) * max(gw - 2, 0)), np.float32)
 
@@ -125,7 +126,11 @@ class _FocusBuffers:
         m = flat.shape[1]
         if m == 0:
             return np.zeros(k, np.float32)
-        np.copyto(g, tiles[:, ::_FOCUS_STEP, ::_FOCUS_STEP, 1])
+        # a strided uint8 copy, then a contiguous widening: numpy's strided uint8 -> int16 cast
+        # costs almost twice as much (30 against 18 µs a 256 px tile)
+        sample = self.sample[:k]
+        np.copyto(sample, tiles[:, ::_FOCUS_STEP, ::_FOCUS_STEP, 1])
+        np.copyto(g, sample)
         # 4 x centre - the 4 neighbours (the Laplacian's negative: the same variance), on the whole
         # chunk as one flat run, which numpy does faster than row by row; values that wrap around
         # a row or a tile's edge land on the border, which is dropped
