@@ -54,8 +54,7 @@ class DirectLevel:
             self._args["jpegheader"] = page.jpegheader
         self._jpeg = _jpeg_args(page)
         self._scratch = threading.local()
-        self._ycbcr = page.compression == 7 and page.photometric == 6
-        self.chroma: str | None = None  # set by direct_level from the level's first tile
+        self.chroma: str | None = None  # YCbCr JPEG: set by direct_level from the level's first tile
 
     def read(self, x: int, y: int, w: int, h: int, parts: np.ndarray | None = None) -> np.ndarray:
         """``(h, w, 3) uint8`` RGB of the rectangle at level px ``(x, y)``; outside the level (and in
@@ -242,7 +241,7 @@ def direct_level(fd: int, tiffslide_handle, level: int) -> DirectLevel | None:
             data = reader._bytes(probe)
             if jpeg is not None and _same_pixels(data, jpeg, ref):
                 reader._jpeg = jpeg
-            if reader._ycbcr:
+            if page.compression == 7 and page.photometric == 6:  # YCbCr JPEG
                 reader.chroma = jpeg_chroma(data)
     except Exception:  # an unsupported codec, or a damaged first tile: tiffslide reports it as today
         return None

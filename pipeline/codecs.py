@@ -62,6 +62,7 @@ JPEG_CODEC_NAME = "hlss.jpeg"
 
 Subsampling = Literal["444", "422", "420"]
 _SUBSAMPLINGS: tuple[str, ...] = ("444", "422", "420")
+_TILE_SUBSAMPLINGS: tuple[str, ...] = ("auto", *_SUBSAMPLINGS)  # TileCompression: auto settles per slide
 _JPEG_MAX_DIM = 65535
 
 
@@ -386,9 +387,9 @@ class TileCompression:
                     raise ValueError(f"JPEG quality must be in 1..100, got {quality} in {name!r}")
             if len(args) == 2:
                 subsampling = args[1].replace(":", "")
-                if subsampling not in ("auto", *_SUBSAMPLINGS):
+                if subsampling not in _TILE_SUBSAMPLINGS:
                     raise ValueError(
-                        f"JPEG subsampling must be one of {('auto', *_SUBSAMPLINGS)}, got {args[1]!r} in {name!r}"
+                        f"JPEG subsampling must be one of {_TILE_SUBSAMPLINGS}, got {args[1]!r} in {name!r}"
                     )
             return cls(kind="jpeg", quality=quality, subsampling=subsampling)  # type: ignore[arg-type]
         if kind == "lossless":

@@ -294,13 +294,14 @@ def _write_slide(
     _write_small(group, L.TISSUE, p.fractions[order].astype(np.float32), {L.UNITS: L.spec(L.TISSUE).unit})
     shard = min(params.shard_tiles, n)
     # "auto" chroma subsampling: the source's, where the tiles are crops on its JPEG grid
-    compression = params.compression.for_source(source_chroma(slide, grid.coords[p.tissue_idx], plan))
+    tissue_coords = grid.coords[p.tissue_idx]
+    compression = params.compression.for_source(source_chroma(slide, tissue_coords, plan))
     # create_array writes every chunk: every tile holds tissue, and skipping zarr's per-chunk "is it
     # all fill value?" scan saves a third of the write time
     tiles = create_array(group, L.TILES, shape=(n, T, T, 3), dtype="uint8", chunks=(1, T, T, 3),
                          shards=(shard, T, T, 3), fill_value=0, **compression.codecs_for())
     qc = {k: np.zeros(n, np.float32) for k in QC_FIELDS}
-    _pump_tiles(slide, grid.coords[p.tissue_idx], plan, tiles, shard, progress, overlap,
+    _pump_tiles(slide, tissue_coords, plan, tiles, shard, progress, overlap,
                 qc=qc, ink_hues=params.tissue.ink_hues, dark_value=params.tissue.dark_value, budget=budget)
     timings["tiles_s"] = time.perf_counter() - t
     t = time.perf_counter()
